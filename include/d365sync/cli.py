@@ -1,0 +1,45 @@
+"""The ``d365sync`` console script.
+
+Sub-commands are contributed by the package areas that own them, so this module stays
+a thin dispatcher with no heavy imports: each area exposes ``add_parser(subparsers)``
+and sets ``func`` on its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# (command, module providing ``add_parser``) — imported lazily only when listed here.
+_SANDBOX_AREAS = (
+    "d365sync.sandbox.dataverse.cli",
+    "d365sync.sandbox.erp_cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d365sync", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    sandbox = commands.add_parser("sandbox", help="run or seed the local sandboxes")
+    sandbox_kinds = sandbox.add_subparsers(dest="sandbox_kind", required=True)
+    for module_name in _SANDBOX_AREAS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.add_parser(sandbox_kinds)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

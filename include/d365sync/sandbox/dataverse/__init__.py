@@ -1,0 +1,1 @@
+"""d365sync.sandbox.dataverse."""
