@@ -1,0 +1,71 @@
+"""Shared test fixtures.
+
+Service policy: tests marked ``postgres``, ``mariadb`` or ``redis`` need a real service on
+loopback. With ``CI=true`` a missing service is a failure; elsewhere the test is skipped with
+the reason, so a laptop without the databases still runs everything else.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+SERVICES: dict[str, tuple[str, int]] = {
+    "postgres": (os.environ.get("D365SYNC_TEST_PG_HOST", "127.0.0.1"), 5432),
+    "mariadb": (os.environ.get("D365SYNC_TEST_MARIADB_HOST", "127.0.0.1"), 3306),
+    "redis": (os.environ.get("D365SYNC_TEST_REDIS_HOST", "127.0.0.1"), 6379),
+}
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str) -> tuple[str, int]:
+    """Return (host, port) of a service, failing in CI and skipping elsewhere when it is down."""
+    host, port = SERVICES[name]
+    if not _reachable(host, port):
+        message = f"{name} is not reachable on {host}:{port}"
+        if IN_CI:
+            pytest.fail(f"{message}; CI=true requires it", pytrace=False)
+        pytest.skip(f"{message} (set CI=true to make this a failure)")
+    return host, port
+
+
+@pytest.fixture(autouse=True)
+def _service_markers(request: pytest.FixtureRequest) -> None:
+    for name in SERVICES:
+        if request.node.get_closest_marker(name) is not None:
+            require_service(name)
+
+
+@pytest.fixture(scope="session")
+def pg_odbc_conn_str() -> Iterator[str]:
+    """ODBC connection string for the PostgreSQL ``test`` database (trust auth)."""
+    host, port = require_service("postgres")
+    yield (
+        "DRIVER={PostgreSQL Unicode};"
+        f"SERVER={host};PORT={port};DATABASE=test;UID=postgres;PWD=;"
+    )
+
+
+@pytest.fixture(scope="session")
+def mariadb_odbc_conn_str() -> Iterator[str]:
+    """ODBC connection string for the MariaDB ``test`` database (root, empty password)."""
+    host, port = require_service("mariadb")
+    yield f"DRIVER={{MariaDB Unicode}};SERVER={host};PORT={port};DATABASE=test;UID=root;PWD=;"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    host, port = require_service("redis")
+    return f"redis://{host}:{port}/0"
