@@ -52,10 +52,7 @@ def _service_markers(request: pytest.FixtureRequest) -> None:
 def pg_odbc_conn_str() -> Iterator[str]:
     """ODBC connection string for the PostgreSQL ``test`` database (trust auth)."""
     host, port = require_service("postgres")
-    yield (
-        "DRIVER={PostgreSQL Unicode};"
-        f"SERVER={host};PORT={port};DATABASE=test;UID=postgres;PWD=;"
-    )
+    yield (f"DRIVER={{PostgreSQL Unicode}};SERVER={host};PORT={port};DATABASE=test;UID=postgres;PWD=;")
 
 
 @pytest.fixture(scope="session")

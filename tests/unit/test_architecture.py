@@ -38,7 +38,9 @@ def test_area_source_never_imports_airflow(area: str) -> None:
     files = _python_files(area)
     assert files, f"d365sync.{area} has no modules"
     offenders = {
-        str(path.relative_to(PACKAGE)): sorted(m for m in _imported_modules(path) if m.split(".")[0] == "airflow")
+        str(path.relative_to(PACKAGE)): sorted(
+            m for m in _imported_modules(path) if m.split(".")[0] == "airflow"
+        )
         for path in files
     }
     assert {k: v for k, v in offenders.items() if v} == {}
