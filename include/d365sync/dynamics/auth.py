@@ -1,0 +1,117 @@
+"""Client-credentials tokens through MSAL, refreshed ahead of expiry.
+
+MSAL keeps its own cache (and treats tokens with < 5 min left as expired); this wrapper adds
+a configurable refresh skew, a way to drop a token the API rejected (401), a counter of real
+acquisitions, and errors that name the tenant and client but never the secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msal
+import requests
+
+from d365sync.dynamics.config import DynamicsConfig
+from d365sync.dynamics.counters import Counters
+from d365sync.dynamics.errors import DynamicsAuthError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    refresh_at: float  # monotonic-ish wall time after which we fetch a new one
+
+
+class TokenProvider:
+    """Hands out a bearer token for the environment's ``/.default`` scope."""
+
+    def __init__(
+        self,
+        config: DynamicsConfig,
+        http_client: requests.Session,
+        counters: Counters,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._http = http_client
+        self._counters = counters
+        self._clock = clock
+        self._app: msal.ConfidentialClientApplication | None = None
+        self._token: _Token | None = None
+        self._lock = threading.Lock()
+
+    def token(self) -> str:
+        with self._lock:
+            if self._token is None or self._clock() >= self._token.refresh_at:
+                self._token = self._acquire()
+            return self._token.value
+
+    def invalidate(self, rejected: str | None = None) -> None:
+        """Forget a token the API refused, in our cache and MSAL's, so the next call fetches anew."""
+        with self._lock:
+            if rejected is None or (self._token is not None and self._token.value == rejected):
+                self._token = None
+                self._drop_msal_tokens()
+
+    def _acquire(self) -> _Token:
+        self._drop_msal_tokens()  # we decided it is time; MSAL's own 5-minute rule may disagree
+        result = self._application().acquire_token_for_client(scopes=[self._config.scope])
+        if "access_token" not in result:
+            raise self._auth_error(result)
+        self._counters.add(token_acquisitions=1)
+        lifetime = float(result.get("expires_in") or 3600)
+        skew = min(self._config.token_refresh_skew, lifetime / 2)
+        log.info("Acquired a Dataverse token for client %s (valid %.0fs)", self._config.client_id, lifetime)
+        return _Token(result["access_token"], self._clock() + lifetime - skew)
+
+    def _application(self) -> msal.ConfidentialClientApplication:
+        if self._app is None:
+            self._app = self._build_application()
+        return self._app
+
+    def _build_application(self) -> msal.ConfidentialClientApplication:
+        try:
+            return msal.ConfidentialClientApplication(
+                self._config.client_id,
+                client_credential=self._config.client_secret,
+                authority=self._config.authority,
+                http_client=self._http,
+                instance_discovery=None if self._config.is_microsoft_authority else False,
+                timeout=self._config.connect_timeout + self._config.read_timeout,
+            )
+        except (ValueError, requests.RequestException) as exc:
+            raise DynamicsAuthError(
+                f"{self._who()}: authority is unusable: {_scrub(str(exc), self)}"
+            ) from None
+
+    def _drop_msal_tokens(self) -> None:
+        if self._app is None:
+            return
+        cache = self._app.token_cache
+        for entry in list(cache.search(cache.CredentialType.ACCESS_TOKEN)):
+            cache.remove_at(entry)
+
+    def _auth_error(self, result: dict[str, object]) -> DynamicsAuthError:
+        error = result.get("error", "unknown_error")
+        description = str(result.get("error_description") or "").splitlines()[:1]
+        detail = _scrub(description[0] if description else "", self)
+        return DynamicsAuthError(f"{self._who()}: token request failed: {error}: {detail}".rstrip(": "))
+
+    def _who(self) -> str:
+        return (
+            f"Dataverse authentication for client id {self._config.client_id} "
+            f"in tenant {self._config.tenant_id} at {self._config.authority_host}"
+        )
+
+
+def _scrub(text: str, provider: TokenProvider) -> str:
+    """Belt and braces: never let the secret through, even if a server echoes it."""
+    secret = provider._config.client_secret
+    return text.replace(secret, "***") if secret else text

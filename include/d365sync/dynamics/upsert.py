@@ -1,0 +1,222 @@
+"""Bulk upsert by alternate key, with per-record outcomes.
+
+Fast path: ``UpsertMultiple`` per chunk (one request per up to 1000 rows). Dataverse answers
+204 without saying which rows were created, so fast-path outcomes are ``upserted``. Any 4xx
+fails the whole call, so such a chunk is re-sent as a ``$batch`` with
+``Prefer: odata.continue-on-error``: one PATCH per record to its alternate-key URL with
+``Prefer: return=representation`` (and a ``$select`` of the key only, to keep responses small),
+which isolates the bad rows and tells ``created`` (201) from ``updated`` (200). Callers that need
+created-vs-updated for every row can choose ``strategy="batch"`` to use that path throughout.
+Both paths are idempotent (upsert by key), so retrying a chunk after a lost response is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from d365sync.dynamics import multipart
+from d365sync.dynamics.errors import DynamicsApiError, DynamicsError, parse_error_body
+from d365sync.dynamics.odata import KeyValue, dumps_json, entity_path, key_of, select_clause
+from d365sync.dynamics.retry import Verdict, retry_after_seconds
+from d365sync.dynamics.transport import Transport
+
+log = logging.getLogger(__name__)
+
+Status = Literal["created", "updated", "upserted", "failed"]
+Strategy = Literal["multiple", "batch"]
+_PART_STATUS: dict[int, Status] = {201: "created", 200: "updated", 204: "upserted"}
+_RETRIABLE_PART = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class UpsertOutcome:
+    """What happened to one input record (``index`` is its position in the input)."""
+
+    index: int
+    key: dict[str, KeyValue]
+    status: Status
+    http_status: int | None = None
+    code: str = ""
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+@dataclass
+class _Chunk:
+    indices: list[int]
+    keys: list[dict[str, KeyValue]]
+    bodies: list[dict[str, Any]]
+    outcomes: dict[int, UpsertOutcome] = field(default_factory=dict)
+
+
+class Upserter:
+    """Runs chunks in a small thread pool; the transport's limiter adapts the real parallelism."""
+
+    def __init__(self, transport: Transport, batch_size: int, max_workers: int) -> None:
+        self._transport = transport
+        self._batch_size = batch_size
+        self._max_workers = max_workers
+
+    def upsert(
+        self,
+        entity_set: str,
+        logical_name: str,
+        key_attributes: Sequence[str],
+        records: Sequence[Mapping[str, Any]],
+        strategy: Strategy = "multiple",
+    ) -> list[UpsertOutcome]:
+        outcomes, chunks = self._prepare(key_attributes, records)
+        run = self._run_multiple if strategy == "multiple" else self._run_batch
+        with ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="dv-upsert") as pool:
+            done = pool.map(lambda c: run(entity_set, logical_name, key_attributes, c), chunks)
+            for chunk_outcomes in done:
+                outcomes.update(chunk_outcomes)
+        result = [outcomes[i] for i in range(len(records))]
+        log.info("Upserted into %s: %s", entity_set, _summary(result))
+        return result
+
+    def _prepare(
+        self, key_attributes: Sequence[str], records: Sequence[Mapping[str, Any]]
+    ) -> tuple[dict[int, UpsertOutcome], list[_Chunk]]:
+        """Split valid records into chunks; records without a key fail here, before any I/O."""
+        outcomes: dict[int, UpsertOutcome] = {}
+        chunks: list[_Chunk] = []
+        for index, record in enumerate(records):
+            try:
+                key = key_of(record, key_attributes)
+            except ValueError as exc:
+                outcomes[index] = UpsertOutcome(index, {}, "failed", message=str(exc))
+                continue
+            if not chunks or len(chunks[-1].indices) >= self._batch_size:
+                chunks.append(_Chunk([], [], []))
+            body = {k: v for k, v in record.items() if k not in key_attributes}
+            chunks[-1].indices.append(index)
+            chunks[-1].keys.append(key)
+            chunks[-1].bodies.append(body)
+        return outcomes, chunks
+
+    def _run_multiple(
+        self, entity_set: str, logical_name: str, keys: Sequence[str], chunk: _Chunk
+    ) -> dict[int, UpsertOutcome]:
+        targets = [
+            {
+                "@odata.type": f"Microsoft.Dynamics.CRM.{logical_name}",
+                "@odata.id": entity_path(entity_set, key),
+                **body,
+            }
+            for key, body in zip(chunk.keys, chunk.bodies, strict=True)
+        ]
+        url = f"{entity_set}/Microsoft.Dynamics.CRM.UpsertMultiple"
+        try:
+            self._send_json("POST", url, {"Targets": targets}, operations=len(targets))
+        except DynamicsApiError as exc:
+            if not 400 <= exc.status < 500:
+                raise
+            log.info("UpsertMultiple of %d rows failed (%s); isolating via $batch", len(targets), exc.code)
+            return self._run_batch(entity_set, logical_name, keys, chunk)
+        return {
+            i: UpsertOutcome(i, k, "upserted", 204) for i, k in zip(chunk.indices, chunk.keys, strict=True)
+        }
+
+    def _run_batch(
+        self, entity_set: str, logical_name: str, keys: Sequence[str], chunk: _Chunk
+    ) -> dict[int, UpsertOutcome]:
+        """Send one PATCH per record in a continue-on-error $batch; re-send throttled parts."""
+        pending = list(range(len(chunk.indices)))
+        max_attempts = self._transport.policy.settings.max_attempts
+        for attempt in range(1, max_attempts + 1):
+            parts = self._send_batch(entity_set, keys, chunk, pending)
+            retry: list[tuple[int, multipart.BatchPart]] = []
+            for pos, part in zip(pending, parts, strict=True):
+                if part.status in _RETRIABLE_PART and attempt < max_attempts:
+                    retry.append((pos, part))
+                else:
+                    chunk.outcomes[chunk.indices[pos]] = _part_outcome(
+                        chunk.indices[pos], chunk.keys[pos], part
+                    )
+            if not retry:
+                break
+            pending = [pos for pos, _ in retry]
+            self._pause_for_parts(attempt, [part for _, part in retry])
+        return chunk.outcomes
+
+    def _send_batch(
+        self, entity_set: str, keys: Sequence[str], chunk: _Chunk, positions: list[int]
+    ) -> list[multipart.BatchPart]:
+        base_path = urlsplit(self._transport.config.api_url).path
+        query = f"?$select={select_clause(list(keys))}"
+        parts: list[multipart.BatchItem] = [
+            multipart.BatchPart(
+                method="PATCH",
+                url=f"{base_path}/{entity_path(entity_set, chunk.keys[pos])}{query}",
+                headers={"Content-Type": "application/json", "Prefer": "return=representation"},
+                body=dumps_json(chunk.bodies[pos]),
+            )
+            for pos in positions
+        ]
+        content_type, body = multipart.build_batch_request(parts)
+        headers = {"Content-Type": content_type, "Prefer": "odata.continue-on-error"}
+        response = self._transport.request(
+            "POST", "$batch", headers=headers, data=body, operations=len(parts)
+        )
+        with response:
+            items = multipart.parse_batch_response(response.headers.get("Content-Type", ""), response.content)
+        return _flatten(items, expected=len(parts))
+
+    def _pause_for_parts(self, attempt: int, parts: list[multipart.BatchPart]) -> None:
+        """Wait before re-sending parts that came back 429/5xx inside an otherwise fine $batch."""
+        policy = self._transport.policy
+        hints = [retry_after_seconds(multipart.header(p.headers, "Retry-After")) for p in parts]
+        throttled = any(p.status == 429 for p in parts)
+        verdict = Verdict.THROTTLED if throttled else Verdict.TRANSIENT
+        wait = policy.wait_for(verdict, attempt, max((h for h in hints if h is not None), default=None))
+        log.warning("%d $batch part(s) throttled or failed transiently; retrying in %.1fs", len(parts), wait)
+        self._transport.counters.add(retries=1, throttles=int(throttled), wait_seconds=wait)
+        policy.sleep(wait)
+
+    def _send_json(self, method: str, url: str, payload: Any, operations: int) -> None:
+        headers = {"Content-Type": "application/json"}
+        response = self._transport.request(
+            method, url, headers=headers, data=dumps_json(payload), operations=operations
+        )
+        response.close()
+
+
+def _flatten(items: list[multipart.BatchItem], expected: int) -> list[multipart.BatchPart]:
+    parts: list[multipart.BatchPart] = []
+    for item in items:
+        parts.extend(item.parts if isinstance(item, multipart.Changeset) else [item])
+    if len(parts) != expected:
+        raise DynamicsError(f"$batch answered {len(parts)} part(s) for {expected} request(s)")
+    return parts
+
+
+def _part_outcome(index: int, key: dict[str, KeyValue], part: multipart.BatchPart) -> UpsertOutcome:
+    status = part.status or 0
+    if status in _PART_STATUS:
+        return UpsertOutcome(index, key, _PART_STATUS[status], status)
+    code, message = parse_error_body(_loads(part.body))
+    return UpsertOutcome(index, key, "failed", status, code, message or f"HTTP {status}")
+
+
+def _summary(outcomes: list[UpsertOutcome]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    return counts
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None
