@@ -403,3 +403,37 @@ def test_thousand_part_batch_is_fast() -> None:
     assert parsed == items
     assert parsed_responses == responses
     assert elapsed < 0.1, f"1000-part build+parse both ways took {elapsed * 1000:.1f} ms"
+
+
+def test_sdk_shaped_request_with_trailing_headers_and_no_body() -> None:
+    """The Dataverse Python SDK ends a body-less part with ``headers CRLF`` and no blank line."""
+    body = (
+        b"--batch_s1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+        b"DELETE https://h/api/data/v9.2/accounts(11111111-2222-3333-4444-555555555555) HTTP/1.1\r\n"
+        b"If-Match: *\r\n"
+        b"\r\n"
+        b'--batch_s1\r\nContent-Type: multipart/mixed; boundary="changeset_c1"\r\n\r\n'
+        b"--changeset_c1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+        b"Content-ID: 2\r\n\r\n"
+        b"PATCH $1 HTTP/1.1\r\nContent-Type: application/json; type=entry\r\nIf-Match: *\r\n\r\n"
+        b'{"telephone1": "1"}\r\n'
+        b"--changeset_c1--\r\n"
+        b"\r\n"
+        b"--batch_s1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+        b"GET https://h/api/data/v9.2/accounts?$select=name&$top=2 HTTP/1.1\r\n"
+        b"\r\n"
+        b"--batch_s1--\r\n"
+    )
+    delete, changeset, get = parse_batch_request('multipart/mixed; boundary="batch_s1"', body)
+    assert isinstance(delete, BatchPart) and isinstance(changeset, Changeset) and isinstance(get, BatchPart)
+    assert delete.method == "DELETE"
+    assert delete.headers == {"If-Match": "*"}
+    assert delete.body == b""
+    (patch,) = changeset.parts
+    assert (patch.url, patch.content_id, patch.headers["If-Match"]) == ("$1", "2", "*")
+    assert json.loads(patch.body) == {"telephone1": "1"}
+    assert (get.url, get.headers, get.body) == (
+        "https://h/api/data/v9.2/accounts?$select=name&$top=2",
+        {},
+        b"",
+    )

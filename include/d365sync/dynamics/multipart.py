@@ -54,7 +54,9 @@ CRLF = b"\r\n"
 _HTTP_VERSION = re.compile(r"HTTP/\d\.\d\Z")
 _METHOD = re.compile(r"[A-Za-z]+\Z")
 _STATUS_LINE = re.compile(r"(HTTP/\d\.\d) (\d{3})(?: (.*))?\Z")
-_BLANK_LINE = re.compile(rb"(?:\A|\r?\n)\r?\n")
+# End of a header block: an empty line, or the end of the data right after a header line
+# (writers such as the Dataverse Python SDK end a body-less part with "headers CRLF" only).
+_BLANK_LINE = re.compile(rb"(?:\A|\r?\n)(?:\r?\n|\Z)")
 _LINE_BREAK = re.compile(rb"\r?\n")
 _BOUNDARY_CHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]\Z")
 
