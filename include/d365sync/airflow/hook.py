@@ -59,6 +59,7 @@ class DynamicsWebApiHook(BaseHook):
         ca_bundle = settings.pop("ca_bundle", None)
         return DynamicsConfig(
             environment_url=_environment_url(conn.host or "", conn.schema),
+            tenant_id=settings.pop("tenant_id", ""),
             client_id=conn.login or "",
             client_secret=conn.password or "",
             verify=ca_bundle or True,
