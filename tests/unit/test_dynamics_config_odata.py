@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from d365sync.dynamics import DynamicsConfig, DynamicsConfigError, RetrySettings
-from d365sync.dynamics.odata import dumps_json, entity_path, key_of, literal, query_string
+from d365sync.dynamics.odata import dumps_json, entity_id, entity_path, key_of, literal, query_string
 
 GUID = "6f9619ff-8b86-d011-b42d-00c04fc964ff"
 
@@ -75,6 +75,7 @@ def test_entity_path_encodes_alternate_keys() -> None:
     )
     assert entity_path("contacts", {"firstname": "Joe", "n": 1}) == "contacts(firstname='Joe',n=1)"
     assert entity_path("accounts", GUID) == f"accounts({GUID})"
+    assert entity_id("accounts", {"accountnumber": "O'B a/b"}) == "accounts(accountnumber='O''B a/b')"
     with pytest.raises(ValueError):
         entity_path("accounts", "not-a-guid")
 

@@ -44,7 +44,7 @@ def _encode(text: str) -> str:
     return quote(text, safe="'-._~!$*+,;=:@")
 
 
-def key_segment(id_or_key: IdOrKey) -> str:
+def key_segment(id_or_key: IdOrKey, *, encode: bool = True) -> str:
     """``(guid)`` for a primary id, ``(a='x',b=1)`` for an alternate key, URL-encoded."""
     if isinstance(id_or_key, uuid.UUID):
         return f"({id_or_key})"
@@ -52,12 +52,22 @@ def key_segment(id_or_key: IdOrKey) -> str:
         return f"({uuid.UUID(id_or_key)})"  # raises ValueError for a non-GUID string
     if not id_or_key:
         raise ValueError("an alternate key needs at least one attribute")
-    parts = (f"{name}={_encode(literal(value))}" for name, value in id_or_key.items())
+    render = _encode if encode else str
+    parts = (f"{name}={render(literal(value))}" for name, value in id_or_key.items())
     return "(" + ",".join(parts) + ")"
 
 
 def entity_path(entity_set: str, id_or_key: IdOrKey) -> str:
+    """The request-URL form: key literals percent-encoded (``/``, ``#``, ``?``, ``%`` are safe)."""
     return f"{entity_set}{key_segment(id_or_key)}"
+
+
+def entity_id(entity_set: str, id_or_key: IdOrKey) -> str:
+    """The ``@odata.id`` form used inside JSON bodies: quotes doubled, no percent-encoding.
+
+    Bodies are not URL-decoded by the service, so encoding here would change the key value.
+    """
+    return f"{entity_set}{key_segment(id_or_key, encode=False)}"
 
 
 def key_of(record: Mapping[str, Any], key_attributes: Sequence[str]) -> dict[str, KeyValue]:

@@ -8,6 +8,7 @@ fails the whole call, so such a chunk is re-sent as a ``$batch`` with
 which isolates the bad rows and tells ``created`` (201) from ``updated`` (200). Callers that need
 created-vs-updated for every row can choose ``strategy="batch"`` to use that path throughout.
 Both paths are idempotent (upsert by key), so retrying a chunk after a lost response is safe.
+Key values go percent-encoded into request URLs but only quote-doubled into ``@odata.id``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 
 from d365sync.dynamics import multipart
 from d365sync.dynamics.errors import DynamicsApiError, DynamicsError, parse_error_body
-from d365sync.dynamics.odata import KeyValue, dumps_json, entity_path, key_of, select_clause
+from d365sync.dynamics.odata import KeyValue, dumps_json, entity_id, entity_path, key_of, select_clause
 from d365sync.dynamics.retry import Verdict, retry_after_seconds
 from d365sync.dynamics.transport import Transport
 
@@ -110,7 +111,7 @@ class Upserter:
         targets = [
             {
                 "@odata.type": f"Microsoft.Dynamics.CRM.{logical_name}",
-                "@odata.id": entity_path(entity_set, key),
+                "@odata.id": entity_id(entity_set, key),
                 **body,
             }
             for key, body in zip(chunk.keys, chunk.bodies, strict=True)
