@@ -1,0 +1,289 @@
+"""The FastAPI application: identity endpoints, the Web API route and the admin endpoints.
+
+The Web API route is thin on purpose: it authenticates, applies service-protection limits and
+test knobs, then hands an :class:`ApiRequest` to :class:`~.service.Dataverse` in a worker
+thread.  See the package docstring for the admin endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from d365sync.sandbox.dataverse import errors
+from d365sync.sandbox.dataverse.config import SandboxConfig
+from d365sync.sandbox.dataverse.errors import DataverseError
+from d365sync.sandbox.dataverse.identity import AuthError, TokenRequestError, TokenService
+from d365sync.sandbox.dataverse.limits import Counters, Knobs, ServiceProtection
+from d365sync.sandbox.dataverse.protocol import API_VERSIONS, ApiRequest, ApiResponse, parse_query
+from d365sync.sandbox.dataverse.service import Dataverse, route_name
+from d365sync.sandbox.dataverse.store import Store
+
+log = logging.getLogger(__name__)
+API_METHODS = ["GET", "POST", "PATCH", "PUT", "DELETE"]
+
+
+@dataclass
+class Sandbox:
+    """Everything a running sandbox holds; exposed as ``app.state.sandbox``."""
+
+    config: SandboxConfig
+    store: Store
+    tokens: TokenService
+    counters: Counters
+    limiter: ServiceProtection
+    knobs: Knobs
+    service: Dataverse
+
+    @classmethod
+    def open(cls, config: SandboxConfig) -> Sandbox:
+        store = Store(config.data_dir)
+        counters = Counters()
+        limiter = ServiceProtection(config.limits)
+        knobs = Knobs()
+        knobs.update(config.knobs)
+        return cls(
+            config,
+            store,
+            TokenService(config),
+            counters,
+            limiter,
+            knobs,
+            Dataverse(config, store, counters, limiter),
+        )
+
+    def apply_admin(self, values: dict[str, Any]) -> None:
+        """``POST /_sandbox/knobs``: knobs, limits, retention, token lifetime, token expiry."""
+        self.knobs.update(values)
+        if values.get("expire_tokens_now"):
+            self.tokens.expire_all()
+        for name, value in (values.get("limits") or {}).items():
+            if name in ("requests", "concurrency"):
+                setattr(self.limiter.limits, name, int(value))
+            elif name == "window_seconds":
+                self.limiter.limits.window_seconds = float(value)
+        if values.get("reset_limits"):
+            self.limiter.reset()
+        if "retention_seconds" in values:
+            self.service.reader.retention_seconds = float(values["retention_seconds"])
+        if "token_lifetime" in values:
+            self.config.token_lifetime = int(values["token_lifetime"])
+
+    def admin_state(self) -> dict[str, Any]:
+        limits = self.limiter.limits
+        return {
+            **self.knobs.snapshot(),
+            "limits": {
+                "requests": limits.requests,
+                "window_seconds": limits.window_seconds,
+                "concurrency": limits.concurrency,
+            },
+            "retention_seconds": self.service.reader.retention_seconds,
+            "token_lifetime": self.config.token_lifetime,
+        }
+
+
+def _dataverse_error(error: DataverseError, extra: dict[str, str] | None = None) -> Response:
+    return JSONResponse(error.body(), error.status, headers={**error.headers, **(extra or {})})
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def create_app(config: SandboxConfig) -> FastAPI:
+    """Build the app; the store opens now and closes on shutdown."""
+    sandbox = Sandbox.open(config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            sandbox.store.close()
+
+    app = FastAPI(
+        title="Dataverse Web API sandbox", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.sandbox = sandbox
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return _dataverse_error(DataverseError(500, errors.UNEXPECTED, f"Unexpected sandbox error: {exc!r}"))
+
+    _identity_routes(app, sandbox)
+    _admin_routes(app, sandbox)
+    _api_routes(app, sandbox)
+    return app
+
+
+def _identity_routes(app: FastAPI, sandbox: Sandbox) -> None:
+    tokens = sandbox.tokens
+
+    def discovery(request: Request, tenant: str) -> Response:
+        if not tokens.tenant_known(tenant):
+            return JSONResponse(
+                {
+                    "error": "invalid_tenant",
+                    "error_description": f"AADSTS90002: Tenant '{tenant}' not found.",
+                },
+                400,
+            )
+        return JSONResponse(tokens.openid_configuration(_base_url(request), tenant))
+
+    app.add_api_route("/{tenant}/v2.0/.well-known/openid-configuration", discovery, methods=["GET"])
+    app.add_api_route("/{tenant}/.well-known/openid-configuration", discovery, methods=["GET"])
+
+    @app.get("/{tenant}/discovery/v2.0/keys")
+    async def jwks(tenant: str) -> Response:
+        return JSONResponse(tokens.jwks())
+
+    @app.get("/common/discovery/instance")
+    async def instance_discovery(request: Request) -> Response:
+        base = _base_url(request)
+        tenant = sandbox.config.tenant
+        return JSONResponse(
+            {
+                "tenant_discovery_endpoint": f"{base}/{tenant}/v2.0/.well-known/openid-configuration",
+                "api-version": "1.1",
+                "metadata": [
+                    {
+                        "preferred_network": request.url.netloc,
+                        "preferred_cache": request.url.netloc,
+                        "aliases": [request.url.netloc],
+                    }
+                ],
+            }
+        )
+
+    @app.post("/{tenant}/oauth2/v2.0/token")
+    async def token(request: Request, tenant: str) -> Response:
+        raw = (await request.body()).decode("utf-8", "replace")
+        form = dict(parse_qsl(raw, keep_blank_values=True))
+        try:
+            answer = tokens.issue(form, tenant, _base_url(request), _basic_auth(request))
+        except TokenRequestError as exc:
+            sandbox.counters.token(ok=False)
+            return JSONResponse(exc.body(), exc.status)
+        sandbox.counters.token(ok=True)
+        return JSONResponse(answer, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+def _basic_auth(request: Request) -> tuple[str, str] | None:
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("basic "):
+        return None
+    try:
+        decoded = base64.b64decode(header[6:]).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    user, _, password = decoded.partition(":")
+    return unquote(user), unquote(password)
+
+
+def _admin_routes(app: FastAPI, sandbox: Sandbox) -> None:
+    @app.get("/_sandbox/health")
+    async def health() -> Response:
+        return JSONResponse(
+            {
+                "status": "ok",
+                "version": sandbox.store.current_version,
+                "env_url": sandbox.tokens.env_url,
+                "tenant": sandbox.config.tenant,
+            }
+        )
+
+    @app.get("/_sandbox/counters")
+    async def counters() -> Response:
+        return JSONResponse(sandbox.counters.snapshot(sandbox.tokens.tokens_issued))
+
+    @app.post("/_sandbox/counters/reset")
+    async def reset() -> Response:
+        sandbox.counters.reset()
+        return JSONResponse({"status": "reset"})
+
+    @app.get("/_sandbox/knobs")
+    async def get_knobs() -> Response:
+        return JSONResponse(sandbox.admin_state())
+
+    @app.post("/_sandbox/knobs")
+    async def set_knobs(request: Request) -> Response:
+        try:
+            values = json.loads(await request.body() or b"{}")
+            if not isinstance(values, dict):
+                raise ValueError("knobs must be a JSON object")
+            sandbox.apply_admin(values)
+        except (ValueError, TypeError) as exc:
+            return _dataverse_error(errors.bad_request(f"Invalid knobs: {exc}"))
+        return JSONResponse(sandbox.admin_state())
+
+
+def _api_routes(app: FastAPI, sandbox: Sandbox) -> None:
+    async def api(request: Request, version: str, path: str = "") -> Response:
+        base = _base_url(request)
+        route = route_name(request.method, path)
+        response = await _serve(sandbox, request, version, path, base)
+        response.headers["x-ms-service-request-id"] = str(uuid.uuid4())
+        sandbox.counters.http(route, response.status_code)
+        return response
+
+    app.add_api_route("/api/data/{version}/{path:path}", api, methods=API_METHODS)
+    app.add_api_route("/api/data/{version}", api, methods=API_METHODS)
+
+
+async def _serve(sandbox: Sandbox, request: Request, version: str, path: str, base: str) -> Response:
+    if version not in API_VERSIONS:
+        return _dataverse_error(errors.segment_not_found(version))
+    try:
+        caller = sandbox.tokens.verify(request.headers.get("authorization"), base)
+    except AuthError as exc:
+        challenge = (
+            f"Bearer authorization_uri={base}/{sandbox.config.tenant}/oauth2/authorize, "
+            f"resource_id={sandbox.tokens.env_url or base}/"
+        )
+        return _dataverse_error(
+            DataverseError(401, errors.AUTH_FAILED, str(exc)), {"WWW-Authenticate": challenge}
+        )
+    user_id = caller.user.systemuserid
+    is_batch = path.strip("/") == "$batch"
+    try:
+        forced = sandbox.knobs.take_forced_throttle()
+        if forced is not None:
+            raise forced
+        with sandbox.limiter.concurrent(user_id):
+            remaining = None if is_batch else sandbox.limiter.charge(user_id, 1)
+            if sandbox.knobs.latency_ms > 0:
+                await asyncio.sleep(sandbox.knobs.latency_ms / 1000)
+            injected = sandbox.knobs.take_injected_error()
+            if injected is not None:
+                raise injected
+            api_request = ApiRequest(
+                method=request.method,
+                path=path,
+                query=parse_query(request.url.query),
+                headers={k.lower(): v for k, v in request.headers.items()},
+                body=await request.body(),
+                caller=caller,
+                base_url=base,
+                version=version,
+            )
+            result: ApiResponse = await run_in_threadpool(sandbox.service.handle, api_request)
+    except DataverseError as exc:
+        return _dataverse_error(exc)
+    response = Response(result.body, result.status, headers=result.headers)
+    if remaining is not None:
+        response.headers["x-ms-ratelimit-burst-remaining-xrm-requests"] = str(remaining)
+    return response

@@ -1,0 +1,136 @@
+"""``d365sync sandbox dataverse``: run the Dataverse Web API sandbox.
+
+Binds the socket first (``--port 0`` picks a free port), so the printed URL is always the
+real one, then serves with uvicorn.  uvicorn handles SIGINT/SIGTERM by finishing in-flight
+requests and running the app's shutdown, which closes the SQLite database.  The last startup
+line is ``ready <base-url>``; test fixtures wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from d365sync.sandbox.dataverse.config import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_CLIENT_SECRET,
+    DEFAULT_TENANT,
+    build_config,
+)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``dataverse`` sub-command on ``d365sync sandbox``."""
+    parser = subparsers.add_parser(
+        "dataverse",
+        help="run the Dataverse Web API sandbox",
+        description="A local Dataverse Web API + Entra token endpoint, persisted in SQLite.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="data directory (SQLite, keys, sandbox.json)"
+    )
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain) for HTTPS")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key for HTTPS")
+    parser.add_argument("--seed", type=int, default=0, help="seed N accounts (+ related rows) once")
+    parser.add_argument("--tenant", help=f"tenant name (default {DEFAULT_TENANT})")
+    parser.add_argument("--client-id", help=f"default app's client id (default {DEFAULT_CLIENT_ID})")
+    parser.add_argument("--client-secret", help=f"default app's secret (default {DEFAULT_CLIENT_SECRET})")
+    parser.add_argument("--env-url", help="environment URL / token audience (default: the server's own URL)")
+    parser.add_argument("--retention-seconds", type=float, help="change-tracking retention (default 7 days)")
+    parser.add_argument("--token-lifetime", type=int, help="access-token lifetime in seconds (default 3600)")
+    parser.add_argument("--limit-requests", type=int, help="requests per window per user (default 6000)")
+    parser.add_argument("--limit-window", type=float, help="sliding window seconds (default 300)")
+    parser.add_argument("--limit-concurrency", type=int, help="concurrent requests per user (default 52)")
+    parser.add_argument("--knobs", help="JSON test knobs, e.g. '{\"latency_ms\": 20}'")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    values = {
+        "requests": args.limit_requests,
+        "window_seconds": args.limit_window,
+        "concurrency": args.limit_concurrency,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+class _Server(uvicorn.Server):
+    """Prints the ready line once the socket is listening."""
+
+    ready_line = ""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.should_exit:
+            print(self.ready_line, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from d365sync.sandbox.dataverse.app import create_app
+    from d365sync.sandbox.dataverse.seed import seed
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("--tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    port = sock.getsockname()[1]
+    scheme = "https" if args.tls_cert else "http"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    base_url = f"{scheme}://{host}:{port}"
+    config = build_config(
+        args.data.resolve(),
+        tenant=args.tenant,
+        client_id=args.client_id,
+        client_secret=args.client_secret,
+        env_url=args.env_url,
+        retention_seconds=args.retention_seconds,
+        token_lifetime=args.token_lifetime,
+        limits=_limits(args),
+        knobs=json.loads(args.knobs) if args.knobs else None,
+        seed=args.seed,
+    )
+    config.env_url = (config.env_url or base_url).rstrip("/")
+    app = create_app(config)
+    sandbox = app.state.sandbox
+    if args.seed:
+        seeded = seed(sandbox.store, config.users[0], args.seed)
+        print(f"seeded {args.seed} accounts" if seeded else "data directory already seeded", flush=True)
+    user = config.users[0]
+    print(
+        "Dataverse sandbox\n"
+        f"  url:           {base_url}\n"
+        f"  api:           {base_url}/api/data/v9.2\n"
+        f"  env url:       {config.env_url}  (scope {config.env_url}/.default)\n"
+        f"  tenant:        {config.tenant}  (authority {base_url}/{config.tenant})\n"
+        f"  client id:     {user.client_id}\n"
+        f"  client secret: {user.client_secret}\n"
+        f"  data dir:      {config.data_dir}",
+        flush=True,
+    )
+    uv_config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
+        ssl_keyfile=str(args.tls_key) if args.tls_key else None,
+        timeout_graceful_shutdown=5,
+    )
+    server = _Server(uv_config)
+    server.ready_line = f"ready {base_url}"
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    print("stopped", flush=True)
+    return 0

@@ -1,0 +1,302 @@
+"""``$filter`` → parameterised SQLite, using the maintained ``odata-query`` parser for syntax.
+
+We only reuse its lexer/parser (AST); the translation is ours because Dataverse semantics
+differ from plain OData in ways the library's SQL visitor does not model: lookups are filtered
+as ``_x_value``, string comparisons are case-insensitive (the columns use ``COLLATE NOCASE``),
+GUIDs and dates are normalised to the stored text forms, navigation paths like
+``transactioncurrencyid/isocurrencycode`` become correlated sub-queries, and error messages
+use Dataverse wording.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from odata_query import ast
+from odata_query.exceptions import ODataException, ParsingException, TokenizingException
+from odata_query.grammar import ODataLexer, ODataParser
+
+from d365sync.sandbox.dataverse import errors
+from d365sync.sandbox.dataverse.records import ISO_FORMAT, parse_datetime, parse_guid
+from d365sync.sandbox.dataverse.schema import (
+    STRING_TYPES,
+    TABLES,
+    AttrType,
+    Column,
+    Table,
+    type_column,
+)
+
+_NUMERIC = frozenset(
+    {
+        AttrType.INTEGER,
+        AttrType.BIGINT,
+        AttrType.DECIMAL,
+        AttrType.MONEY,
+        AttrType.PICKLIST,
+        AttrType.STATE,
+        AttrType.STATUS,
+    }
+)
+_GUIDISH = frozenset({AttrType.UNIQUEIDENTIFIER, AttrType.LOOKUP, AttrType.CUSTOMER, AttrType.OWNER})
+_OPERATORS: dict[type, str] = {
+    ast.Eq: "=",
+    ast.NotEq: "<>",
+    ast.Lt: "<",
+    ast.LtE: "<=",
+    ast.Gt: ">",
+    ast.GtE: ">=",
+}
+_OP_NAMES: dict[type, str] = {
+    ast.Eq: "Equal",
+    ast.NotEq: "NotEqual",
+    ast.Lt: "LessThan",
+    ast.LtE: "LessThanOrEqual",
+    ast.Gt: "GreaterThan",
+    ast.GtE: "GreaterThanOrEqual",
+}
+
+
+@dataclass
+class Operand:
+    """A translated sub-expression: SQL text, its parameters, and the column it reads (if any)."""
+
+    sql: str
+    params: list[Any]
+    column: Column | None = None
+    literal: ast._Node | None = None
+
+
+def unknown_property(table: Table, name: str) -> errors.DataverseError:
+    return errors.bad_request(f"Could not find a property named '{name}' on type '{table.type_name}'.")
+
+
+def parse(text: str) -> ast._Node:
+    """Parse a ``$filter`` expression, turning parser failures into Dataverse 400s."""
+    try:
+        return ODataParser().parse(ODataLexer().tokenize(text))
+    except TokenizingException as exc:
+        position = getattr(exc.token, "index", 0)
+        raise errors.bad_request(
+            f"Syntax error: character '{text[position : position + 1]}' is not valid at position "
+            f"{position} in '{text}'."
+        ) from exc
+    except ParsingException as exc:
+        if exc.eof or exc.token is None:
+            raise errors.bad_request(f"Syntax error: unexpected end of expression in '{text}'.") from exc
+        raise errors.bad_request(
+            f"Syntax error at position {exc.token.index} in '{text}' near '{exc.token.value}'."
+        ) from exc
+    except (ODataException, RecursionError, ValueError, TypeError) as exc:
+        raise errors.bad_request(f"Invalid $filter expression '{text}': {exc}") from exc
+
+
+class FilterCompiler:
+    """Compile one AST for one table; ``alias`` is the SQL alias of the queried table."""
+
+    def __init__(self, table: Table, alias: str = "t") -> None:
+        self.table = table
+        self.alias = alias
+
+    def compile(self, text: str) -> tuple[str, list[Any]]:
+        node = parse(text)
+        result = self.boolean(node)
+        return result.sql, result.params
+
+    # -- boolean level ----------------------------------------------------------------------
+    def boolean(self, node: ast._Node) -> Operand:
+        if isinstance(node, ast.BoolOp):
+            left, right = self.boolean(node.left), self.boolean(node.right)
+            op = "AND" if isinstance(node.op, ast.And) else "OR"
+            return Operand(f"({left.sql} {op} {right.sql})", left.params + right.params)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            inner = self.boolean(node.operand)
+            return Operand(f"(NOT {inner.sql})", inner.params)
+        if isinstance(node, ast.Compare):
+            return self.compare(node)
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        if isinstance(node, ast.Identifier | ast.Attribute):
+            operand = self.value(node)
+            if operand.column is not None and operand.column.type == AttrType.BOOLEAN:
+                return Operand(f"({operand.sql} = 1)", operand.params)
+        raise errors.bad_request("The $filter expression must evaluate to a boolean value.")
+
+    def compare(self, node: ast.Compare) -> Operand:
+        if isinstance(node.comparator, ast.In):
+            return self._in(node)
+        left, right = self.value(node.left), self.value(node.right)
+        left, right = self._coerce_pair(left, right), self._coerce_pair(right, left)
+        self._check_types(left, right, node.comparator)
+        op = _OPERATORS[type(node.comparator)]
+        if isinstance(node.right, ast.Null) or isinstance(node.left, ast.Null):
+            subject = left if not isinstance(node.left, ast.Null) else right
+            if op == "=":
+                return Operand(f"({subject.sql} IS NULL)", subject.params)
+            if op == "<>":
+                return Operand(f"({subject.sql} IS NOT NULL)", subject.params)
+            raise errors.bad_request("Null can only be compared with 'eq' or 'ne'.")
+        return Operand(f"({left.sql} {op} {right.sql})", left.params + right.params)
+
+    def _in(self, node: ast.Compare) -> Operand:
+        left = self.value(node.left)
+        if not isinstance(node.right, ast.List):
+            raise errors.bad_request("The right operand of 'in' must be a list.")
+        items = [self._coerce_pair(self.value(v), left) for v in node.right.val]
+        marks = ", ".join(i.sql for i in items) or "NULL"
+        params = left.params + [p for i in items for p in i.params]
+        return Operand(f"({left.sql} IN ({marks}))", params)
+
+    def call(self, node: ast.Call) -> Operand:
+        name = node.func.name.lower()
+        if node.func.namespace:
+            return self._crm_function(node)
+        if name in ("contains", "startswith", "endswith"):
+            if len(node.args) != 2:
+                raise errors.bad_request(f"The function '{name}' takes two arguments.")
+            subject, pattern = self.value(node.args[0]), self.value(node.args[1])
+            if not isinstance(node.args[1], ast.String):
+                raise errors.bad_request(f"The second argument of '{name}' must be a string literal.")
+            text = node.args[1].val.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            like = {"contains": f"%{text}%", "startswith": f"{text}%", "endswith": f"%{text}"}[name]
+            del pattern
+            return Operand(f"({subject.sql} LIKE ? ESCAPE '\\')", [*subject.params, like])
+        raise errors.bad_request(f"The function '{node.func.name}' is not supported in $filter.")
+
+    def _crm_function(self, node: ast.Call) -> Operand:
+        """A few ``Microsoft.Dynamics.CRM.*`` query functions useful to a sync."""
+        name = node.func.name
+        args = {a.name.name: a.param for a in node.args if isinstance(a, ast.NamedParam)}
+        prop = args.get("PropertyName")
+        if not isinstance(prop, ast.String):
+            raise errors.bad_request(f"The function 'Microsoft.Dynamics.CRM.{name}' needs PropertyName.")
+        column = self._column(prop.val)
+        subject = f'{self.alias}."{column.name}"'
+        value = args.get("PropertyValue")
+        now = datetime.now(UTC)
+        if name in ("LastXDays", "LastXHours", "LastXMinutes") and isinstance(value, ast.Integer):
+            unit = {"LastXDays": "days", "LastXHours": "hours", "LastXMinutes": "minutes"}[name]
+            since = (now - timedelta(**{unit: int(value.val)})).strftime(ISO_FORMAT)
+            return Operand(f"({subject} >= ?)", [since])
+        if name in ("OnOrAfter", "OnOrBefore") and value is not None:
+            stamp = parse_datetime(str(getattr(value, "val", "")))
+            if stamp is None:
+                raise errors.bad_request(f"Invalid PropertyValue for Microsoft.Dynamics.CRM.{name}.")
+            op = ">=" if name == "OnOrAfter" else "<="
+            return Operand(f"({subject} {op} ?)", [stamp])
+        raise errors.bad_request(f"The function 'Microsoft.Dynamics.CRM.{name}' is not supported in $filter.")
+
+    # -- value level ---------------------------------------------------------------------------
+    def value(self, node: ast._Node) -> Operand:
+        if isinstance(node, ast.Identifier):
+            if node.namespace:
+                raise unknown_property(self.table, ".".join((*node.namespace, node.name)))
+            column = self._column(node.name)
+            return Operand(f'{self.alias}."{column.name}"', [], column)
+        if isinstance(node, ast.Attribute):
+            return self._navigation(node)
+        if isinstance(node, ast.Call) and node.func.name.lower() in ("tolower", "toupper", "trim"):
+            inner = self.value(node.args[0]) if node.args else None
+            if inner is None:
+                raise errors.bad_request(f"The function '{node.func.name}' takes one argument.")
+            fn = {"tolower": "LOWER", "toupper": "UPPER", "trim": "TRIM"}[node.func.name.lower()]
+            return Operand(f"{fn}({inner.sql})", inner.params, inner.column)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            inner = self.value(node.operand)
+            return Operand(f"(-{inner.sql})", inner.params, literal=inner.literal)
+        if isinstance(node, ast._Literal):
+            return self._literal(node)
+        raise errors.bad_request(f"Unsupported expression in $filter: {type(node).__name__}.")
+
+    def _column(self, name: str) -> Column:
+        column = self.table.by_value_name(name)
+        if column is None:
+            raise unknown_property(self.table, name)
+        return column
+
+    def _navigation(self, node: ast.Attribute) -> Operand:
+        if not isinstance(node.owner, ast.Identifier):
+            raise errors.bad_request("Only one level of navigation is supported in $filter.")
+        nav = self.table.navigation(node.owner.name)
+        if nav is None:
+            raise unknown_property(self.table, node.owner.name)
+        lookup, target_name = nav
+        target = TABLES.get(target_name)
+        if target is None:
+            raise errors.bad_request(f"Navigation to '{target_name}' is not supported by the sandbox.")
+        column = target.by_value_name(node.attr)
+        if column is None:
+            raise unknown_property(target, node.attr)
+        condition = f'n."{target.primary_id}" = {self.alias}."{lookup.name}"'
+        if lookup.is_polymorphic:
+            condition += f" AND {self.alias}.\"{type_column(lookup)}\" = '{target_name}'"
+        sql = f'(SELECT n."{column.name}" FROM "{target.logical_name}" n WHERE {condition})'
+        return Operand(sql, [], column)
+
+    @staticmethod
+    def _literal(node: ast._Literal) -> Operand:
+        if isinstance(node, ast.Null):
+            return Operand("NULL", [], literal=node)
+        if isinstance(node, ast.Integer):
+            return Operand("?", [int(node.val)], literal=node)
+        if isinstance(node, ast.Float):
+            return Operand("?", [float(node.val)], literal=node)
+        if isinstance(node, ast.Boolean):
+            return Operand("?", [1 if node.val.lower() == "true" else 0], literal=node)
+        if isinstance(node, ast.String):
+            return Operand("?", [node.val], literal=node)
+        if isinstance(node, ast.GUID):
+            return Operand("?", [node.val.lower()], literal=node)
+        if isinstance(node, ast.DateTime):
+            stamp = parse_datetime(node.val)
+            if stamp is None:
+                raise errors.bad_request(f"The date-time literal '{node.val}' is not valid.")
+            return Operand("?", [stamp], literal=node)
+        if isinstance(node, ast.Date):
+            return Operand("?", [f"{node.val}T00:00:00Z"], literal=node)
+        raise errors.bad_request(f"Unsupported literal in $filter: {type(node).__name__}.")
+
+    @staticmethod
+    def _coerce_pair(operand: Operand, other: Operand) -> Operand:
+        """Strings compared with GUID columns are GUIDs; normalise their case and format."""
+        column = other.column
+        if column is None or not isinstance(operand.literal, ast.String):
+            return operand
+        if column.type in _GUIDISH:
+            parsed = parse_guid(operand.params[0])
+            return Operand("?", [parsed or operand.params[0]], literal=operand.literal)
+        if column.type == AttrType.DATETIME:
+            stamp = parse_datetime(operand.params[0])
+            return Operand("?", [stamp or operand.params[0]], literal=operand.literal)
+        return operand
+
+    @staticmethod
+    def _check_types(left: Operand, right: Operand, comparator: ast._Comparator) -> None:
+        """Reject obviously mismatched operands the way the OData layer of Dataverse does."""
+        for col_side, lit_side in ((left, right), (right, left)):
+            column, literal = col_side.column, lit_side.literal
+            if column is None or literal is None or isinstance(literal, ast.Null):
+                continue
+            numeric_vs_string = column.type in _NUMERIC and isinstance(literal, ast.String)
+            string_vs_number = column.type in STRING_TYPES and isinstance(
+                literal, ast.Integer | ast.Float | ast.Boolean
+            )
+            if numeric_vs_string or string_vs_number:
+                kinds = (column.edm_type, _literal_edm(literal))
+                if col_side is right:
+                    kinds = kinds[::-1]
+                raise errors.bad_request(
+                    "A binary operator with incompatible types was detected. Found operand types "
+                    f"'{kinds[0]}' and '{kinds[1]}' for operator kind '{_OP_NAMES[type(comparator)]}'."
+                )
+
+
+def _literal_edm(literal: ast._Node) -> str:
+    return {
+        ast.String: "Edm.String",
+        ast.Integer: "Edm.Int32",
+        ast.Float: "Edm.Double",
+        ast.Boolean: "Edm.Boolean",
+    }.get(type(literal), "Edm.Untyped")

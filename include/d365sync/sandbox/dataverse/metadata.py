@@ -1,0 +1,339 @@
+"""Metadata endpoints: service document, ``$metadata`` (CSDL), ``EntityDefinitions`` and WhoAmI.
+
+All of it is generated from :mod:`.schema`.  ``EntityDefinitions`` supports the requests the
+Microsoft Python SDK makes to resolve entity set names and attributes
+(``$select``, ``$filter=LogicalName eq '…'``, ``(LogicalName='…')``, ``/Attributes``, ``/Keys``,
+``$expand=Attributes|Keys``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+from odata_query import ast
+
+from d365sync.sandbox.dataverse import errors
+from d365sync.sandbox.dataverse.config import SandboxConfig
+from d365sync.sandbox.dataverse.filters import parse
+from d365sync.sandbox.dataverse.protocol import (
+    ApiRequest,
+    ApiResponse,
+    json_response,
+    parse_key_values,
+    parse_segment,
+    split_top_level,
+)
+from d365sync.sandbox.dataverse.schema import (
+    METADATA_NAMESPACE,
+    STRING_TYPES,
+    TABLES,
+    AlternateKey,
+    AttrType,
+    Column,
+    Table,
+)
+
+_SCHEMA_NAMES = {"transactioncurrency": "TransactionCurrency", "salesorder": "SalesOrder"}
+_METADATA_TYPES = {
+    AttrType.UNIQUEIDENTIFIER: "UniqueIdentifierAttributeMetadata",
+    AttrType.STRING: "StringAttributeMetadata",
+    AttrType.MEMO: "MemoAttributeMetadata",
+    AttrType.INTEGER: "IntegerAttributeMetadata",
+    AttrType.BIGINT: "BigIntAttributeMetadata",
+    AttrType.DECIMAL: "DecimalAttributeMetadata",
+    AttrType.MONEY: "MoneyAttributeMetadata",
+    AttrType.BOOLEAN: "BooleanAttributeMetadata",
+    AttrType.DATETIME: "DateTimeAttributeMetadata",
+    AttrType.PICKLIST: "PicklistAttributeMetadata",
+    AttrType.STATE: "StateAttributeMetadata",
+    AttrType.STATUS: "StatusAttributeMetadata",
+    AttrType.LOOKUP: "LookupAttributeMetadata",
+    AttrType.CUSTOMER: "LookupAttributeMetadata",
+    AttrType.OWNER: "LookupAttributeMetadata",
+}
+
+
+def _schema_name(name: str) -> str:
+    return _SCHEMA_NAMES.get(name, name[:1].upper() + name[1:])
+
+
+def _label(text: str) -> dict[str, Any]:
+    localized = {"Label": text, "LanguageCode": 1033}
+    return {"LocalizedLabels": [localized], "UserLocalizedLabel": localized}
+
+
+def entity_definition(table: Table) -> dict[str, Any]:
+    return {
+        "@odata.type": "#Microsoft.Dynamics.CRM.EntityMetadata",
+        "MetadataId": table.metadata_id,
+        "LogicalName": table.logical_name,
+        "SchemaName": _schema_name(table.logical_name),
+        "EntitySetName": table.entity_set,
+        "LogicalCollectionName": table.entity_set,
+        "CollectionSchemaName": _schema_name(table.entity_set),
+        "PrimaryIdAttribute": table.primary_id,
+        "PrimaryNameAttribute": table.primary_name,
+        "ObjectTypeCode": table.object_type_code,
+        "ChangeTrackingEnabled": table.change_tracking,
+        "IsCustomEntity": False,
+        "IsPrivate": False,
+        "IsActivity": False,
+        "IsIntersect": False,
+        "TableType": "Standard",
+        "OwnershipType": "UserOwned",
+        "DisplayName": _label(_schema_name(table.logical_name)),
+    }
+
+
+def attribute_definition(table: Table, column: Column) -> dict[str, Any]:
+    required = (
+        "SystemRequired"
+        if column.name == table.primary_id
+        else ("ApplicationRequired" if column.required else "None")
+    )
+    data: dict[str, Any] = {
+        "@odata.type": f"#Microsoft.Dynamics.CRM.{_METADATA_TYPES[column.type]}",
+        "MetadataId": str(uuid.uuid5(METADATA_NAMESPACE, f"attribute:{table.logical_name}.{column.name}")),
+        "LogicalName": column.name,
+        "SchemaName": _schema_name(column.name),
+        "EntityLogicalName": table.logical_name,
+        "AttributeType": column.type.value,
+        "AttributeTypeName": {"Value": f"{column.type.value}Type"},
+        "IsPrimaryId": column.name == table.primary_id,
+        "IsPrimaryName": column.name == table.primary_name,
+        "IsValidForCreate": not column.readonly,
+        "IsValidForUpdate": not column.readonly and column.name != table.primary_id,
+        "IsValidForRead": True,
+        "IsCustomAttribute": False,
+        "RequiredLevel": {
+            "Value": required,
+            "CanBeChanged": True,
+            "ManagedPropertyLogicalName": "canmodifyrequirementlevelsettings",
+        },
+        "DisplayName": _label(column.name),
+    }
+    if column.type in STRING_TYPES:
+        data["MaxLength"] = column.max_length
+    if column.is_lookup:
+        data["Targets"] = list(column.targets)
+    if column.min_value is not None:
+        data["MinValue"], data["MaxValue"] = column.min_value, column.max_value
+    return data
+
+
+def key_definition(table: Table, key: AlternateKey) -> dict[str, Any]:
+    return {
+        "MetadataId": str(uuid.uuid5(METADATA_NAMESPACE, f"key:{table.logical_name}.{key.name}")),
+        "LogicalName": key.name,
+        "SchemaName": key.name,
+        "EntityLogicalName": table.logical_name,
+        "KeyAttributes": list(key.attributes),
+        "EntityKeyIndexStatus": "Active",
+        "DisplayName": _label(key.name),
+    }
+
+
+# -- a tiny in-memory $filter evaluator for metadata collections ------------------------------
+def _evaluate(node: ast._Node, item: dict[str, Any]) -> Any:
+    if isinstance(node, ast.BoolOp):
+        left = _evaluate(node.left, item)
+        return (
+            (left and _evaluate(node.right, item))
+            if isinstance(node.op, ast.And)
+            else (left or _evaluate(node.right, item))
+        )
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return not _evaluate(node.operand, item)
+    if isinstance(node, ast.Compare):
+        left, right = _evaluate(node.left, item), _evaluate(node.right, item)
+        ops = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b}
+        op = ops.get(type(node.comparator))
+        if op is None:
+            raise errors.bad_request("Only eq and ne are supported on metadata queries.")
+        return op(left, right)
+    if isinstance(node, ast.Identifier):
+        if node.name not in item:
+            raise errors.bad_request(f"Could not find a property named '{node.name}' on the metadata type.")
+        return item[node.name]
+    if isinstance(node, ast.Attribute):
+        owner = _evaluate(node.owner, item)
+        return owner.get(node.attr) if isinstance(owner, dict) else None
+    if isinstance(node, ast.Boolean):
+        return node.val.lower() == "true"
+    if isinstance(node, ast.Null):
+        return None
+    if isinstance(node, ast.Integer):
+        return int(node.val)
+    if isinstance(node, ast.String | ast.GUID):
+        return node.val
+    if isinstance(node, ast.Call) and node.func.name in ("contains", "startswith", "endswith"):
+        subject, needle = (_evaluate(a, item) for a in node.args)
+        subject, needle = str(subject or "").lower(), str(needle or "").lower()
+        return {"contains": needle in subject, "startswith": subject.startswith(needle)}.get(
+            node.func.name, subject.endswith(needle)
+        )
+    raise errors.bad_request("Unsupported expression in metadata $filter.")
+
+
+def _shape(items: list[dict[str, Any]], req_select: str | None, req_filter: str | None) -> list[dict]:
+    if req_filter:
+        tree = parse(req_filter)
+        items = [i for i in items if _evaluate(tree, i)]
+    if req_select:
+        names = {n.strip() for n in req_select.split(",")}
+        items = [
+            {k: v for k, v in i.items() if k in names or k in ("@odata.type", "MetadataId")} for i in items
+        ]
+    return items
+
+
+def _expand(table: Table, entity: dict[str, Any], text: str | None) -> dict[str, Any]:
+    for item in split_top_level(text or ""):
+        name, _, rest = item.partition("(")
+        options = (
+            dict(
+                (o.partition("=")[0].strip(), o.partition("=")[2])
+                for o in split_top_level(rest.rstrip(")"), ";")
+            )
+            if rest
+            else {}
+        )
+        if name == "Attributes":
+            children = [attribute_definition(table, c) for c in table.columns]
+        elif name == "Keys":
+            children = [key_definition(table, k) for k in table.keys]
+        elif name == "OptionSet":
+            continue
+        else:
+            raise errors.bad_request(f"Could not find a property named '{name}' on type 'EntityMetadata'.")
+        entity[name] = _shape(children, options.get("$select"), options.get("$filter"))
+    return entity
+
+
+def _find_table(key: str) -> Table:
+    values = parse_key_values(key) if "=" in key else {"MetadataId": key.strip()}
+    wanted = values.get("LogicalName") or values.get("MetadataId")
+    for table in TABLES.values():
+        if wanted in (table.logical_name, table.metadata_id):
+            return table
+    raise errors.not_found(f"Could not find entity with key {key}.", errors.OBJECT_DOES_NOT_EXIST)
+
+
+def entity_definitions(req: ApiRequest, segments: list[str]) -> ApiResponse:
+    """``EntityDefinitions`` and its sub-resources (read-only)."""
+    if req.method != "GET":
+        raise errors.DataverseError(
+            405, errors.METHOD_NOT_ALLOWED, "The sandbox metadata is read-only; only GET is supported."
+        )
+    _, key = parse_segment(segments[0])
+    select, filter_text, expand = req.param("$select"), req.param("$filter"), req.param("$expand")
+    base = f"{req.api_url}/$metadata#EntityDefinitions"
+    if key is None:
+        if len(segments) > 1:
+            raise errors.segment_not_found(segments[1])
+        items = [_expand(t, entity_definition(t), expand) for t in TABLES.values()]
+        return json_response(200, {"@odata.context": base, "value": _shape(items, select, filter_text)})
+    table = _find_table(key)
+    if len(segments) == 1:
+        entity = _shape([_expand(table, entity_definition(table), expand)], select, None)[0]
+        return json_response(200, {"@odata.context": f"{base}/$entity", **entity})
+    child, child_key = parse_segment(segments[1])
+    if child == "Attributes":
+        items = [attribute_definition(table, c) for c in table.columns]
+    elif child == "Keys":
+        items = [key_definition(table, k) for k in table.keys]
+    else:
+        raise errors.segment_not_found(child)
+    context = f"{base}({table.metadata_id})/{child}"
+    if child_key is None:
+        return json_response(200, {"@odata.context": context, "value": _shape(items, select, filter_text)})
+    wanted = parse_key_values(child_key).get("LogicalName") if "=" in child_key else child_key.strip()
+    match = [i for i in items if wanted in (i["LogicalName"], i["MetadataId"])]
+    if not match:
+        raise errors.not_found(f"Could not find {child} with key {child_key}.")
+    return json_response(200, {"@odata.context": f"{context}/$entity", **_shape(match, select, None)[0]})
+
+
+def service_document(req: ApiRequest) -> ApiResponse:
+    sets = [{"name": t.entity_set, "kind": "EntitySet", "url": t.entity_set} for t in TABLES.values()]
+    sets.append({"name": "EntityDefinitions", "kind": "EntitySet", "url": "EntityDefinitions"})
+    return json_response(200, {"@odata.context": f"{req.api_url}/$metadata", "value": sets})
+
+
+def who_am_i(req: ApiRequest, config: SandboxConfig) -> ApiResponse:
+    return json_response(
+        200,
+        {
+            "@odata.context": f"{req.api_url}/$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse",
+            "BusinessUnitId": config.business_unit_id,
+            "UserId": req.caller.user.systemuserid,
+            "OrganizationId": config.organization_id,
+        },
+    )
+
+
+def _property_xml(column: Column) -> str:
+    name = quoteattr(column.value_name)
+    extra = f' MaxLength="{column.max_length}"' if column.type in STRING_TYPES and column.max_length else ""
+    return f'<Property Name={name} Type="{column.edm_type}"{extra} />'
+
+
+def _entity_type_xml(table: Table) -> str:
+    lines = [
+        f'<EntityType Name="{table.logical_name}">',
+        f'<Key><PropertyRef Name="{table.primary_id}" /></Key>',
+    ]
+    lines += [_property_xml(c) for c in table.columns]
+    for column in table.columns:
+        for target in column.targets:
+            if target not in TABLES:
+                continue
+            nav = f"{column.name}_{target}" if column.is_polymorphic else column.name
+            lines.append(f'<NavigationProperty Name="{nav}" Type="Microsoft.Dynamics.CRM.{target}" />')
+    lines.append("</EntityType>")
+    return "".join(lines)
+
+
+def _entity_set_xml(table: Table) -> str:
+    bindings = "".join(
+        f'<NavigationPropertyBinding Path="{c.name + "_" + t if c.is_polymorphic else c.name}" '
+        f'Target="{TABLES[t].entity_set}" />'
+        for c in table.columns
+        for t in c.targets
+        if t in TABLES
+    )
+    tracking = (
+        '<Annotation Term="Org.OData.Capabilities.V1.ChangeTracking"><Record>'
+        f'<PropertyValue Property="Supported" Bool="{str(table.change_tracking).lower()}" />'
+        "</Record></Annotation>"
+    )
+    return (
+        f'<EntitySet Name="{table.entity_set}" EntityType="Microsoft.Dynamics.CRM.{table.logical_name}">'
+        f"{bindings}{tracking}</EntitySet>"
+    )
+
+
+def csdl() -> bytes:
+    """The ``$metadata`` document."""
+    types = "".join(_entity_type_xml(t) for t in TABLES.values())
+    sets = "".join(_entity_set_xml(t) for t in TABLES.values())
+    who = (
+        '<ComplexType Name="WhoAmIResponse">'
+        '<Property Name="BusinessUnitId" Type="Edm.Guid" Nullable="false" />'
+        '<Property Name="UserId" Type="Edm.Guid" Nullable="false" />'
+        '<Property Name="OrganizationId" Type="Edm.Guid" Nullable="false" /></ComplexType>'
+        '<Function Name="WhoAmI"><ReturnType Type="Microsoft.Dynamics.CRM.WhoAmIResponse" Nullable="false" />'
+        "</Function>"
+    )
+    document = (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        '<edmx:Edmx Version="4.0" xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx"><edmx:DataServices>'
+        '<Schema Namespace="Microsoft.Dynamics.CRM" Alias="mscrm" xmlns="http://docs.oasis-open.org/odata/ns/edm">'
+        f"{types}{who}"
+        f'<EntityContainer Name="System">{sets}'
+        '<FunctionImport Name="WhoAmI" Function="Microsoft.Dynamics.CRM.WhoAmI" /></EntityContainer>'
+        "</Schema></edmx:DataServices></edmx:Edmx>"
+    )
+    return document.encode()

@@ -1,0 +1,372 @@
+"""Declarative table definitions: the one source for storage, validation and metadata.
+
+Each :class:`Table` lists its business columns; the system columns every Dataverse table
+carries (primary id, createdon/modifiedon, versionnumber, created/modified by, owner, state and
+status) are added by :func:`_table`.  The SQLite DDL, the ``EntityDefinitions`` and ``$metadata``
+documents, body validation and ``$filter`` column resolution all read these structures, so a
+column added here shows up everywhere at once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class AttrType(StrEnum):
+    """Dataverse ``AttributeType`` values used by the sandbox tables."""
+
+    UNIQUEIDENTIFIER = "Uniqueidentifier"
+    STRING = "String"
+    MEMO = "Memo"
+    INTEGER = "Integer"
+    BIGINT = "BigInt"
+    DECIMAL = "Decimal"
+    MONEY = "Money"
+    BOOLEAN = "Boolean"
+    DATETIME = "DateTime"
+    PICKLIST = "Picklist"
+    STATE = "State"
+    STATUS = "Status"
+    LOOKUP = "Lookup"
+    CUSTOMER = "Customer"
+    OWNER = "Owner"
+
+
+LOOKUP_TYPES = frozenset({AttrType.LOOKUP, AttrType.CUSTOMER, AttrType.OWNER})
+STRING_TYPES = frozenset({AttrType.STRING, AttrType.MEMO})
+EDM_TYPES: dict[AttrType, str] = {
+    AttrType.UNIQUEIDENTIFIER: "Edm.Guid",
+    AttrType.STRING: "Edm.String",
+    AttrType.MEMO: "Edm.String",
+    AttrType.INTEGER: "Edm.Int32",
+    AttrType.BIGINT: "Edm.Int64",
+    AttrType.DECIMAL: "Edm.Decimal",
+    AttrType.MONEY: "Edm.Decimal",
+    AttrType.BOOLEAN: "Edm.Boolean",
+    AttrType.DATETIME: "Edm.DateTimeOffset",
+    AttrType.PICKLIST: "Edm.Int32",
+    AttrType.STATE: "Edm.Int32",
+    AttrType.STATUS: "Edm.Int32",
+    AttrType.LOOKUP: "Edm.Guid",
+    AttrType.CUSTOMER: "Edm.Guid",
+    AttrType.OWNER: "Edm.Guid",
+}
+SQL_TYPES: dict[AttrType, str] = {
+    AttrType.STRING: "TEXT COLLATE NOCASE",
+    AttrType.MEMO: "TEXT COLLATE NOCASE",
+    AttrType.INTEGER: "INTEGER",
+    AttrType.BIGINT: "INTEGER",
+    AttrType.DECIMAL: "REAL",
+    AttrType.MONEY: "REAL",
+    AttrType.BOOLEAN: "INTEGER",
+    AttrType.DATETIME: "TEXT",
+    AttrType.PICKLIST: "INTEGER",
+    AttrType.STATE: "INTEGER",
+    AttrType.STATUS: "INTEGER",
+}
+
+METADATA_NAMESPACE = uuid.UUID("6f9619ff-8b86-d011-b42d-00c04fc964ff")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One attribute.  ``targets`` names the tables a lookup may point at."""
+
+    name: str
+    type: AttrType
+    max_length: int | None = None
+    required: bool = False
+    targets: tuple[str, ...] = ()
+    options: tuple[int, ...] = ()
+    readonly: bool = False
+    min_value: float | None = None
+    max_value: float | None = None
+
+    @property
+    def is_lookup(self) -> bool:
+        return self.type in LOOKUP_TYPES
+
+    @property
+    def is_polymorphic(self) -> bool:
+        return len(self.targets) > 1
+
+    @property
+    def value_name(self) -> str:
+        """The name a client reads: ``_x_value`` for lookups, the logical name otherwise."""
+        return f"_{self.name}_value" if self.is_lookup else self.name
+
+    @property
+    def edm_type(self) -> str:
+        return EDM_TYPES[self.type]
+
+
+@dataclass(frozen=True)
+class AlternateKey:
+    """A Dataverse alternate key (``EntityKeyMetadata``)."""
+
+    name: str
+    attributes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A Dataverse table as the sandbox serves it."""
+
+    logical_name: str
+    entity_set: str
+    primary_id: str
+    primary_name: str
+    object_type_code: int
+    columns: tuple[Column, ...]
+    keys: tuple[AlternateKey, ...] = ()
+    state_status: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    default_status: dict[int, int] = field(default_factory=dict)
+    change_tracking: bool = True
+
+    @property
+    def type_name(self) -> str:
+        return f"Microsoft.Dynamics.CRM.{self.logical_name}"
+
+    @property
+    def metadata_id(self) -> str:
+        return str(uuid.uuid5(METADATA_NAMESPACE, f"entity:{self.logical_name}"))
+
+    def column(self, name: str) -> Column | None:
+        return _COLUMN_INDEX[self.logical_name].get(name)
+
+    def by_value_name(self, name: str) -> Column | None:
+        """Resolve a name as clients read/filter it (``_x_value`` or plain)."""
+        return _VALUE_INDEX[self.logical_name].get(name)
+
+    def navigation(self, name: str) -> tuple[Column, str] | None:
+        """Resolve a single-valued navigation property to (lookup column, target table).
+
+        Single-target lookups use their own name; polymorphic ones use ``name_target``
+        (``customerid_account``), like Dataverse.
+        """
+        return _NAV_INDEX[self.logical_name].get(name)
+
+
+def _sys(table_name: str, primary_id: str, states: dict[int, tuple[int, ...]]) -> tuple[Column, ...]:
+    """System columns every table carries."""
+    return (
+        Column(primary_id, AttrType.UNIQUEIDENTIFIER),
+        Column("createdon", AttrType.DATETIME, readonly=True),
+        Column("modifiedon", AttrType.DATETIME, readonly=True),
+        Column("versionnumber", AttrType.BIGINT, readonly=True),
+        Column("createdby", AttrType.LOOKUP, targets=("systemuser",), readonly=True),
+        Column("modifiedby", AttrType.LOOKUP, targets=("systemuser",), readonly=True),
+        Column("ownerid", AttrType.OWNER, targets=("systemuser",), readonly=True),
+        Column("statecode", AttrType.STATE, options=tuple(states)),
+        Column("statuscode", AttrType.STATUS, options=tuple(s for v in states.values() for s in v)),
+    )
+
+
+def _table(
+    logical_name: str,
+    entity_set: str,
+    primary_name: str,
+    otc: int,
+    columns: tuple[Column, ...],
+    keys: tuple[AlternateKey, ...] = (),
+    states: dict[int, tuple[int, ...]] | None = None,
+) -> Table:
+    states = states or {0: (1,), 1: (2,)}
+    primary_id = f"{logical_name}id"
+    return Table(
+        logical_name=logical_name,
+        entity_set=entity_set,
+        primary_id=primary_id,
+        primary_name=primary_name,
+        object_type_code=otc,
+        columns=_sys(logical_name, primary_id, states) + columns,
+        keys=keys,
+        state_status=states,
+        default_status={state: statuses[0] for state, statuses in states.items()},
+    )
+
+
+S = AttrType
+_CURRENCY = Column("transactioncurrencyid", S.LOOKUP, targets=("transactioncurrency",))
+
+TABLES: dict[str, Table] = {
+    t.logical_name: t
+    for t in (
+        _table(
+            "transactioncurrency",
+            "transactioncurrencies",
+            "currencyname",
+            9105,
+            (
+                Column("currencyname", S.STRING, 100, required=True),
+                Column("isocurrencycode", S.STRING, 5, required=True),
+                Column("currencysymbol", S.STRING, 10, required=True),
+                Column("exchangerate", S.DECIMAL, min_value=0.0000000001, max_value=100000000000),
+                Column("currencyprecision", S.INTEGER, min_value=0, max_value=4),
+            ),
+            keys=(AlternateKey("isocurrencycode_key", ("isocurrencycode",)),),
+        ),
+        _table(
+            "account",
+            "accounts",
+            "name",
+            1,
+            (
+                Column("name", S.STRING, 160, required=True),
+                Column("accountnumber", S.STRING, 20),
+                Column("emailaddress1", S.STRING, 100),
+                Column("telephone1", S.STRING, 50),
+                Column("address1_line1", S.STRING, 250),
+                Column("address1_line2", S.STRING, 250),
+                Column("address1_line3", S.STRING, 250),
+                Column("address1_city", S.STRING, 80),
+                Column("address1_stateorprovince", S.STRING, 50),
+                Column("address1_postalcode", S.STRING, 20),
+                Column("address1_country", S.STRING, 80),
+                Column("description", S.MEMO, 2000),
+                Column("creditlimit", S.MONEY, min_value=0, max_value=100000000000000),
+                Column("creditonhold", S.BOOLEAN),
+                Column("paymenttermscode", S.PICKLIST, options=(1, 2, 3, 4)),
+                _CURRENCY,
+            ),
+            keys=(AlternateKey("accountnumber_key", ("accountnumber",)),),
+        ),
+        _table(
+            "contact",
+            "contacts",
+            "fullname",
+            2,
+            (
+                Column("firstname", S.STRING, 50),
+                Column("lastname", S.STRING, 50, required=True),
+                Column("fullname", S.STRING, 160, readonly=True),
+                Column("emailaddress1", S.STRING, 100),
+                Column("telephone1", S.STRING, 50),
+                Column("parentcustomerid", S.CUSTOMER, targets=("account", "contact")),
+                _CURRENCY,
+            ),
+        ),
+        _table(
+            "product",
+            "products",
+            "name",
+            1024,
+            (
+                Column("name", S.STRING, 100, required=True),
+                Column("productnumber", S.STRING, 100, required=True),
+                Column("description", S.MEMO, 2000),
+                Column("price", S.MONEY, min_value=0, max_value=100000000000000),
+                Column("standardcost", S.MONEY, min_value=0, max_value=100000000000000),
+                Column("quantityonhand", S.DECIMAL, min_value=0, max_value=1000000000),
+                Column("quantitydecimal", S.INTEGER, min_value=0, max_value=5),
+                Column("productstructure", S.PICKLIST, options=(1, 2, 3)),
+                _CURRENCY,
+            ),
+            keys=(AlternateKey("productnumber_key", ("productnumber",)),),
+            states={0: (1,), 1: (2,), 2: (0,), 3: (3,)},
+        ),
+        _table(
+            "salesorder",
+            "salesorders",
+            "name",
+            1088,
+            (
+                Column("name", S.STRING, 300, required=True),
+                Column("ordernumber", S.STRING, 100),
+                Column("customerid", S.CUSTOMER, targets=("account", "contact"), required=True),
+                Column("description", S.MEMO, 2000),
+                Column("totalamount", S.MONEY, min_value=0, max_value=100000000000000),
+                Column("totaltax", S.MONEY, min_value=0, max_value=100000000000000),
+                Column("datefulfilled", S.DATETIME),
+                _CURRENCY,
+            ),
+            keys=(AlternateKey("ordernumber_key", ("ordernumber",)),),
+            states={0: (1, 2), 1: (3,), 2: (4,), 3: (100001, 100002), 4: (100003,)},
+        ),
+        _table(
+            "invoice",
+            "invoices",
+            "name",
+            1090,
+            (
+                Column("name", S.STRING, 300, required=True),
+                Column("invoicenumber", S.STRING, 100),
+                Column("customerid", S.CUSTOMER, targets=("account", "contact"), required=True),
+                Column("salesorderid", S.LOOKUP, targets=("salesorder",)),
+                Column("description", S.MEMO, 2000),
+                Column("totalamount", S.MONEY, min_value=0, max_value=100000000000000),
+                Column("totaltax", S.MONEY, min_value=0, max_value=100000000000000),
+                Column("duedate", S.DATETIME),
+                _CURRENCY,
+            ),
+            keys=(AlternateKey("invoicenumber_key", ("invoicenumber",)),),
+            states={0: (1, 2, 4, 5, 6), 2: (100001, 100002), 3: (100003,)},
+        ),
+    )
+}
+
+ENTITY_SETS: dict[str, Table] = {t.entity_set: t for t in TABLES.values()}
+
+_COLUMN_INDEX: dict[str, dict[str, Column]] = {
+    t.logical_name: {c.name: c for c in t.columns} for t in TABLES.values()
+}
+_VALUE_INDEX: dict[str, dict[str, Column]] = {
+    t.logical_name: {c.value_name: c for c in t.columns} for t in TABLES.values()
+}
+
+
+def _nav_index(table: Table) -> dict[str, tuple[Column, str]]:
+    index: dict[str, tuple[Column, str]] = {}
+    for col in table.columns:
+        if not col.is_lookup:
+            continue
+        if col.is_polymorphic:
+            for target in col.targets:
+                index[f"{col.name}_{target}"] = (col, target)
+        else:
+            index[col.name] = (col, col.targets[0])
+    return index
+
+
+_NAV_INDEX: dict[str, dict[str, tuple[Column, str]]] = {
+    t.logical_name: _nav_index(t) for t in TABLES.values()
+}
+
+
+def sql_column(col: Column) -> str:
+    """The SQLite column holding an attribute (lookups store the target GUID)."""
+    return col.name
+
+
+def type_column(col: Column) -> str:
+    """The SQLite column holding a polymorphic lookup's target table."""
+    return f"{col.name}__type"
+
+
+def ddl(table: Table) -> list[str]:
+    """CREATE statements for a table, its alternate-key indexes and its version index."""
+    parts = [f'"{table.primary_id}" TEXT PRIMARY KEY']
+    for col in table.columns:
+        if col.name == table.primary_id:
+            continue
+        if col.is_lookup:
+            parts.append(f'"{col.name}" TEXT')
+            if col.is_polymorphic:
+                parts.append(f'"{type_column(col)}" TEXT')
+        else:
+            parts.append(f'"{col.name}" {SQL_TYPES[col.type]}')
+    statements = [f'CREATE TABLE IF NOT EXISTS "{table.logical_name}" ({", ".join(parts)})']
+    statements.append(
+        f'CREATE UNIQUE INDEX IF NOT EXISTS "ix_{table.logical_name}_version" '
+        f'ON "{table.logical_name}" (versionnumber)'
+    )
+    for key in table.keys:
+        cols = ", ".join(f'"{a}"' for a in key.attributes)
+        where = " AND ".join(f'"{a}" IS NOT NULL' for a in key.attributes)
+        statements.append(
+            f'CREATE UNIQUE INDEX IF NOT EXISTS "ix_{table.logical_name}_{key.name}" '
+            f'ON "{table.logical_name}" ({cols}) WHERE {where}'
+        )
+    return statements
