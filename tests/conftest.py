@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
+pytest_plugins = ["tests.sandbox_fixtures"]
+
 SERVICES: dict[str, tuple[str, int]] = {
     "postgres": (os.environ.get("D365SYNC_TEST_PG_HOST", "127.0.0.1"), 5432),
     "mariadb": (os.environ.get("D365SYNC_TEST_MARIADB_HOST", "127.0.0.1"), 3306),
