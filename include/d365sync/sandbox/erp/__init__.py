@@ -1,0 +1,1 @@
+"""The ERP sandbox: a legacy-style schema per dialect and a deterministic dirty-data seeder."""
