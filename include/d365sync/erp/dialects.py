@@ -33,6 +33,7 @@ class Dialect:
     fast_executemany = False
     decimal_as_text = False  # bind DECIMAL values as text (driver cannot bind them exactly)
     lock_suffix = " FOR UPDATE"
+    maxwrite: int | None = None  # pyodbc Connection.maxwrite (data-at-execution threshold)
 
     def q(self, ident: str) -> str:
         """Quote one allow-listed identifier; anything else is a programming error."""
@@ -180,6 +181,9 @@ class MariaDbDialect(Dialect):
 
     name = "mariadb"
     open_quote, close_quote = "`", "`"
+    # Connector/ODBC 3.1 corrupts or rejects text sent as data-at-execution (SQLPutData), which
+    # pyodbc uses beyond ~127 characters; binding every value directly avoids that path.
+    maxwrite = 1 << 20
     max_params = 65535
     timestamp_type = "DATETIME"
 

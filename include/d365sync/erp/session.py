@@ -46,6 +46,8 @@ class Session:
             conn.autocommit = False
             if self._dialect is None:
                 self._dialect = detect_dialect(conn.getinfo(pyodbc.SQL_DBMS_NAME))
+            if self._dialect.maxwrite:
+                conn.maxwrite = self._dialect.maxwrite
             self._conn = conn
         return self._conn
 
