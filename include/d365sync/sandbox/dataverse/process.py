@@ -1,0 +1,218 @@
+"""Run the Dataverse sandbox as a child process and talk to it: for tests, benchmarks and demos.
+
+:class:`DataverseSandbox` starts ``d365sync sandbox dataverse`` on a free loopback port, waits for
+its ``ready`` line, and offers the addresses (``base_url``, ``api_url``, ``authority`` …), a token
+helper and the ``/_sandbox/*`` admin calls (counters, knobs). ``stop()`` ends it by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+DEFAULT_CLIENT_ID = "51f81489-12ee-4a9e-aaae-a2591f45987d"
+DEFAULT_CLIENT_SECRET = "sandbox-secret"
+DEFAULT_TENANT = "sandbox-tenant"
+READY_TIMEOUT = 90.0
+
+
+class DataverseSandbox:
+    """A running sandbox process plus helpers to talk to it."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        seed: int = 0,
+        tls: tuple[Path, Path, Path] | None = None,
+        retention_seconds: float | None = None,
+        token_lifetime: int | None = None,
+        limits: dict[str, Any] | None = None,
+        knobs: dict[str, Any] | None = None,
+        tenant: str = DEFAULT_TENANT,
+        client_id: str = DEFAULT_CLIENT_ID,
+        client_secret: str = DEFAULT_CLIENT_SECRET,
+    ) -> None:
+        self.data_dir = data_dir
+        self.tenant, self.client_id, self.client_secret = tenant, client_id, client_secret
+        self.ca_bundle: str | None = str(tls[0]) if tls else None
+        self._tls = tls
+        self._args = self._build_args(seed, retention_seconds, token_lifetime, limits, knobs)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_path = data_dir / "sandbox.log"
+        self.port = 0
+        self.base_url = ""
+        self._token: tuple[str, float] | None = None
+        self.start()
+
+    def _build_args(
+        self,
+        seed: int,
+        retention_seconds: float | None,
+        token_lifetime: int | None,
+        limits: dict[str, Any] | None,
+        knobs: dict[str, Any] | None,
+    ) -> list[str]:
+        args = [
+            "--data",
+            str(self.data_dir),
+            "--tenant",
+            self.tenant,
+            "--client-id",
+            self.client_id,
+            "--client-secret",
+            self.client_secret,
+        ]
+        if seed:
+            args += ["--seed", str(seed)]
+        if self._tls:
+            args += ["--tls-cert", str(self._tls[1]), "--tls-key", str(self._tls[2])]
+        if retention_seconds is not None:
+            args += ["--retention-seconds", str(retention_seconds)]
+        if token_lifetime is not None:
+            args += ["--token-lifetime", str(token_lifetime)]
+        for name, flag in (
+            ("requests", "--limit-requests"),
+            ("window_seconds", "--limit-window"),
+            ("concurrency", "--limit-concurrency"),
+        ):
+            if limits and name in limits:
+                args += [flag, str(limits[name])]
+        if knobs:
+            args += ["--knobs", json.dumps(knobs)]
+        return args
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start (or restart) the process on ``self.port`` (0 = any) and wait for ``ready``."""
+        command = [
+            sys.executable,
+            "-m",
+            "d365sync.cli",
+            "sandbox",
+            "dataverse",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self._args,
+        ]
+        offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+        with self._log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            text = self._log_path.read_text(errors="replace")[offset:]
+            for line in text.splitlines():
+                if line.startswith("ready "):
+                    self.base_url = line.split(" ", 1)[1].strip()
+                    self.port = int(self.base_url.rsplit(":", 1)[1])
+                    return
+            if self._process.poll() is not None:
+                raise RuntimeError(f"sandbox exited with {self._process.returncode}:\n{text}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"sandbox not ready after {READY_TIMEOUT}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        """SIGTERM the process by pid; SIGKILL if it does not exit within 10 s."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Stop and start again with the same port and data directory."""
+        self.stop()
+        self._token = None
+        self.start()
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._process is None else self._process.poll()
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace") if self._log_path.exists() else ""
+
+    # -- addresses -------------------------------------------------------------------------------
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/api/data/v9.2"
+
+    @property
+    def authority(self) -> str:
+        return f"{self.base_url}/{self.tenant}"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.authority}/oauth2/v2.0/token"
+
+    @property
+    def scope(self) -> str:
+        return f"{self.base_url}/.default"
+
+    @property
+    def verify(self) -> str | bool:
+        """The ``verify=`` value for requests (the CA bundle under TLS)."""
+        return self.ca_bundle or True
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def token(self, *, fresh: bool = False) -> str:
+        """A client-credentials access token for the default app (cached until near expiry)."""
+        if not fresh and self._token and self._token[1] > time.time() + 30:
+            return self._token[0]
+        response = requests.post(
+            self.token_url,
+            data={
+                "grant_type": "client_credentials",
+                "client_id": self.client_id,
+                "client_secret": self.client_secret,
+                "scope": self.scope,
+            },
+            verify=self.verify,
+            timeout=30,
+        )
+        response.raise_for_status()
+        body = response.json()
+        self._token = (body["access_token"], time.time() + body["expires_in"])
+        return body["access_token"]
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        """Standard Dataverse request headers with a bearer token."""
+        return {
+            "Authorization": f"Bearer {self.token()}",
+            "Accept": "application/json",
+            "OData-MaxVersion": "4.0",
+            "OData-Version": "4.0",
+            **extra,
+        }
+
+    def counters(self) -> dict[str, Any]:
+        return self._admin("GET", "/_sandbox/counters")
+
+    def reset_counters(self) -> None:
+        self._admin("POST", "/_sandbox/counters/reset")
+
+    def set_knobs(self, **knobs: Any) -> dict[str, Any]:
+        """E.g. ``set_knobs(throttle_next=3, throttle_retry_after=1)`` or ``expire_tokens_now=True``."""
+        return self._admin("POST", "/_sandbox/knobs", knobs)
+
+    def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = requests.request(method, self.base_url + path, json=body, verify=self.verify, timeout=30)
+        response.raise_for_status()
+        return response.json()
