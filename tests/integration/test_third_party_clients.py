@@ -11,6 +11,9 @@ a real environment, trusting only a private CA (``REQUESTS_CA_BUNDLE``).
 
 from __future__ import annotations
 
+import email
+import email.policy
+import json
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ import msal
 import pytest
 import requests
 from azure.identity import ClientSecretCredential
+from PowerPlatform.Dataverse import col
 from PowerPlatform.Dataverse.client import DataverseClient
 from PowerPlatform.Dataverse.core.errors import HttpError
 from PowerPlatform.Dataverse.models import UpsertItem
@@ -305,6 +309,23 @@ def test_sdk_upsert_multiple_and_create_multiple(sdk: DataverseClient) -> None:
     assert rows[0]["accountid"] == ids[0]
 
 
+def test_sdk_query_builder(sdk: DataverseClient) -> None:
+    run = _run_id("Q")
+    sdk.records.create(
+        "account",
+        [{"name": f"Query {i}", "accountnumber": f"{run}-{i}", "telephone1": str(i % 2)} for i in range(5)],
+    )
+    result = (
+        sdk.query.builder("account")
+        .select("name", "accountnumber")
+        .where(col("accountnumber").startswith(f"{run}-") & (col("telephone1") == "1"))
+        .order_by("accountnumber", descending=True)
+        .top(5)
+        .execute()
+    )
+    assert [r["name"] for r in result] == ["Query 3", "Query 1"]
+
+
 def test_sdk_pages_through_more_than_5000_rows(sdk: DataverseClient) -> None:
     run = _run_id("P")
     total = 5_200
@@ -540,3 +561,58 @@ def test_generic_odata_crud_upsert_and_paging(sandbox: DataverseSandbox, odata: 
     assert deleted.status_code == 204
     assert odata.get(f"{api}/{entity_set}({record_id})", timeout=30).status_code == 404
     assert odata.delete(f"{api}/{entity_set}({record_id})", timeout=30).status_code == 404
+
+
+def _http_parts(content_type: str, body: bytes) -> list[tuple[int, str | None, bytes]]:
+    """(status, Content-ID, body) of each embedded HTTP response, via the stdlib MIME parser."""
+    message = email.message_from_bytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body, policy=email.policy.HTTP
+    )
+    parts: list[tuple[int, str | None, bytes]] = []
+    for part in message.walk():
+        if part.get_content_type() != "application/http":
+            continue
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        status_line, _, rest = payload.partition(b"\n")
+        _, _, inner_body = rest.replace(b"\r\n", b"\n").partition(b"\n\n")
+        parts.append((int(status_line.split()[1]), part.get("Content-ID"), inner_body.strip()))
+    return parts
+
+
+def test_generic_odata_batch_with_changeset_and_content_id(
+    sandbox: DataverseSandbox, odata: requests.Session
+) -> None:
+    api = _api(sandbox)
+    run = _run_id("H")
+    path = api.split("://", 1)[1].split("/", 1)[1]  # "api/data/v9.2", as the docs write part URLs
+    body = (
+        "--batch_T1\r\n"
+        "Content-Type: multipart/mixed; boundary=changeset_T2\r\n\r\n"
+        "--changeset_T2\r\n"
+        "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: 1\r\n\r\n"
+        f"POST /{path}/accounts HTTP/1.1\r\nContent-Type: application/json; type=entry\r\n\r\n"
+        f'{{"name":"Hand batch","accountnumber":"{run}-1"}}\r\n'
+        "--changeset_T2\r\n"
+        "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: 2\r\n\r\n"
+        "PATCH $1 HTTP/1.1\r\nContent-Type: application/json; type=entry\r\n\r\n"
+        '{"telephone1":"555-0123"}\r\n'
+        "--changeset_T2--\r\n\r\n"
+        "--batch_T1\r\n"
+        "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+        f"GET {api}/accounts?$select=name,telephone1&$filter=accountnumber%20eq%20'{run}-1' HTTP/1.1\r\n"
+        "Accept: application/json\r\n\r\n\r\n"
+        "--batch_T1--\r\n"
+    ).encode()
+    response = odata.post(
+        f"{api}/$batch",
+        data=body,
+        headers={"Content-Type": 'multipart/mixed; boundary="batch_T1"'},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("multipart/mixed")
+    parts = _http_parts(response.headers["Content-Type"], response.content)
+    assert [(status, content_id) for status, content_id, _ in parts] == [(204, "1"), (204, "2"), (200, None)]
+    rows = json.loads(parts[2][2])["value"]
+    assert [(r["name"], r["telephone1"]) for r in rows] == [("Hand batch", "555-0123")]
