@@ -52,11 +52,11 @@ def provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TokenProvider, l
     FakeApp.instances, FakeApp.result = [], {"expires_in": 3600}
     monkeypatch.setattr(auth_module.msal, "ConfidentialClientApplication", FakeApp)
     config = DynamicsConfig(
-        environment_url="http://127.0.0.1:9/",
+        environment_url="https://127.0.0.1:9/",
         tenant_id="tenant-1",
         client_id="client-1",
         client_secret=SECRET,
-        authority_host="http://127.0.0.1:9",
+        authority_host="https://127.0.0.1:9",
         token_refresh_skew=300,
     )
     now = [1000.0]
@@ -70,8 +70,8 @@ def test_token_is_cached_until_the_refresh_skew(provider: Any) -> None:
     assert tokens.token() == "at1"
     app = FakeApp.instances[0]
     assert app.kwargs["instance_discovery"] is False  # a non-Microsoft authority
-    assert app.kwargs["authority"] == "http://127.0.0.1:9/tenant-1"
-    assert app.scopes == ["http://127.0.0.1:9/.default"]
+    assert app.kwargs["authority"] == "https://127.0.0.1:9/tenant-1"
+    assert app.scopes == ["https://127.0.0.1:9/.default"]
     now[0] += 3600 - 301
     assert tokens.token() == "at1"
     now[0] += 2

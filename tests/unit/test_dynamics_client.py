@@ -40,6 +40,7 @@ class StubAdapter(BaseAdapter):
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         self.calls.append(request)
+        self.verify = kwargs.get("verify")
         status, headers, body = self.handler(request)
         response = requests.Response()
         response.status_code, response.request, response.url = status, request, request.url or ""
@@ -136,7 +137,7 @@ def test_429_waits_retry_after_and_halves_concurrency(make_client: Any) -> None:
         max_concurrency=8,
     )
     assert client.whoami() == {"UserId": "u"}
-    assert sleeps == [3.0]
+    assert sleeps == [pytest.approx(3.0, abs=0.05)]
     assert client.limiter.limit == 4
     snap = client.counters.snapshot()
     assert (snap["throttles"], snap["retries"], snap["requests"], snap["wait_seconds"]) == (1, 1, 2, 3.0)
@@ -312,3 +313,13 @@ def test_deactivate_never_creates_and_delete_is_idempotent(make_client: Any) -> 
     assert adapter.calls[0].headers["If-Match"] == "*"
     assert json.loads(adapter.calls[0].body) == {"statecode": 1, "statuscode": 2}  # type: ignore[arg-type]
     assert client.delete("accounts", "6f9619ff-8b86-d011-b42d-00c04fc964ff") is False
+
+
+def test_a_configured_ca_bundle_beats_requests_environment_variables(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    client, adapter, _ = make_client(lambda request: (200, {}, {"UserId": "u"}), verify="/private/ca.pem")
+    client.whoami()
+    assert adapter.verify == "/private/ca.pem"

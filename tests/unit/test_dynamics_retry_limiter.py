@@ -97,3 +97,17 @@ def test_limiter_slots_block_beyond_the_limit() -> None:
     with limiter.slot():
         assert limiter._in_flight == 1
     assert limiter._in_flight == 0
+
+
+def test_a_throttle_pauses_every_new_request() -> None:
+    now, slept = [50.0], []
+    limiter = AdaptiveLimiter(max_limit=4, sleep=slept.append, clock=lambda: now[0])
+    limiter.on_throttle(pause=5)
+    now[0] += 2
+    with limiter.slot():
+        pass
+    assert slept == [3.0]
+    now[0] += 3
+    with limiter.slot():
+        pass
+    assert slept == [3.0]

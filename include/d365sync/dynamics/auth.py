@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msal
 import requests
@@ -43,7 +44,7 @@ class TokenProvider:
         self._http = http_client
         self._counters = counters
         self._clock = clock
-        self._app: msal.ConfidentialClientApplication | None = None
+        self._app: msal.ConfidentialClientApplication | PlainHttpTokenClient | None = None
         self._token: _Token | None = None
         self._lock = threading.Lock()
 
@@ -71,9 +72,12 @@ class TokenProvider:
         log.info("Acquired a Dataverse token for client %s (valid %.0fs)", self._config.client_id, lifetime)
         return _Token(result["access_token"], self._clock() + lifetime - skew)
 
-    def _application(self) -> msal.ConfidentialClientApplication:
+    def _application(self) -> msal.ConfidentialClientApplication | PlainHttpTokenClient:
         if self._app is None:
-            self._app = self._build_application()
+            if self._config.authority.startswith("http://"):
+                self._app = PlainHttpTokenClient(self._config, self._http)
+            else:
+                self._app = self._build_application()
         return self._app
 
     def _build_application(self) -> msal.ConfidentialClientApplication:
@@ -92,7 +96,7 @@ class TokenProvider:
             ) from None
 
     def _drop_msal_tokens(self) -> None:
-        if self._app is None:
+        if not isinstance(self._app, msal.ConfidentialClientApplication):
             return
         cache = self._app.token_cache
         for entry in list(cache.search(cache.CredentialType.ACCESS_TOKEN)):
@@ -115,3 +119,31 @@ def _scrub(text: str, provider: TokenProvider) -> str:
     """Belt and braces: never let the secret through, even if a server echoes it."""
     secret = provider._config.client_secret
     return text.replace(secret, "***") if secret else text
+
+
+class PlainHttpTokenClient:
+    """The client-credentials grant over plain ``http://`` (local sandboxes only).
+
+    MSAL refuses non-HTTPS authorities, and a real Entra authority is always HTTPS, so this is
+    never used against Microsoft. It posts the same form MSAL would and returns MSAL's result
+    shape, so :class:`TokenProvider` treats both alike.
+    """
+
+    def __init__(self, config: DynamicsConfig, session: requests.Session) -> None:
+        self._config = config
+        self._session = session
+
+    def acquire_token_for_client(self, scopes: list[str]) -> dict[str, Any]:
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._config.client_id,
+            "client_secret": self._config.client_secret,
+            "scope": " ".join(scopes),
+        }
+        url = f"{self._config.authority}/oauth2/v2.0/token"
+        try:
+            with self._session.post(url, data=form, timeout=self._config.timeout) as response:
+                payload = response.json()
+        except (requests.RequestException, ValueError) as exc:
+            return {"error": "token_endpoint_unreachable", "error_description": type(exc).__name__}
+        return payload if isinstance(payload, dict) else {"error": "invalid_token_response"}

@@ -58,7 +58,9 @@ class DynamicsClient:
         policy = (
             RetryPolicy(config.retry, rng=rng) if sleep is None else RetryPolicy(config.retry, sleep, rng=rng)
         )
-        self.limiter = AdaptiveLimiter(config.max_concurrency, config.adaptive_recovery)
+        self.limiter = AdaptiveLimiter(
+            config.max_concurrency, config.adaptive_recovery, policy.sleep, policy.clock
+        )
         self.transport = Transport(config, self._session, self.tokens, policy, self.limiter, self.counters)
         self._upserter = Upserter(self.transport, config.batch_size, config.max_concurrency)
         self._set_names: dict[str, str] = {}

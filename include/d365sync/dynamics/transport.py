@@ -31,9 +31,22 @@ log = logging.getLogger(__name__)
 BASE_HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0"}
 
 
+class PinnedVerifySession(requests.Session):
+    """A session whose ``verify`` really applies to every request, MSAL's included.
+
+    requests lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` override ``Session.verify`` (psf/requests
+    #3829), so a configured CA bundle would silently lose to the system one. Passing it per
+    request restores the expected precedence; ``verify=True`` still honours the environment.
+    """
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("verify", self.verify)
+        return super().request(method, url, *args, **kwargs)
+
+
 def build_session(config: DynamicsConfig) -> requests.Session:
     """A session whose connection pool matches the configured concurrency."""
-    session = requests.Session()
+    session = PinnedVerifySession()
     adapter = HTTPAdapter(pool_connections=2, pool_maxsize=max(config.max_concurrency, 2), max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
@@ -131,9 +144,6 @@ class Transport:
         wait = self.policy.wait_for(verdict, attempt, hint)
         if not self.policy.may_retry(attempt, started, wait):
             raise self._failure(method, url, response, error)
-        if verdict is Verdict.THROTTLED:
-            self.limiter.on_throttle()
-            self.counters.add(throttles=1)
         log.warning(
             "%s %s: %s (attempt %d); retrying in %.1fs",
             method,
@@ -145,7 +155,11 @@ class Transport:
         if response is not None:
             response.close()
         self.counters.add(retries=1, wait_seconds=wait)
-        self.policy.sleep(wait)
+        if verdict is Verdict.THROTTLED:
+            self.counters.add(throttles=1)
+            self.limiter.on_throttle(pause=wait)  # the next slot() waits, for every thread
+        else:
+            self.policy.sleep(wait)
 
     def _failure(
         self, method: str, url: str, response: requests.Response | None, error: Exception | None

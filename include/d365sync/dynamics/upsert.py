@@ -182,7 +182,10 @@ class Upserter:
         wait = policy.wait_for(verdict, attempt, max((h for h in hints if h is not None), default=None))
         log.warning("%d $batch part(s) throttled or failed transiently; retrying in %.1fs", len(parts), wait)
         self._transport.counters.add(retries=1, throttles=int(throttled), wait_seconds=wait)
-        policy.sleep(wait)
+        if throttled:
+            self._transport.limiter.on_throttle(pause=wait)
+        else:
+            policy.sleep(wait)
 
     def _send_json(self, method: str, url: str, payload: Any, operations: int) -> None:
         headers = {"Content-Type": "application/json"}
