@@ -1,0 +1,59 @@
+"""Shared set-up for the Dataverse benchmarks: a private sandbox and a client pointed at it."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from d365sync.dynamics import DynamicsClient, DynamicsConfig
+from d365sync.sandbox.dataverse.process import DataverseSandbox
+
+T = TypeVar("T")
+
+
+@contextmanager
+def sandbox(seed: int, **options: Any) -> Iterator[DataverseSandbox]:
+    """A sandbox in a throw-away directory, stopped (by pid) on exit."""
+    with tempfile.TemporaryDirectory(prefix="d365sync-bench-") as folder:
+        instance = DataverseSandbox(Path(folder), seed=seed, **options)
+        try:
+            yield instance
+        finally:
+            instance.stop()
+
+
+def client_for(instance: DataverseSandbox, **overrides: Any) -> DynamicsClient:
+    config = DynamicsConfig(
+        environment_url=instance.base_url,
+        tenant_id=instance.tenant,
+        client_id=instance.client_id,
+        client_secret=instance.client_secret,
+        authority_host=instance.base_url,
+        verify=instance.verify,
+        **overrides,
+    )
+    return DynamicsClient(config)
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def api_requests(instance: DataverseSandbox) -> int:
+    """Requests the sandbox served outside the identity endpoints."""
+    counters = instance.counters()
+    return int(counters["requests"])
+
+
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
