@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _erp_targets import target  # noqa: E402
-
-from d365sync.erp import ErpClient  # noqa: E402
-from d365sync.sandbox.erp.seeder import init_sandbox  # noqa: E402
-from d365sync.sandbox.erp.tables import CUST_MASTER  # noqa: E402
+from _erp_targets import target
+from d365sync.erp import ErpClient
+from d365sync.sandbox.erp.seeder import init_sandbox
+from d365sync.sandbox.erp.tables import CUST_MASTER
 
 
 def child(conn_str: str, chunk: int) -> None:
@@ -43,12 +42,18 @@ def run(dialect: str, n: int, chunk: int) -> str:
         with ErpClient(conn_str) as client:
             init_sandbox(client, rows=n, seed=1, only=("CUST_MASTER",))
         seeded = time.perf_counter() - started
-        out = subprocess.run([sys.executable, __file__, "--child", conn_str, "--chunk", str(chunk)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", conn_str, "--chunk", str(chunk)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     r = json.loads(out.strip().splitlines()[-1])
     assert r["rows"] == n, r
-    return (f"| {dialect} | {r['rows']:,} | {chunk:,} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | "
-            f"**{r['rss_mb']:.0f}** | {seeded:.0f} |")
+    return (
+        f"| {dialect} | {r['rows']:,} | {chunk:,} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | "
+        f"**{r['rss_mb']:.0f}** | {seeded:.0f} |"
+    )
 
 
 def main() -> None:

@@ -20,19 +20,30 @@ from typing import Any
 import pyodbc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _erp_targets import target  # noqa: E402
-
-from d365sync.erp import ErpClient  # noqa: E402
-from d365sync.sandbox.erp.ddl import create_table, drop_statements, schema_statements  # noqa: E402
-from d365sync.sandbox.erp.tables import CUST_MASTER  # noqa: E402
+from _erp_targets import target
+from d365sync.erp import ErpClient
+from d365sync.sandbox.erp.ddl import create_table, drop_statements, schema_statements
+from d365sync.sandbox.erp.tables import CUST_MASTER
 
 
 def make_rows(n: int) -> list[dict[str, Any]]:
     return [
-        {"CUST_NO": f"B{i:09d}", "CUST_NAME": f"Benchmark Customer {i}", "CUST_EMAIL_ID": f"b{i}@example.com",
-         "PHONE": "+44 20 7946 0000", "ADDR_LINE1": f"{i % 500} Long Acre", "ADDR_LINE2": None, "CITY": "London",
-         "POSTCODE": "WC2E 9LH", "COUNTRY": "GB", "CURR_CODE": "STG", "CREDIT_LIMIT": Decimal(i % 100000) / 4,
-         "PAY_TERMS": "N30", "STATUS": "A", "REMARKS": None}
+        {
+            "CUST_NO": f"B{i:09d}",
+            "CUST_NAME": f"Benchmark Customer {i}",
+            "CUST_EMAIL_ID": f"b{i}@example.com",
+            "PHONE": "+44 20 7946 0000",
+            "ADDR_LINE1": f"{i % 500} Long Acre",
+            "ADDR_LINE2": None,
+            "CITY": "London",
+            "POSTCODE": "WC2E 9LH",
+            "COUNTRY": "GB",
+            "CURR_CODE": "STG",
+            "CREDIT_LIMIT": Decimal(i % 100000) / 4,
+            "PAY_TERMS": "N30",
+            "STATUS": "A",
+            "REMARKS": None,
+        }
         for i in range(n)
     ]
 
@@ -77,8 +88,10 @@ def run(dialect: str, n: int) -> str:
         first = timed_upsert(client, rows)
         again = timed_upsert(client, rows)
         fast = "yes" if client.fast_executemany else "no"
-    return (f"| {dialect} | {n:,} | {fast} | {base:.2f} | {first:.2f} | **{first / base:.2f}** | "
-            f"{again:.2f} | {again / base:.2f} |")
+    return (
+        f"| {dialect} | {n:,} | {fast} | {base:.2f} | {first:.2f} | **{first / base:.2f}** | "
+        f"{again:.2f} | {again / base:.2f} |"
+    )
 
 
 def main() -> None:
@@ -86,8 +99,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--dialects", default="sqlite,postgresql,mariadb")
     args = parser.parse_args()
-    print("| dialect | rows | fast_executemany | executemany s | upsert (new rows) s | ratio | "
-          "upsert rerun (no-op) s | ratio |")
+    print(
+        "| dialect | rows | fast_executemany | executemany s | upsert (new rows) s | ratio | "
+        "upsert rerun (no-op) s | ratio |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for dialect in args.dialects.split(","):
         print(run(dialect, args.rows), flush=True)

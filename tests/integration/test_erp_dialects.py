@@ -86,10 +86,20 @@ def q(client: ErpClient, name: str) -> str:
 
 def customer(n: int, **overrides: Any) -> dict[str, Any]:
     row = {
-        "CUST_NO": f"U{n:09d}", "CUST_NAME": f"Customer {n}", "CUST_EMAIL_ID": f"c{n}@example.com",
-        "PHONE": "+44 1234", "ADDR_LINE1": f"{n} High Street", "ADDR_LINE2": None, "CITY": "London",
-        "POSTCODE": "N1 9GU", "COUNTRY": "GB", "CURR_CODE": "STG", "CREDIT_LIMIT": Decimal("1000.50"),
-        "PAY_TERMS": "N30", "STATUS": "A", "REMARKS": None,
+        "CUST_NO": f"U{n:09d}",
+        "CUST_NAME": f"Customer {n}",
+        "CUST_EMAIL_ID": f"c{n}@example.com",
+        "PHONE": "+44 1234",
+        "ADDR_LINE1": f"{n} High Street",
+        "ADDR_LINE2": None,
+        "CITY": "London",
+        "POSTCODE": "N1 9GU",
+        "COUNTRY": "GB",
+        "CURR_CODE": "STG",
+        "CREDIT_LIMIT": Decimal("1000.50"),
+        "PAY_TERMS": "N30",
+        "STATUS": "A",
+        "REMARKS": None,
     }
     return row | overrides
 
@@ -109,8 +119,16 @@ def test_schema_creation_and_deterministic_seed(client: ErpClient) -> None:
     report = init_sandbox(client, rows=2000, seed=11)
     assert report.rows["CUST_MASTER"] == 2000
     assert client.scalar(f"SELECT COUNT(*) FROM {q(client, 'SO_HEADER')}") == report.rows["SO_HEADER"]
-    assert set(report.dirty) == {"invalid_email", "blank_name", "duplicate_customer", "trailing_spaces",
-                                 "unknown_currency", "negative_stock", "gross_off_by_cent", "orphan_order"}
+    assert set(report.dirty) == {
+        "invalid_email",
+        "blank_name",
+        "duplicate_customer",
+        "trailing_spaces",
+        "unknown_currency",
+        "negative_stock",
+        "gross_off_by_cent",
+        "orphan_order",
+    }
     first = [r for c in client.diff_snapshot(SO_HEADER, {}) for r in c.hashes.items()]
     init_sandbox(client, rows=2000, seed=11)
     assert [r for c in client.diff_snapshot(SO_HEADER, {}) for r in c.hashes.items()] == first
@@ -118,27 +136,35 @@ def test_schema_creation_and_deterministic_seed(client: ErpClient) -> None:
 
 def test_seeded_dirty_data_is_really_there(client: ErpClient) -> None:
     init_sandbox(client, rows=2000, seed=11)
-    so, cm = q(client, "SO_HEADER"), q(client, "CUST_MASTER")
+    so, cm, key = q(client, "SO_HEADER"), q(client, "CUST_MASTER"), q(client, "CUST_NO")
     orphans = client.scalar(
-        f"SELECT COUNT(*) FROM {so} s WHERE NOT EXISTS (SELECT 1 FROM {cm} c WHERE c.{q(client, 'CUST_NO')} = s.{q(client, 'CUST_NO')})"
+        f"SELECT COUNT(*) FROM {so} s WHERE NOT EXISTS (SELECT 1 FROM {cm} c WHERE c.{key} = s.{key})"
     )
     assert 5 <= orphans <= 30
-    assert client.scalar(f"SELECT COUNT(*) FROM {q(client, 'ITEM_STOCK')} WHERE {q(client, 'QTY_ON_HAND')} < 0") >= 1
+    assert (
+        client.scalar(f"SELECT COUNT(*) FROM {q(client, 'ITEM_STOCK')} WHERE {q(client, 'QTY_ON_HAND')} < 0")
+        >= 1
+    )
     rows = all_rows(client, CUST_MASTER)
     assert any(r["CUST_NAME"] and r["CUST_NAME"].endswith(" ") for r in rows)  # VARCHAR keeps trailing blanks
 
 
 def test_triggers_maintain_last_upd_and_row_ver(client: ErpClient, other: pyodbc.Connection) -> None:
     before = all_rows(client, CUST_MASTER)[0]
-    other.execute(f"UPDATE {q(client, 'CUST_MASTER')} SET {q(client, 'CITY')} = ? WHERE {q(client, 'CUST_NO')} = ?",
-                  "Leeds", before["CUST_NO"])
+    other.execute(
+        f"UPDATE {q(client, 'CUST_MASTER')} SET {q(client, 'CITY')} = ? WHERE {q(client, 'CUST_NO')} = ?",
+        "Leeds",
+        before["CUST_NO"],
+    )
     after = all_rows(client, CUST_MASTER)[0]
     assert after["ROW_VER"] == before["ROW_VER"] + 1
     assert after["LAST_UPD"] > before["LAST_UPD"]
 
 
 # -- cursor extract ------------------------------------------------------------------------
-def test_cursor_extract_catches_update_with_the_watermark_timestamp(client: ErpClient, other: pyodbc.Connection) -> None:
+def test_cursor_extract_catches_update_with_the_watermark_timestamp(
+    client: ErpClient, other: pyodbc.Connection
+) -> None:
     rows, cursor = extract(client, None)
     assert len(rows) == 300
     cursor = ExtractCursor.from_dict(json.loads(json.dumps(cursor.to_dict())))  # as the caller stores it
@@ -146,10 +172,16 @@ def test_cursor_extract_catches_update_with_the_watermark_timestamp(client: ErpC
     assert isinstance(watermark, dt.datetime)
     # The ERP stamps at second precision: a change in the same second gets the same LAST_UPD.
     cm, name, stamp, key = (q(client, n) for n in ("CUST_MASTER", "CUST_NAME", "LAST_UPD", "CUST_NO"))
-    other.execute(f"UPDATE {cm} SET {name} = ?, {stamp} = ? WHERE {key} = ?", "Same Second Ltd", watermark,
-                  rows[10]["CUST_NO"])
+    other.execute(
+        f"UPDATE {cm} SET {name} = ?, {stamp} = ? WHERE {key} = ?",
+        "Same Second Ltd",
+        watermark,
+        rows[10]["CUST_NO"],
+    )
     late = watermark - dt.timedelta(seconds=2)  # committed late with an older timestamp
-    other.execute(f"UPDATE {cm} SET {name} = ?, {stamp} = ? WHERE {key} = ?", "Late Commit", late, rows[5]["CUST_NO"])
+    other.execute(
+        f"UPDATE {cm} SET {name} = ?, {stamp} = ? WHERE {key} = ?", "Late Commit", late, rows[5]["CUST_NO"]
+    )
 
     again, cursor2 = extract(client, cursor)
     assert sorted(r["CUST_NAME"] for r in again) == ["Late Commit", "Same Second Ltd"]
@@ -158,7 +190,9 @@ def test_cursor_extract_catches_update_with_the_watermark_timestamp(client: ErpC
 
 
 # -- snapshot diff ---------------------------------------------------------------------------
-def test_snapshot_diff_finds_insert_update_delete_in_item_stock(client: ErpClient, other: pyodbc.Connection) -> None:
+def test_snapshot_diff_finds_insert_update_delete_in_item_stock(
+    client: ErpClient, other: pyodbc.Connection
+) -> None:
     chunks = list(client.diff_snapshot(ITEM_STOCK, {}, chunk_size=7))
     hashes = {k: v for c in chunks for k, v in c.hashes.items()}
     (upd, _), (gone, _) = list(hashes.items())[3], list(hashes.items())[10]
@@ -171,7 +205,9 @@ def test_snapshot_diff_finds_insert_update_delete_in_item_stock(client: ErpClien
     changes = list(diff)
     inserts = [r for c in changes for r in c.inserts]
     updates = [r for c in changes for r in c.updates]
-    assert [(r["ITEM_NO"], r["WHSE"], r["QTY_ON_HAND"]) for r in inserts] == [("NEWITEM", "W09", Decimal("-2.500"))]
+    assert [(r["ITEM_NO"], r["WHSE"], r["QTY_ON_HAND"]) for r in inserts] == [
+        ("NEWITEM", "W09", Decimal("-2.500"))
+    ]
     assert [(r["ITEM_NO"], r["WHSE"]) for r in updates] == [upd]
     assert diff.deletes == [gone]
 
@@ -198,10 +234,13 @@ def test_optimistic_update_loses_to_concurrent_change(client: ErpClient, other: 
     cm, name, key = q(client, "CUST_MASTER"), q(client, "CUST_NAME"), q(client, "CUST_NO")
     other.execute(f"UPDATE {cm} SET {name} = ? WHERE {key} = ?", "Changed By Someone Else", mine["CUST_NO"])
 
-    result = client.update_if_unchanged(CUST_MASTER, [
-        {"CUST_NO": mine["CUST_NO"], "CUST_NAME": "Mine", "ROW_VER": mine["ROW_VER"]},
-        {"CUST_NO": untouched["CUST_NO"], "CUST_NAME": "Mine Too", "ROW_VER": untouched["ROW_VER"]},
-    ])
+    result = client.update_if_unchanged(
+        CUST_MASTER,
+        [
+            {"CUST_NO": mine["CUST_NO"], "CUST_NAME": "Mine", "ROW_VER": mine["ROW_VER"]},
+            {"CUST_NO": untouched["CUST_NO"], "CUST_NAME": "Mine Too", "ROW_VER": untouched["ROW_VER"]},
+        ],
+    )
     assert [(c.key, c.expected_version, c.current_version) for c in result.conflicts] == [
         ((mine["CUST_NO"],), mine["ROW_VER"], mine["ROW_VER"] + 1)
     ]
@@ -262,7 +301,9 @@ def test_value_longer_than_column_fails_that_row_only(client: ErpClient) -> None
 
 def test_database_rejection_is_isolated_to_the_row(client: ErpClient) -> None:
     """The spec is looser than the table (drift): the driver rejects one row, the chunk still loads."""
-    loose = tuple(c.model_copy(update={"length": 100}) if c.name == "CITY" else c for c in CUST_MASTER.columns)
+    loose = tuple(
+        c.model_copy(update={"length": 100}) if c.name == "CITY" else c for c in CUST_MASTER.columns
+    )
     spec = CUST_MASTER.model_copy(update={"columns": loose})
     rows = [customer(n) for n in range(30)]
     rows[3]["CITY"] = "C" * 90
@@ -278,7 +319,10 @@ def test_non_numeric_amount_fails_that_row_only(client: ErpClient) -> None:
     rows[4]["CREDIT_LIMIT"] = "12,5O"
     rows[6]["CREDIT_LIMIT"] = Decimal("1.005")  # would round: refused, never silently changed
     result = client.upsert(CUST_MASTER, rows)
-    assert [(f.key, f.column) for f in result.failures] == [(("U000000004",), "CREDIT_LIMIT"), (("U000000006",), "CREDIT_LIMIT")]
+    assert [(f.key, f.column) for f in result.failures] == [
+        (("U000000004",), "CREDIT_LIMIT"),
+        (("U000000006",), "CREDIT_LIMIT"),
+    ]
     assert "not a number for DECIMAL(15,2): '12,5O'" in result.failures[0].message
     assert result.inserted == 8
 
@@ -300,7 +344,11 @@ def _killer(dialect: str, conn_str: str) -> tuple[Callable[[], pyodbc.Connection
             conn.close()  # the connection disappears under the client
             return
         with pyodbc.connect(conn_str, autocommit=True) as admin:
-            sql = "SELECT pg_terminate_backend(?)" if dialect == "postgresql" else f"KILL CONNECTION {int(ident)}"
+            sql = (
+                "SELECT pg_terminate_backend(?)"
+                if dialect == "postgresql"
+                else f"KILL CONNECTION {int(ident)}"
+            )
             admin.execute(sql, ident) if dialect == "postgresql" else admin.execute(sql)
 
     return connect, kill

@@ -23,18 +23,30 @@ DATE = Column(name="D8", type=ColumnType.DATE8)
 PG, MSSQL, SQLITE = dialect_for("postgresql"), dialect_for("mssql"), dialect_for("sqlite")
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("12.5", Decimal("12.50")), (3, Decimal("3.00")), (0.1, Decimal("0.10")), (Decimal("-99999.99"), Decimal("-99999.99")),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("12.5", Decimal("12.50")),
+        (3, Decimal("3.00")),
+        (0.1, Decimal("0.10")),
+        (Decimal("-99999.99"), Decimal("-99999.99")),
+    ],
+)
 def test_decimal_write_is_exact(value: object, expected: Decimal) -> None:
     assert to_db(AMOUNT, value, PG) == expected
     assert to_db(AMOUNT, value, SQLITE) == str(expected)  # SQLite binds DECIMAL as text
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("12,5O", "not a number for DECIMAL(7,2): '12,5O'"), ("1.005", "more than 2 decimals"),
-    ("100000.00", "does not fit DECIMAL(7,2)"), (True, "not a number"), ("NaN", "not a finite number"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("12,5O", "not a number for DECIMAL(7,2): '12,5O'"),
+        ("1.005", "more than 2 decimals"),
+        ("100000.00", "does not fit DECIMAL(7,2)"),
+        (True, "not a number"),
+        ("NaN", "not a finite number"),
+    ],
+)
 def test_decimal_write_rejects(value: object, message: str) -> None:
     with pytest.raises(RowRejected, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         to_db(AMOUNT, value, PG)
@@ -105,11 +117,15 @@ def test_dialect_detection() -> None:
 
 def test_upsert_statements_per_dialect() -> None:
     names, keys = ("K", "V"), ("K",)
-    assert "ON CONFLICT (\"K\") DO UPDATE SET \"V\" = excluded.\"V\" WHERE (t.\"V\" IS DISTINCT FROM" in PG.upsert(
-        "T", "S", names, keys)
+    assert 'ON CONFLICT ("K") DO UPDATE SET "V" = excluded."V" WHERE (t."V" IS DISTINCT FROM' in PG.upsert(
+        "T", "S", names, keys
+    )
     assert "ON DUPLICATE KEY UPDATE `V` = VALUES(`V`)" in dialect_for("mariadb").upsert("T", "S", names, keys)
     merge = MSSQL.upsert("T", "S", names, keys)
-    assert merge.startswith("MERGE INTO [T] WITH (HOLDLOCK) AS t USING [#S] AS s") and "WHEN NOT MATCHED BY TARGET" in merge
+    assert (
+        merge.startswith("MERGE INTO [T] WITH (HOLDLOCK) AS t USING [#S] AS s")
+        and "WHEN NOT MATCHED BY TARGET" in merge
+    )
 
 
 def test_transient_classification() -> None:
@@ -125,7 +141,10 @@ def test_backoff_is_capped_and_counted() -> None:
     assert delays == [1, 2, 4, 4, 4]
 
 
-@pytest.mark.parametrize("module", ["d365sync.erp", "d365sync.sandbox.erp.seeder", "d365sync.sandbox.erp_cli"])
+@pytest.mark.parametrize(
+    "module", ["d365sync.erp", "d365sync.sandbox.erp.seeder", "d365sync.sandbox.erp_cli"]
+)
 def test_erp_and_sandbox_never_import_airflow(module: str) -> None:
-    code = f"import sys, {module}; sys.exit(any(m == 'airflow' or m.startswith('airflow.') for m in sys.modules))"
+    leaked = "any(m == 'airflow' or m.startswith('airflow.') for m in sys.modules)"
+    code = f"import sys, {module}; sys.exit({leaked})"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -16,8 +16,11 @@ def _env(conn_id: str, conn: dict[str, object]) -> dict[str, str]:
 
 
 def test_sqlite_connection_tests_and_builds_the_client(tmp_path: Path) -> None:
-    conn = {"conn_type": "erp_odbc", "schema": str(tmp_path / "erp.db"),
-            "extra": {"driver": "SQLite3", "chunk_size": "500", "retry_attempts": 2, "dialect": "sqlite"}}
+    conn = {
+        "conn_type": "erp_odbc",
+        "schema": str(tmp_path / "erp.db"),
+        "extra": {"driver": "SQLite3", "chunk_size": "500", "retry_attempts": 2, "dialect": "sqlite"},
+    }
     with mock.patch.dict("os.environ", _env("erp_t", conn)):
         hook = ErpOdbcHook(erp_conn_id="erp_t")
         assert hook.odbc_connection_string == f"DRIVER={{SQLite3}};DATABASE={tmp_path / 'erp.db'};"
@@ -29,11 +32,23 @@ def test_sqlite_connection_tests_and_builds_the_client(tmp_path: Path) -> None:
 
 
 def test_client_extras_stay_out_of_the_odbc_string_and_others_pass_through() -> None:
-    conn = {"conn_type": "erp_odbc", "host": "erp.example.net,1433", "schema": "ERPPROD", "login": "sync",
-            "password": "s3cret!", "extra": {"driver": "ODBC Driver 18 for SQL Server", "Encrypt": "yes",
-                                             "fast_executemany": "false", "dialect": "mssql"}}
-    with mock.patch.dict("os.environ", _env("erp_ms", conn)), mock.patch("pyodbc.drivers",
-                                                                         return_value=["ODBC Driver 18 for SQL Server"]):
+    conn = {
+        "conn_type": "erp_odbc",
+        "host": "erp.example.net,1433",
+        "schema": "ERPPROD",
+        "login": "sync",
+        "password": "s3cret!",
+        "extra": {
+            "driver": "ODBC Driver 18 for SQL Server",
+            "Encrypt": "yes",
+            "fast_executemany": "false",
+            "dialect": "mssql",
+        },
+    }
+    with (
+        mock.patch.dict("os.environ", _env("erp_ms", conn)),
+        mock.patch("pyodbc.drivers", return_value=["ODBC Driver 18 for SQL Server"]),
+    ):
         hook = ErpOdbcHook(erp_conn_id="erp_ms", client_options={"chunk_size": 2000})
         assert hook.odbc_connection_string == (
             "DRIVER={ODBC Driver 18 for SQL Server};SERVER=erp.example.net,1433;DATABASE=ERPPROD;"
@@ -43,7 +58,11 @@ def test_client_extras_stay_out_of_the_odbc_string_and_others_pass_through() -> 
 
 
 def test_unreachable_database_fails_the_test_with_a_message(tmp_path: Path) -> None:
-    conn = {"conn_type": "erp_odbc", "schema": str(tmp_path / "missing" / "erp.db"), "extra": {"driver": "SQLite3"}}
+    conn = {
+        "conn_type": "erp_odbc",
+        "schema": str(tmp_path / "missing" / "erp.db"),
+        "extra": {"driver": "SQLite3"},
+    }
     with mock.patch.dict("os.environ", _env("erp_bad", conn)):
         ok, message = ErpOdbcHook(erp_conn_id="erp_bad").test_connection()
     assert not ok and message

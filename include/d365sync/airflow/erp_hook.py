@@ -62,11 +62,22 @@ class ErpOdbcHook(OdbcHook):
         """As OdbcHook builds it, minus the client options."""
         if not self._conn_str:
             conn = self.connection
-            parts = [f"DRIVER={{{self.driver}}}" if self.driver else "", f"DSN={self.dsn}" if self.dsn else ""]
-            parts += [f"SERVER={conn.host}" if conn.host else "", f"DATABASE={self.database}" if self.database else ""]
-            parts += [f"UID={conn.login}" if conn.login else "", f"PWD={conn.password}" if conn.password else ""]
+            parts = [
+                f"DRIVER={{{self.driver}}}" if self.driver else "",
+                f"DSN={self.dsn}" if self.dsn else "",
+            ]
+            parts += [
+                f"SERVER={conn.host}" if conn.host else "",
+                f"DATABASE={self.database}" if self.database else "",
+            ]
+            parts += [
+                f"UID={conn.login}" if conn.login else "",
+                f"PWD={conn.password}" if conn.password else "",
+            ]
             parts += [f"PORT={conn.port}" if conn.port else ""]
-            parts += [f"{k}={v}" for k, v in self.connection_extra.items() if k.lower() not in _NOT_IN_CONN_STR]
+            parts += [
+                f"{k}={v}" for k, v in self.connection_extra.items() if k.lower() not in _NOT_IN_CONN_STR
+            ]
             self._conn_str = "".join(f"{p};" for p in parts if p)
         return self._conn_str
 

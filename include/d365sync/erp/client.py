@@ -78,9 +78,11 @@ class ErpClient:
 
     def execute(self, statements: Sequence[str], params: Sequence[Any] = ()) -> None:
         """Run trusted statements (sandbox DDL) in one transaction; never pass user input here."""
+
         def unit(cur: pyodbc.Cursor) -> None:
             for sql in statements:
                 cur.execute(sql, *params) if params else cur.execute(sql)
+
         self._session.run(unit)
 
     def scalar(self, sql: str, *params: Any) -> Any:
@@ -99,7 +101,9 @@ class ErpClient:
             if name not in found:
                 hint = [f for f in found if f.lower() == name.lower()]
                 extra = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ErpSpecError(f"table {spec.name}: unknown column {name!r} in spec (table has {found}){extra}")
+                raise ErpSpecError(
+                    f"table {spec.name}: unknown column {name!r} in spec (table has {found}){extra}"
+                )
 
     # -- reading -----------------------------------------------------------------------------
     def iter_rows(self, spec: TableSpec, chunk_size: int | None = None) -> Iterator[list[Row]]:
@@ -123,7 +127,10 @@ class ErpClient:
         return ChangeStream(self._session, spec, since, overlap, until, chunk_size or self.chunk_size)
 
     def diff_snapshot(
-        self, spec: TableSpec, previous: Mapping[Key, str] | Iterable[tuple[Key, str]], chunk_size: int | None = None
+        self,
+        spec: TableSpec,
+        previous: Mapping[Key, str] | Iterable[tuple[Key, str]],
+        chunk_size: int | None = None,
     ) -> SnapshotDiff:
         """Inserts/updates per chunk and deletes at the end, against the caller's stored hashes."""
         self.check_spec(spec)
@@ -131,7 +138,9 @@ class ErpClient:
         return SnapshotDiff(self._session, spec, stored, chunk_size or self.chunk_size)
 
     # -- writing -----------------------------------------------------------------------------
-    def upsert(self, spec: TableSpec, rows: Iterable[Mapping[str, Any]], chunk_size: int | None = None) -> LoadResult:
+    def upsert(
+        self, spec: TableSpec, rows: Iterable[Mapping[str, Any]], chunk_size: int | None = None
+    ) -> LoadResult:
         """Insert new rows and update changed ones; unchanged rows are not touched (idempotent)."""
         preparer = Preparer(spec, self.dialect, spec.writable, spec.key)
         return self._load(spec, rows, preparer, self._upsert_op(spec, preparer), chunk_size)
@@ -163,7 +172,9 @@ class ErpClient:
     def insert_rows(self, spec: TableSpec, names: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
         """Trusted bulk append (the sandbox seeder): no validation, no conflict handling."""
         columns = [spec.column(n) for n in names]
-        text_idx = [i for i, c in enumerate(columns) if c.type is ColumnType.DECIMAL and self.dialect.decimal_as_text]
+        text_idx = [
+            i for i, c in enumerate(columns) if c.type is ColumnType.DECIMAL and self.dialect.decimal_as_text
+        ]
         total = 0
         for chunk in batched(rows, self.chunk_size):
             bound = [_decimals_as_text(r, text_idx) for r in chunk] if text_idx else [tuple(r) for r in chunk]
@@ -173,8 +184,14 @@ class ErpClient:
         return total
 
     # -- internals ---------------------------------------------------------------------------
-    def _load(self, spec: TableSpec, rows: Iterable[Mapping[str, Any]], preparer: Preparer,
-              op: Any, chunk_size: int | None) -> LoadResult:
+    def _load(
+        self,
+        spec: TableSpec,
+        rows: Iterable[Mapping[str, Any]],
+        preparer: Preparer,
+        op: Any,
+        chunk_size: int | None,
+    ) -> LoadResult:
         self.check_spec(spec)
         result = LoadResult(spec.name)
         for chunk in batched(rows, chunk_size or self.chunk_size):
@@ -209,7 +226,9 @@ class ErpClient:
             total, matched, changed = cur.execute(_count_sql(d, spec, stg, batch.names)).fetchone()
             cur.execute(d.upsert(spec.name, stg, batch.names, spec.key))
             changed = int(changed or 0)
-            return LoadResult(spec.name, inserted=total - matched, updated=changed, unchanged=matched - changed)
+            return LoadResult(
+                spec.name, inserted=total - matched, updated=changed, unchanged=matched - changed
+            )
 
         return op
 
@@ -223,7 +242,8 @@ class ErpClient:
                 cur.execute(lock).fetchall()
             cur.execute(_mark_conflicts_sql(d, spec, stg))
             sets = [n for n in batch.names if n not in spec.key and n != version]
-            where = f"s.{d.q(CONFLICT_FLAG)} = 0 AND t.{d.q(version)} = s.{d.q(version)} AND {d.any_differs(sets)}"
+            ver = d.q(version)
+            where = f"s.{d.q(CONFLICT_FLAG)} = 0 AND t.{ver} = s.{ver} AND {d.any_differs(sets)}"
             updated = cur.execute(d.update_from(spec.name, stg, sets, spec.key, where)).rowcount
             rows = cur.execute(_conflicts_sql(d, spec, stg)).fetchall()
             conflicts = [Conflict(spec.name, _key(r[:-2]), r[-2], r[-1]) for r in rows]
@@ -238,8 +258,9 @@ class ErpClient:
         def op(cur: pyodbc.Cursor, batch: Batch) -> LoadResult:
             stg, cols = self._staging(spec, "K", batch.names)
             stage(cur, d, stg, cols, batch, self.fast_executemany)
-            updated = cur.execute(d.set_status(spec.name, stg, spec.status_column or "", spec.key),
-                                  inactive, inactive).rowcount
+            updated = cur.execute(
+                d.set_status(spec.name, stg, spec.status_column or "", spec.key), inactive, inactive
+            ).rowcount
             return LoadResult(spec.name, updated=updated, unchanged=len(batch.rows) - updated)
 
         return op

@@ -50,7 +50,11 @@ def _decimal_reader(scale: int) -> Converter:
     def read(value: Any) -> Decimal | None:
         if value is None:
             return None
-        number = value if isinstance(value, Decimal) else Decimal(repr(value) if isinstance(value, float) else str(value))
+        number = (
+            value
+            if isinstance(value, Decimal)
+            else Decimal(repr(value) if isinstance(value, float) else str(value))
+        )
         return number.quantize(quantum)
 
     return read

@@ -176,6 +176,7 @@ class PostgresDialect(Dialect):
     def lock_rows(self, table: str, stg: str, keys: Sequence[str]) -> str | None:
         return super().lock_rows(table, stg, keys) + " OF t"
 
+
 class MariaDbDialect(Dialect):
     """MariaDB / MySQL. Connector/ODBC fails on parameter arrays, so no fast_executemany."""
 
@@ -255,7 +256,10 @@ class MsSqlDialect(Dialect):
         if update:
             sets = ", ".join(f"t.{self.q(n)} = s.{self.q(n)}" for n in update)
             merge += f"WHEN MATCHED AND {self.any_differs(update)} THEN UPDATE SET {sets} "
-        return merge + f"WHEN NOT MATCHED BY TARGET THEN INSERT ({self.cols(names)}) VALUES ({self.cols(names, 's')});"
+        return (
+            merge
+            + f"WHEN NOT MATCHED BY TARGET THEN INSERT ({self.cols(names)}) VALUES ({self.cols(names, 's')});"
+        )
 
     def update_from(self, table: str, stg: str, sets: Sequence[str], keys: Sequence[str], where: str) -> str:
         assign = ", ".join(f"t.{self.q(n)} = s.{self.q(n)}" for n in sets)

@@ -224,7 +224,9 @@ class SnapshotDiff:
     keys that no longer exist. Memory: the caller's mapping plus the set of keys seen.
     """
 
-    def __init__(self, session: Session, spec: TableSpec, previous: Mapping[Key, str], chunk_size: int) -> None:
+    def __init__(
+        self, session: Session, spec: TableSpec, previous: Mapping[Key, str], chunk_size: int
+    ) -> None:
         self._session, self._spec, self._previous, self._size = session, spec, previous, chunk_size
         self._reader = RowReader(spec, spec.columns)
         self._deletes: list[Key] | None = None

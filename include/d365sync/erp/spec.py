@@ -44,9 +44,9 @@ class Column(BaseModel):
     def _limits_fit_type(self) -> Self:
         if self.type in (ColumnType.CHAR, ColumnType.VARCHAR) and self.length is None:
             raise ValueError(f"column {self.name}: {self.type.value} needs a length")
-        if self.type is ColumnType.DECIMAL:
-            if self.precision is None or self.scale is None or self.scale > self.precision:
-                raise ValueError(f"column {self.name}: decimal needs precision >= scale")
+        decimal = self.type is ColumnType.DECIMAL
+        if decimal and (self.precision is None or self.scale is None or self.scale > self.precision):
+            raise ValueError(f"column {self.name}: decimal needs precision >= scale")
         return self
 
     @property

@@ -138,8 +138,15 @@ def staging_table(spec: TableSpec, purpose: str, names: Sequence[str]) -> str:
     return f"STG_{spec.name[:40]}_{purpose}_{shape}"
 
 
-def stage(cur: pyodbc.Cursor, dialect: Dialect, stg: str, columns: Sequence[Column], batch: Batch,
-          fast: bool, flag: bool = False) -> None:
+def stage(
+    cur: pyodbc.Cursor,
+    dialect: Dialect,
+    stg: str,
+    columns: Sequence[Column],
+    batch: Batch,
+    fast: bool,
+    flag: bool = False,
+) -> None:
     """(Re)create the staging table if this connection lacks it, empty it and bulk-insert the batch."""
     cur.execute(dialect.create_staging(stg, columns, flag))
     cur.execute(dialect.clear_staging(stg))

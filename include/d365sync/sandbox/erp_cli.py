@@ -19,9 +19,13 @@ def add_parser(sandbox_kinds: Any) -> None:
     commands = erp.add_subparsers(dest="erp_command", required=True)
     init = commands.add_parser("init", help="drop, create and seed the sandbox ERP schema")
     target = init.add_mutually_exclusive_group(required=True)
-    target.add_argument("--odbc", metavar="CONN_STR", help='ODBC connection string, e.g. "DRIVER={SQLite3};Database=erp.db;"')
+    target.add_argument(
+        "--odbc", metavar="CONN_STR", help='ODBC connection string, e.g. "DRIVER={SQLite3};Database=erp.db;"'
+    )
     target.add_argument("--conn-id", help="Airflow connection id of type erp_odbc")
-    init.add_argument("--rows", type=int, default=1000, help="number of customers (default 1000; up to 1,000,000)")
+    init.add_argument(
+        "--rows", type=int, default=1000, help="number of customers (default 1000; up to 1,000,000)"
+    )
     init.add_argument("--seed", type=int, default=42, help="random seed; equal seeds give identical data")
     init.set_defaults(func=run_init)
 

@@ -67,7 +67,9 @@ def _indexes(dialect: Dialect, spec: TableSpec) -> list[str]:
     if spec.cursor_column is None:
         return []
     name = dialect.q(f"IX_{spec.name}_{spec.cursor_column}")
-    return [f"CREATE INDEX {name} ON {dialect.q(spec.name)} ({dialect.cols((spec.cursor_column, *spec.key))})"]
+    return [
+        f"CREATE INDEX {name} ON {dialect.q(spec.name)} ({dialect.cols((spec.cursor_column, *spec.key))})"
+    ]
 
 
 def _functions(dialect: Dialect) -> list[str]:
@@ -101,7 +103,9 @@ def _triggers(dialect: Dialect, spec: TableSpec) -> list[str]:
 
 def _sqlite_trigger(dialect: Dialect, spec: TableSpec, trigger: str, table: str) -> str:
     """AFTER UPDATE re-stamps the row; recursive triggers are off, so it fires once."""
-    stamp = f'"LAST_UPD" = CASE WHEN NEW."LAST_UPD" IS OLD."LAST_UPD" THEN {_SQLITE_NOW} ELSE NEW."LAST_UPD" END'
+    stamp = (
+        f'"LAST_UPD" = CASE WHEN NEW."LAST_UPD" IS OLD."LAST_UPD" THEN {_SQLITE_NOW} ELSE NEW."LAST_UPD" END'
+    )
     sets = stamp + (', "ROW_VER" = OLD."ROW_VER" + 1' if spec.version_column else "")
     return (
         f"CREATE TRIGGER {trigger} AFTER UPDATE ON {table} FOR EACH ROW BEGIN "

@@ -6,7 +6,7 @@ the clock. Rows are generated lazily and inserted in chunks, so 1,000,000 custom
 more memory than 1,000.
 
 Sizes for ``rows`` = N customers: N // 2 orders, ~70 % of orders invoiced, max(50, N // 100)
-items, each stocked in 1–3 of 3 warehouses.
+items, each stocked in 1 to 3 of 3 warehouses.
 
 Dirty data, each drawn independently at the documented rate (see :class:`DirtyRates`):
 
@@ -42,13 +42,65 @@ from d365sync.sandbox.erp.ddl import drop_statements, schema_statements
 EPOCH = dt.datetime(2021, 1, 1)
 SPAN_SECONDS = 3 * 365 * 24 * 3600
 CENT = Decimal("0.01")
-_FIRST = ("Anna", "Ben", "Chloe", "David", "Emma", "Finn", "Grace", "Hugo", "Ida", "Jack", "Kara", "Liam",
-          "Mia", "Noah", "Olga", "Paul", "Rosa", "Sven", "Tara", "Yusuf", "Zoë", "Seán", "Łukasz", "Renée")
-_LAST = ("Smith", "Jones", "Müller", "O'Brien", "García", "Rossi", "Novak", "Berg", "Dubois", "Kowalski",
-         "Nguyen", "Patel", "Schmidt", "Brown", "Jensen", "Silva", "Horvath", "Andersson")
+_FIRST = (
+    "Anna",
+    "Ben",
+    "Chloe",
+    "David",
+    "Emma",
+    "Finn",
+    "Grace",
+    "Hugo",
+    "Ida",
+    "Jack",
+    "Kara",
+    "Liam",
+    "Mia",
+    "Noah",
+    "Olga",
+    "Paul",
+    "Rosa",
+    "Sven",
+    "Tara",
+    "Yusuf",
+    "Zoë",
+    "Seán",
+    "Łukasz",
+    "Renée",
+)
+_LAST = (
+    "Smith",
+    "Jones",
+    "Müller",
+    "O'Brien",
+    "García",
+    "Rossi",
+    "Novak",
+    "Berg",
+    "Dubois",
+    "Kowalski",
+    "Nguyen",
+    "Patel",
+    "Schmidt",
+    "Brown",
+    "Jensen",
+    "Silva",
+    "Horvath",
+    "Andersson",
+)
 _FORMS = ("Ltd", "GmbH", "S.A.", "& Sons", "Trading", "Holdings", "AB", "B.V.", "")
-_CITIES = (("London", "GB"), ("Manchester", "GB"), ("Berlin", "DE"), ("München", "DE"), ("Paris", "FR"),
-           ("Zürich", "CH"), ("Stockholm", "SE"), ("New York", "US"), ("Toronto", "CA"), ("Osaka", "JP"))
+_CITIES = (
+    ("London", "GB"),
+    ("Manchester", "GB"),
+    ("Berlin", "DE"),
+    ("München", "DE"),
+    ("Paris", "FR"),
+    ("Zürich", "CH"),
+    ("Stockholm", "SE"),
+    ("New York", "US"),
+    ("Toronto", "CA"),
+    ("Osaka", "JP"),
+)
 _TERMS = ("N30", "N60", "N14", "COD")
 _WAREHOUSES = ("W01", "W02", "W03")
 
@@ -75,8 +127,13 @@ class SeedReport:
     dirty: Counter[str] = field(default_factory=Counter)
 
 
-def init_sandbox(client: ErpClient, rows: int = 1000, seed: int = 42, rates: DirtyRates | None = None,
-                 only: tuple[str, ...] | None = None) -> SeedReport:
+def init_sandbox(
+    client: ErpClient,
+    rows: int = 1000,
+    seed: int = 42,
+    rates: DirtyRates | None = None,
+    only: tuple[str, ...] | None = None,
+) -> SeedReport:
     """Drop and recreate the sandbox schema, then seed it (``only`` limits the tables seeded)."""
     client.execute(drop_statements(client.dialect))
     client.execute(schema_statements(client.dialect))
@@ -94,8 +151,12 @@ class Seeder:
 
     def load(self, client: ErpClient, only: tuple[str, ...] | None = None) -> SeedReport:
         streams = {
-            "CURR_CODE_MAP": self.currencies, "CUST_MASTER": self.customer_rows, "ITEM_MASTER": self.item_rows,
-            "ITEM_STOCK": self.stock_rows, "SO_HEADER": self.order_rows, "INV_HEADER": self.invoice_rows,
+            "CURR_CODE_MAP": self.currencies,
+            "CUST_MASTER": self.customer_rows,
+            "ITEM_MASTER": self.item_rows,
+            "ITEM_STOCK": self.stock_rows,
+            "SO_HEADER": self.order_rows,
+            "INV_HEADER": self.invoice_rows,
         }
         for spec in t.TABLES:
             if only is None or spec.name in only:
@@ -144,11 +205,22 @@ class Seeder:
             name, city = name + "  ", city + " "
         stamp = self._stamp(rng, i, self.customers)
         return (
-            f"C{i:09d}", name, self._email(rng, first, last, i), f"+{rng.randint(1, 99)} {rng.randint(10**6, 10**9)}",
-            f"{rng.randint(1, 250)} {rng.choice(_LAST)} Street", None if rng.random() < 0.7 else "Building B",
-            city, f"{rng.randint(1000, 99999)}", country, self._currency(rng),
-            Decimal(rng.randrange(0, 5_000_000, 500)) / 100, rng.choice(_TERMS),
-            "A" if rng.random() < 0.93 else rng.choice("IH"), None, stamp, 1,
+            f"C{i:09d}",
+            name,
+            self._email(rng, first, last, i),
+            f"+{rng.randint(1, 99)} {rng.randint(10**6, 10**9)}",
+            f"{rng.randint(1, 250)} {rng.choice(_LAST)} Street",
+            None if rng.random() < 0.7 else "Building B",
+            city,
+            f"{rng.randint(1000, 99999)}",
+            country,
+            self._currency(rng),
+            Decimal(rng.randrange(0, 5_000_000, 500)) / 100,
+            rng.choice(_TERMS),
+            "A" if rng.random() < 0.93 else rng.choice("IH"),
+            None,
+            stamp,
+            1,
         )
 
     def _email(self, rng: random.Random, first: str, last: str, i: int) -> str:
@@ -157,7 +229,9 @@ class Seeder:
             return rng.choice((f"{local}@@example.com", f"{local}.example.com", f"{local}@", f"@{i}.example"))
         return f"{local}.{i}@example.com"
 
-    def _duplicate(self, rng: random.Random, original: tuple[Any, ...], row: tuple[Any, ...]) -> tuple[Any, ...]:
+    def _duplicate(
+        self, rng: random.Random, original: tuple[Any, ...], row: tuple[Any, ...]
+    ) -> tuple[Any, ...]:
         """Same customer again under a new number: name differs only in case or spacing."""
         name = str(original[1])
         variant = rng.choice((name.upper(), name.lower(), name.replace(" ", "  ", 1), f" {name}"))
@@ -188,8 +262,16 @@ class Seeder:
             net = Decimal(rng.randrange(1000, 10_000_000)) / 100
             stamp = self._stamp(rng, i, self.orders)
             yield (
-                f"S{i:09d}", f"C{cust:09d}", stamp.strftime("%Y%m%d"), net, (net * Decimal("0.19")).quantize(CENT),
-                self._currency(rng, tally), rng.choice("OOOCCX"), rng.choice("NPS"), stamp, 1,
+                f"S{i:09d}",
+                f"C{cust:09d}",
+                stamp.strftime("%Y%m%d"),
+                net,
+                (net * Decimal("0.19")).quantize(CENT),
+                self._currency(rng, tally),
+                rng.choice("OOOCCX"),
+                rng.choice("NPS"),
+                stamp,
+                1,
             )
 
     def invoice_rows(self, spec: TableSpec) -> Iterator[tuple[Any, ...]]:
@@ -202,5 +284,15 @@ class Seeder:
             net, tax = order[3], order[4]
             gross = net + tax + (CENT if self._hit(rng, "gross_off_by_cent") else 0)
             stamp = order[8] + dt.timedelta(days=rng.randint(0, 30))
-            yield (f"I{n:09d}", order[0], order[1], stamp.strftime("%Y%m%d"), net, tax, gross, order[5],
-                   rng.choice("YN"), stamp)
+            yield (
+                f"I{n:09d}",
+                order[0],
+                order[1],
+                stamp.strftime("%Y%m%d"),
+                net,
+                tax,
+                gross,
+                order[5],
+                rng.choice("YN"),
+                stamp,
+            )
