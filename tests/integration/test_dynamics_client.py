@@ -12,6 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -171,6 +172,24 @@ def test_expired_delta_token_falls_back_to_a_full_read(dataverse_sandbox_factory
         assert feed.full_resync
         assert len(rows) == total + 1 and all(c.kind == "upsert" for c in rows)
         assert feed.delta_token != first.delta_token
+
+
+def test_iter_window_is_half_open_and_ordered(client: DynamicsClient) -> None:
+    prefix = _prefix("wn")
+    client.upsert_many("accounts", "accountnumber", _accounts(prefix, 3))
+    mine = f"startswith(accountnumber,'{prefix}')"
+    stamps = sorted(r["modifiedon"] for r in client.iter_rows("accounts", ["modifiedon"], filter=mine))
+    start = datetime.fromisoformat(stamps[0].replace("Z", "+00:00"))
+    end = datetime.fromisoformat(stamps[-1].replace("Z", "+00:00")) + timedelta(seconds=1)
+    rows = list(
+        client.iter_window("accounts", ["accountnumber", "modifiedon"], start, end, extra_filter=mine)
+    )
+    assert len(rows) == 3 and [r["modifiedon"] for r in rows] == stamps
+    assert (
+        list(client.iter_window("accounts", ["accountnumber"], start - timedelta(hours=1), start, mine)) == []
+    )
+    with pytest.raises(ValueError):
+        list(client.iter_window("accounts", ["accountnumber"], end, start))
 
 
 def test_batch_upsert_of_1000_isolates_three_bad_records(client: DynamicsClient) -> None:

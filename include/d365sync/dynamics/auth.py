@@ -8,6 +8,7 @@ acquisitions, and errors that name the tenant and client but never the secret.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from d365sync.dynamics.counters import Counters
 from d365sync.dynamics.errors import DynamicsAuthError
 
 log = logging.getLogger(__name__)
+_TRACE = re.compile(r"\s+Trace ID:")  # Entra appends trace/correlation ids and a timestamp
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,8 @@ class TokenProvider:
 
     def _auth_error(self, result: dict[str, object]) -> DynamicsAuthError:
         error = result.get("error", "unknown_error")
-        description = str(result.get("error_description") or "").splitlines()[:1]
-        detail = _scrub(description[0] if description else "", self)
+        description = str(result.get("error_description") or "")
+        detail = _scrub(_TRACE.split(description, maxsplit=1)[0].strip(), self)
         return DynamicsAuthError(f"{self._who()}: token request failed: {error}: {detail}".rstrip(": "))
 
     def _who(self) -> str:
