@@ -323,3 +323,32 @@ def test_a_configured_ca_bundle_beats_requests_environment_variables(
     client, adapter, _ = make_client(lambda request: (200, {}, {"UserId": "u"}), verify="/private/ca.pem")
     client.whoami()
     assert adapter.verify == "/private/ca.pem"
+
+
+def test_a_chunk_that_keeps_failing_reports_its_rows_and_spares_the_others(make_client: Any) -> None:
+    def handler(request: requests.PreparedRequest) -> Reply:
+        return (503, {}, None) if b"A0" in (request.body or b"") else (204, {}, None)
+
+    client, _, _ = make_client(handler, batch_size=2, max_concurrency=1)
+    records = [{"accountnumber": f"A{i}", "name": "n"} for i in range(4)]
+    outcomes = client.upsert_many("accounts", "accountnumber", records, logical_name="account")
+    assert [(o.status, o.http_status) for o in outcomes] == [
+        ("failed", 503),
+        ("failed", 503),
+        ("upserted", 204),
+        ("upserted", 204),
+    ]
+
+
+def test_an_unreachable_authority_is_retried_like_the_api(make_client: Any) -> None:
+    client, _, sleeps = make_client(lambda request: (200, {}, {"UserId": "u"}))
+    tokens = client.transport.tokens
+    failures = [requests.ConnectionError("authority down")]
+
+    def flaky_token() -> str:
+        if failures:
+            raise failures.pop()
+        return "tok"
+
+    tokens.token = flaky_token  # type: ignore[method-assign]
+    assert client.whoami() == {"UserId": "u"} and len(sleeps) == 1

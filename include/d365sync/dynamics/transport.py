@@ -108,7 +108,10 @@ class Transport:
         data: bytes | None,
         ops: int,
     ) -> tuple[requests.Response | None, Exception | None]:
-        merged = {**BASE_HEADERS, "Authorization": f"Bearer {self.tokens.token()}", **(headers or {})}
+        try:  # an unreachable authority is as transient as an unreachable API
+            merged = {**BASE_HEADERS, "Authorization": f"Bearer {self.tokens.token()}", **(headers or {})}
+        except requests.RequestException as exc:
+            return None, exc
         if method == "GET":
             merged.setdefault("If-None-Match", "null")
         self.counters.add(requests=1, operations=ops)

@@ -77,9 +77,17 @@ class Upserter:
     ) -> list[UpsertOutcome]:
         outcomes, chunks = self._prepare(key_attributes, records)
         run = self._run_multiple if strategy == "multiple" else self._run_batch
+
+        def guarded(chunk: _Chunk) -> dict[int, UpsertOutcome]:
+            """A chunk that still fails after retries reports its rows; other chunks keep theirs."""
+            try:
+                return run(entity_set, logical_name, key_attributes, chunk)
+            except DynamicsApiError as exc:
+                log.error("Chunk of %d rows for %s failed: %s", len(chunk.indices), entity_set, exc)
+                return _chunk_failed(chunk, exc)
+
         with ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="dv-upsert") as pool:
-            done = pool.map(lambda c: run(entity_set, logical_name, key_attributes, c), chunks)
-            for chunk_outcomes in done:
+            for chunk_outcomes in pool.map(guarded, chunks):
                 outcomes.update(chunk_outcomes)
         result = [outcomes[i] for i in range(len(records))]
         log.info("Upserted into %s: %s", entity_set, _summary(result))
@@ -202,6 +210,13 @@ def _flatten(items: list[multipart.BatchItem], expected: int) -> list[multipart.
     if len(parts) != expected:
         raise DynamicsError(f"$batch answered {len(parts)} part(s) for {expected} request(s)")
     return parts
+
+
+def _chunk_failed(chunk: _Chunk, exc: DynamicsApiError) -> dict[int, UpsertOutcome]:
+    return {
+        index: UpsertOutcome(index, key, "failed", exc.status or None, exc.code, exc.message)
+        for index, key in zip(chunk.indices, chunk.keys, strict=True)
+    }
 
 
 def _part_outcome(index: int, key: dict[str, KeyValue], part: multipart.BatchPart) -> UpsertOutcome:
