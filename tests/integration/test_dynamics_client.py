@@ -328,6 +328,16 @@ def test_expired_token_is_refreshed_transparently(private_sandbox: Any) -> None:
         assert dynamics.counters.requests == 3  # whoami, the 401, the retried whoami
 
 
+def test_tokens_are_renewed_before_they_expire(dataverse_sandbox_factory: Any) -> None:
+    sandbox = dataverse_sandbox_factory(token_lifetime=4)
+    with client_for(sandbox) as dynamics:
+        dynamics.whoami()
+        time.sleep(2.5)  # past half of the 4 s lifetime: renew proactively, no 401 round trip
+        dynamics.whoami()
+        assert dynamics.counters.token_acquisitions == 2 and dynamics.counters.requests == 2
+    assert sandbox.counters()["auth_failures"] == 0
+
+
 def test_wrong_secret_is_a_clear_auth_error(dataverse_sandbox: Any) -> None:
     wrong = "definitely-not-the-secret"
     with (
