@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import xml.etree.ElementTree as ET
 from urllib.parse import unquote
 
 import pytest
@@ -193,6 +194,103 @@ def test_metadata_endpoints(dataverse_sandbox: DataverseSandbox):
         timeout=30,
     )
     assert older.status_code == 200
+
+
+def test_entity_definitions_select_keeps_expanded_properties(dataverse_sandbox: DataverseSandbox):
+    rows = _get(
+        dataverse_sandbox,
+        "EntityDefinitions?$select=LogicalName,EntitySetName"
+        "&$expand=Keys($select=SchemaName,KeyAttributes),Attributes($select=LogicalName)",
+    ).json()["value"]
+    account = next(r for r in rows if r["LogicalName"] == "account")
+    assert set(account) == {"@odata.type", "MetadataId", "LogicalName", "EntitySetName", "Keys", "Attributes"}
+    assert [k["KeyAttributes"] for k in account["Keys"]] == [["accountnumber"]]
+    assert set(account["Keys"][0]) == {"MetadataId", "SchemaName", "KeyAttributes"}
+    assert "name" in {a["LogicalName"] for a in account["Attributes"]}
+    assert all(set(a) == {"@odata.type", "MetadataId", "LogicalName"} for a in account["Attributes"])
+    assert all("Keys" in r and "Attributes" in r for r in rows)
+
+    single = _get(
+        dataverse_sandbox, "EntityDefinitions(LogicalName='product')?$select=LogicalName&$expand=Keys"
+    ).json()
+    assert single["LogicalName"] == "product" and "EntitySetName" not in single
+    assert [k["KeyAttributes"] for k in single["Keys"]] == [["productnumber"]]
+
+
+EDM = "{http://docs.oasis-open.org/odata/ns/edm}"
+NAMESPACE = "Microsoft.Dynamics.CRM"
+
+
+def _qualified(name: str) -> str:
+    name = name.removeprefix("Collection(").removesuffix(")")
+    return f"{NAMESPACE}.{name.removeprefix('mscrm.')}" if name.startswith("mscrm.") else name
+
+
+def test_metadata_declares_every_service_document_set_and_entity_definitions(
+    dataverse_sandbox: DataverseSandbox,
+):
+    csdl = ET.fromstring(_get(dataverse_sandbox, "$metadata").content)
+    (schema,) = csdl.iter(f"{EDM}Schema")
+    assert (schema.get("Namespace"), schema.get("Alias")) == (NAMESPACE, "mscrm")
+    declared = {
+        f"{NAMESPACE}.{t.get('Name')}": t
+        for kind in ("EntityType", "ComplexType", "EnumType")
+        for t in schema.findall(f"{EDM}{kind}")
+    }
+    sets = {s.get("Name"): s.get("EntityType") for s in csdl.iter(f"{EDM}EntitySet")}
+
+    service = _get(dataverse_sandbox, "").json()["value"]
+    service_sets = {s["name"] for s in service if s.get("kind", "EntitySet") == "EntitySet"}
+    assert "EntityDefinitions" in service_sets
+    assert service_sets <= set(sets), sorted(service_sets - set(sets))
+    assert sets["EntityDefinitions"] == f"{NAMESPACE}.EntityMetadata"
+    assert all(entity_type in declared for entity_type in sets.values())
+
+    # Every type reference resolves (Edm primitives aside).
+    for element in schema.iter():
+        for attribute in ("Type", "BaseType"):
+            reference = element.get(attribute)
+            if reference and not reference.startswith(("Edm.", "Collection(Edm.")):
+                assert _qualified(reference) in declared, (element.get("Name"), reference)
+
+    def members(type_name: str) -> dict[str, str]:
+        """Properties and navigation properties of a type, its base types included."""
+        element = declared[type_name]
+        found = {
+            p.get("Name"): p.get("Type")
+            for p in [*element.findall(f"{EDM}Property"), *element.findall(f"{EDM}NavigationProperty")]
+        }
+        base = element.get("BaseType")
+        return {**members(_qualified(base)), **found} if base else found
+
+    entity_metadata = members(f"{NAMESPACE}.EntityMetadata")
+    assert entity_metadata["Keys"] == "Collection(mscrm.EntityKeyMetadata)"
+    assert entity_metadata["Attributes"] == "Collection(mscrm.AttributeMetadata)"
+    assert (
+        declared[f"{NAMESPACE}.MetadataBase"].find(f"{EDM}Key/{EDM}PropertyRef").get("Name") == "MetadataId"
+    )
+
+    # Every property EntityDefinitions returns is declared on the type it claims to be.
+    rows = _get(dataverse_sandbox, "EntityDefinitions?$expand=Attributes,Keys").json()["value"]
+    assert rows
+    for row in rows:
+        assert row["@odata.type"] == f"#{NAMESPACE}.EntityMetadata"
+        assert set(row) - {"@odata.type"} <= set(entity_metadata), row["LogicalName"]
+        key_members = members(f"{NAMESPACE}.EntityKeyMetadata")
+        assert all(set(key) <= set(key_members) for key in row["Keys"])
+        for attribute in row["Attributes"]:
+            declared_type = attribute["@odata.type"].removeprefix("#")
+            assert f"{NAMESPACE}.AttributeMetadata" in _base_chain(declared, declared_type)
+            assert set(attribute) - {"@odata.type"} <= set(members(declared_type)), attribute["LogicalName"]
+            enum = declared[f"{NAMESPACE}.AttributeTypeCode"]
+            assert attribute["AttributeType"] in {m.get("Name") for m in enum.findall(f"{EDM}Member")}
+
+
+def _base_chain(declared: dict[str, ET.Element], type_name: str) -> list[str]:
+    chain = [type_name]
+    while base := declared[chain[-1]].get("BaseType"):
+        chain.append(_qualified(base))
+    return chain
 
 
 def test_microsoft_python_sdk_reads_and_writes(

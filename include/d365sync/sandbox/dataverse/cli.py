@@ -2,20 +2,23 @@
 
 Binds the socket first (``--port 0`` picks a free port), so the printed URL is always the
 real one, then serves with uvicorn.  uvicorn handles SIGINT/SIGTERM by finishing in-flight
-requests and running the app's shutdown, which closes the SQLite database.  The last startup
-line is ``ready <base-url>``; test fixtures wait for it.
+requests (for at most :data:`GRACEFUL_SHUTDOWN_SECONDS`) and running the app's shutdown, which
+closes the SQLite database; the process then prints ``stopped`` and exits 0.  Idle keep-alive
+connections do not hold shutdown up, over TLS either (see :meth:`_Server.shutdown`).  The last
+startup line is ``ready <base-url>``; test fixtures wait for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,9 @@ from d365sync.sandbox.dataverse.config import (
     DEFAULT_TENANT,
     build_config,
 )
+
+GRACEFUL_SHUTDOWN_SECONDS = 2
+"""How long SIGTERM/SIGINT waits for in-flight requests before cancelling them."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -90,6 +96,38 @@ class _Server(uvicorn.Server):
         if not self.should_exit:
             print(self.ready_line, flush=True)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, without waiting on clients to answer a TLS close.
+
+        uvicorn closes idle keep-alive connections (and busy ones once their response is sent)
+        with ``transport.close()``.  Over TLS that sends our ``close_notify`` and then waits for the
+        client's, which an idle pooled client never sends, so every connection would hold the
+        shutdown up for the whole graceful timeout.  TLS does not require waiting for the peer's
+        ``close_notify``, so connections whose close has started and whose data is flushed are
+        aborted instead.
+        """
+        reaper = asyncio.create_task(self._abort_closing_tls()) if self.config.is_ssl else None
+        try:
+            await super().shutdown(sockets=sockets)
+        finally:
+            if reaper is not None:
+                reaper.cancel()
+                with suppress(asyncio.CancelledError):
+                    await reaper
+
+    async def _abort_closing_tls(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            for connection in list(self.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is None or not transport.is_closing():
+                    continue
+                # The TCP transport under the TLS one (best effort: asyncio internals).
+                inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+                unsent = transport.get_write_buffer_size() + (inner.get_write_buffer_size() if inner else 0)
+                if unsent == 0:
+                    transport.abort()
+
 
 def run(args: argparse.Namespace) -> int:
     from d365sync.sandbox.dataverse.app import create_app
@@ -141,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,
         ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
         ssl_keyfile=str(args.tls_key) if args.tls_key else None,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     server = _Server(uv_config)
     server.ready_line = f"ready {base_url}"

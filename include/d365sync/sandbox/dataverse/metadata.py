@@ -3,7 +3,10 @@
 All of it is generated from :mod:`.schema`.  ``EntityDefinitions`` supports the requests the
 Microsoft Python SDK makes to resolve entity set names and attributes
 (``$select``, ``$filter=LogicalName eq '…'``, ``(LogicalName='…')``, ``/Attributes``, ``/Keys``,
-``$expand=Attributes|Keys``).
+``$expand=Attributes|Keys``).  As in OData, ``$select`` never drops an expanded navigation
+property.  ``$metadata`` declares ``EntityDefinitions`` too (``EntityMetadata`` with its ``Keys`` and
+``Attributes`` and the attribute subtypes named by ``@odata.type``), so every entity set in the
+service document can be typed from the CSDL.
 """
 
 from __future__ import annotations
@@ -177,16 +180,25 @@ def _evaluate(node: ast._Node, item: dict[str, Any]) -> Any:
     raise errors.bad_request("Unsupported expression in metadata $filter.")
 
 
-def _shape(items: list[dict[str, Any]], req_select: str | None, req_filter: str | None) -> list[dict]:
+def _shape(
+    items: list[dict[str, Any]],
+    req_select: str | None,
+    req_filter: str | None,
+    expanded: frozenset[str] = frozenset(),
+) -> list[dict]:
+    """Apply ``$filter`` and ``$select``; ``expanded`` navigation properties survive ``$select``."""
     if req_filter:
         tree = parse(req_filter)
         items = [i for i in items if _evaluate(tree, i)]
     if req_select:
-        names = {n.strip() for n in req_select.split(",")}
-        items = [
-            {k: v for k, v in i.items() if k in names or k in ("@odata.type", "MetadataId")} for i in items
-        ]
+        names = {n.strip() for n in req_select.split(",")} | expanded | {"@odata.type", "MetadataId"}
+        items = [{k: v for k, v in i.items() if k in names} for i in items]
     return items
+
+
+def _expanded_names(text: str | None) -> frozenset[str]:
+    """The navigation property names in an ``$expand`` value (``Keys($select=…),Attributes``)."""
+    return frozenset(item.partition("(")[0].strip() for item in split_top_level(text or "") if item.strip())
 
 
 def _expand(table: Table, entity: dict[str, Any], text: str | None) -> dict[str, Any]:
@@ -230,14 +242,16 @@ def entity_definitions(req: ApiRequest, segments: list[str]) -> ApiResponse:
     _, key = parse_segment(segments[0])
     select, filter_text, expand = req.param("$select"), req.param("$filter"), req.param("$expand")
     base = f"{req.api_url}/$metadata#EntityDefinitions"
+    expanded = _expanded_names(expand)
     if key is None:
         if len(segments) > 1:
             raise errors.segment_not_found(segments[1])
         items = [_expand(t, entity_definition(t), expand) for t in TABLES.values()]
-        return json_response(200, {"@odata.context": base, "value": _shape(items, select, filter_text)})
+        value = _shape(items, select, filter_text, expanded)
+        return json_response(200, {"@odata.context": base, "value": value})
     table = _find_table(key)
     if len(segments) == 1:
-        entity = _shape([_expand(table, entity_definition(table), expand)], select, None)[0]
+        entity = _shape([_expand(table, entity_definition(table), expand)], select, None, expanded)[0]
         return json_response(200, {"@odata.context": f"{base}/$entity", **entity})
     child, child_key = parse_segment(segments[1])
     if child == "Attributes":
@@ -315,10 +329,138 @@ def _entity_set_xml(table: Table) -> str:
     )
 
 
+# -- CSDL for the metadata types behind EntityDefinitions -------------------------------------
+# Same names and shapes as real Dataverse, cut down to the properties the sandbox returns.
+_STR, _BOOL, _LABEL = "Edm.String", "Edm.Boolean", "mscrm.Label"
+# AttributeTypeCode members in SDK order (the enum value is the position).
+_ATTRIBUTE_TYPE_CODES = (
+    *("Boolean", "Customer", "DateTime", "Decimal", "Double", "Integer", "Lookup", "Memo", "Money"),
+    *("Owner", "PartyList", "Picklist", "State", "Status", "String", "Uniqueidentifier"),
+    *("CalendarRules", "Virtual", "BigInt", "ManagedProperty", "EntityName"),
+)
+_METADATA_ENUMS: dict[str, tuple[bool, tuple[tuple[str, int], ...]]] = {
+    "OwnershipTypes": (
+        True,
+        (
+            ("None", 0),
+            ("UserOwned", 1),
+            ("TeamOwned", 2),
+            ("BusinessOwned", 4),
+            ("OrganizationOwned", 8),
+            ("BusinessParented", 16),
+            ("Filtered", 32),
+        ),
+    ),
+    "AttributeTypeCode": (
+        False,
+        tuple((name, value) for value, name in enumerate(_ATTRIBUTE_TYPE_CODES)),
+    ),
+    "AttributeRequiredLevel": (
+        False,
+        (("None", 0), ("SystemRequired", 1), ("ApplicationRequired", 2), ("Recommended", 3)),
+    ),
+    "EntityKeyIndexStatus": (False, (("Pending", 0), ("InProgress", 1), ("Active", 2), ("Failed", 3))),
+}
+_METADATA_COMPLEX_TYPES: dict[str, tuple[tuple[str, str], ...]] = {
+    "LocalizedLabel": (("Label", _STR), ("LanguageCode", "Edm.Int32")),
+    "Label": (
+        ("LocalizedLabels", "Collection(mscrm.LocalizedLabel)"),
+        ("UserLocalizedLabel", "mscrm.LocalizedLabel"),
+    ),
+    "AttributeTypeDisplayName": (("Value", _STR),),
+    "AttributeRequiredLevelManagedProperty": (
+        ("Value", "mscrm.AttributeRequiredLevel"),
+        ("CanBeChanged", _BOOL),
+        ("ManagedPropertyLogicalName", _STR),
+    ),
+}
+_ENTITY_METADATA_PROPERTIES = (
+    *((name, _STR) for name in ("LogicalName", "SchemaName", "EntitySetName", "LogicalCollectionName")),
+    *((name, _STR) for name in ("CollectionSchemaName", "PrimaryIdAttribute", "PrimaryNameAttribute")),
+    ("ObjectTypeCode", "Edm.Int32"),
+    *((name, _BOOL) for name in ("ChangeTrackingEnabled", "IsCustomEntity", "IsPrivate", "IsActivity")),
+    ("IsIntersect", _BOOL),
+    ("TableType", _STR),
+    ("OwnershipType", "mscrm.OwnershipTypes"),
+    ("DisplayName", _LABEL),
+)
+_ATTRIBUTE_METADATA_PROPERTIES = (
+    *((name, _STR) for name in ("LogicalName", "SchemaName", "EntityLogicalName")),
+    ("AttributeType", "mscrm.AttributeTypeCode"),
+    ("AttributeTypeName", "mscrm.AttributeTypeDisplayName"),
+    *((name, _BOOL) for name in ("IsPrimaryId", "IsPrimaryName", "IsValidForCreate", "IsValidForUpdate")),
+    *((name, _BOOL) for name in ("IsValidForRead", "IsCustomAttribute")),
+    ("RequiredLevel", "mscrm.AttributeRequiredLevelManagedProperty"),
+    ("DisplayName", _LABEL),
+)
+_KEY_METADATA_PROPERTIES = (
+    *((name, _STR) for name in ("LogicalName", "SchemaName", "EntityLogicalName")),
+    ("KeyAttributes", "Collection(Edm.String)"),
+    ("EntityKeyIndexStatus", "mscrm.EntityKeyIndexStatus"),
+    ("DisplayName", _LABEL),
+)
+# Extra properties of the AttributeMetadata subtypes named in ``@odata.type``.
+_ATTRIBUTE_SUBTYPE_PROPERTIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "StringAttributeMetadata": (("MaxLength", "Edm.Int32"),),
+    "MemoAttributeMetadata": (("MaxLength", "Edm.Int32"),),
+    "IntegerAttributeMetadata": (("MinValue", "Edm.Int32"), ("MaxValue", "Edm.Int32")),
+    "BigIntAttributeMetadata": (("MinValue", "Edm.Int64"), ("MaxValue", "Edm.Int64")),
+    "DecimalAttributeMetadata": (("MinValue", "Edm.Decimal"), ("MaxValue", "Edm.Decimal")),
+    "MoneyAttributeMetadata": (("MinValue", "Edm.Double"), ("MaxValue", "Edm.Double")),
+    "LookupAttributeMetadata": (("Targets", "Collection(Edm.String)"),),
+}
+
+
+def _properties_xml(properties: tuple[tuple[str, str], ...]) -> str:
+    return "".join(f'<Property Name="{name}" Type="{type_}" />' for name, type_ in properties)
+
+
+def _metadata_types_xml() -> str:
+    """Enum, complex and entity types for ``EntityDefinitions`` (``mscrm.EntityMetadata``)."""
+    parts = [
+        f'<EnumType Name="{name}" IsFlags="{str(flags).lower()}">'
+        + "".join(f'<Member Name="{member}" Value="{value}" />' for member, value in members)
+        + "</EnumType>"
+        for name, (flags, members) in _METADATA_ENUMS.items()
+    ]
+    parts += [
+        f'<ComplexType Name="{name}">{_properties_xml(properties)}</ComplexType>'
+        for name, properties in _METADATA_COMPLEX_TYPES.items()
+    ]
+    parts.append(
+        '<EntityType Name="MetadataBase" Abstract="true"><Key><PropertyRef Name="MetadataId" /></Key>'
+        '<Property Name="MetadataId" Type="Edm.Guid" Nullable="false" />'
+        '<Property Name="HasChanged" Type="Edm.Boolean" /></EntityType>'
+    )
+    parts.append(
+        '<EntityType Name="EntityMetadata" BaseType="mscrm.MetadataBase">'
+        f"{_properties_xml(_ENTITY_METADATA_PROPERTIES)}"
+        '<NavigationProperty Name="Attributes" Type="Collection(mscrm.AttributeMetadata)" '
+        'ContainsTarget="true" />'
+        '<NavigationProperty Name="Keys" Type="Collection(mscrm.EntityKeyMetadata)" ContainsTarget="true" />'
+        "</EntityType>"
+    )
+    parts.append(
+        '<EntityType Name="AttributeMetadata" BaseType="mscrm.MetadataBase">'
+        f"{_properties_xml(_ATTRIBUTE_METADATA_PROPERTIES)}</EntityType>"
+    )
+    parts += [
+        f'<EntityType Name="{name}" BaseType="mscrm.AttributeMetadata">'
+        f"{_properties_xml(_ATTRIBUTE_SUBTYPE_PROPERTIES.get(name, ()))}</EntityType>"
+        for name in sorted(set(_METADATA_TYPES.values()))
+    ]
+    parts.append(
+        '<EntityType Name="EntityKeyMetadata" BaseType="mscrm.MetadataBase">'
+        f"{_properties_xml(_KEY_METADATA_PROPERTIES)}</EntityType>"
+    )
+    return "".join(parts)
+
+
 def csdl() -> bytes:
     """The ``$metadata`` document."""
-    types = "".join(_entity_type_xml(t) for t in TABLES.values())
+    types = "".join(_entity_type_xml(t) for t in TABLES.values()) + _metadata_types_xml()
     sets = "".join(_entity_set_xml(t) for t in TABLES.values())
+    sets += '<EntitySet Name="EntityDefinitions" EntityType="Microsoft.Dynamics.CRM.EntityMetadata" />'
     who = (
         '<ComplexType Name="WhoAmIResponse">'
         '<Property Name="BusinessUnitId" Type="Edm.Guid" Nullable="false" />'

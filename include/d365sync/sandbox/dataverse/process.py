@@ -124,17 +124,22 @@ class DataverseSandbox:
         self.stop()
         raise RuntimeError(f"sandbox not ready after {READY_TIMEOUT}s:\n{self.log()}")
 
-    def stop(self) -> None:
-        """SIGTERM the process by pid; SIGKILL if it does not exit within 10 s."""
+    def stop(self) -> int | None:
+        """SIGTERM the process by pid; SIGKILL if it does not exit within 10 s.
+
+        Returns the exit code (0 after a clean shutdown), or None if nothing was running.
+        """
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
+        if process is None:
+            return None
+        if process.poll() is not None:
+            return process.returncode
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=10)
+            return process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(timeout=10)
+            return process.wait(timeout=10)
 
     def restart(self) -> None:
         """Stop and start again with the same port and data directory."""
