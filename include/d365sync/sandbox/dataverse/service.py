@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from d365sync.dynamics.multipart import (
     BatchFormatError,
@@ -355,7 +355,8 @@ class Dataverse:
             path = f"{table.entity_set}({record_id})" + (f"/{rest}" if rest else "")
             return path, [], req.version
         split = urlsplit(url)
-        path = split.path.lstrip("/")
+        # Top-level paths reach the dispatcher percent-decoded (ASGI does it); part URLs must match.
+        path = unquote(split.path).lstrip("/")
         version = req.version
         if path.startswith("api/data/"):
             pieces = path.split("/", 3)
