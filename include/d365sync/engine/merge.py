@@ -30,13 +30,17 @@ Semantics, in the order they apply (the reason strings in the output say which o
   carries no real change). Otherwise it is a version conflict, settled by
   ``on_version_conflict``: ``manual_review`` (default) parks it, ``owner_wins`` gives it to the
   owner (or ``prefer`` when the owner is "both"; parked if neither).
-* Review decisions (``RecordInput.decided``) override everything for their field.
+* Review queue: a field with an open review item (``RecordInput.under_review``) stays parked
+  while the sides disagree and either still differs from the base, so a parked conflict never resolves itself
+  behind the reviewer's back (a version conflict would: once the other side's change is
+  synced, it has no longer "moved"). A decision (``RecordInput.decided``) overrides everything
+  for its field.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal
@@ -184,7 +188,8 @@ class RecordInput:
     """One record to merge. A side left as None was not extracted: it is taken to be at base.
 
     With no base, None means the record does not exist on that side. ``decided`` carries
-    review-queue decisions (field -> chosen canonical value) to apply on this run.
+    review-queue decisions (field -> chosen canonical value) to apply on this run;
+    ``under_review`` names the fields with an open, undecided review item.
     """
 
     key: Hashable
@@ -192,6 +197,7 @@ class RecordInput:
     erp: SideRecord | None = None
     base: Base | None = None
     decided: Mapping[str, Any] | None = None
+    under_review: Collection[str] = ()
 
 
 @dataclass(slots=True)
@@ -431,7 +437,11 @@ def _merge_fields(
         new_values = dict(base.values)
         ctx = _Ctx(dyn, erp, base, _moved(base, dyn, erp, changed))
         for rule, b, d, e in changed:
-            if rule.name not in decided:
+            if rule.name in decided:
+                continue
+            if rule.name in record.under_review and d != e:
+                out.conflicts.append(Conflict(rule.name, _plain(b), d, e, "awaiting review decision"))
+            else:
                 _resolve(rule, b, d, e, ctx, out, new_values, writes)
         _apply_decided(rules, decided, base.values, dyn, erp, out, new_values, writes)
     elif dyn is not None or erp is not None:
