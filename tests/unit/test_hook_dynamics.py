@@ -95,3 +95,7 @@ def test_providers_manager_discovers_the_testable_dynamics_hook() -> None:
     assert "d365-erp-sync" in manager.providers
     assert manager.field_behaviours["dynamics"]["relabeling"]["host"] == "Environment URL"
     assert "extra__dynamics__tenant_id" in manager.connection_form_widgets
+    erp_hook = ProvidersManagerTaskRuntime().hooks["erp_odbc"]
+    assert erp_hook is not None and erp_hook.connection_testable
+    assert erp_hook.hook_class_name == "d365sync.airflow.erp_hook.ErpOdbcHook"
+    assert {"extra__erp_odbc__driver", "extra__erp_odbc__dialect"} <= set(manager.connection_form_widgets)

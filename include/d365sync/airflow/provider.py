@@ -50,9 +50,24 @@ def _erp_connection() -> dict[str, Any]:
         "connection-type": "erp_odbc",
         "hook-class-name": "d365sync.airflow.erp_hook.ErpOdbcHook",
         "hook-name": "Legacy ERP (ODBC)",
+        "ui-field-behaviour": {
+            "hidden-fields": [],
+            "relabeling": {"schema": "Database (or SQLite file path)"},
+            "placeholders": {
+                "host": "erp-db.example.net,1433",
+                "schema": "ERPPROD",
+                "extra": '{"Encrypt": "yes"}',
+            },
+        },
         "conn-fields": {
-            "dialect": _optional("SQL dialect"),
-            "driver": _optional("ODBC driver"),
+            "driver": _optional("ODBC driver (name registered in odbcinst.ini)"),
+            "dialect": _optional(
+                "SQL dialect (empty = detected)", enum=[None, "sqlite", "postgresql", "mariadb", "mssql"]
+            ),
+            "chunk_size": _optional("Rows per chunk", "integer", minimum=1),
+            "fast_executemany": _optional("fast_executemany (empty = per dialect)", "boolean"),
+            "retry_attempts": _optional("Retry attempts", "integer", minimum=1),
+            "retry_base_delay": _optional("Retry base delay (s)", "number", minimum=0),
         },
     }
 
