@@ -392,6 +392,17 @@ class Deletes(PerDirection):
     to_dynamics: DeletePolicy = Field(description="deactivate | delete | ignore in Dynamics.")
 
 
+class Examples(Model):
+    """Sample extracted rows per side (read names), documentation that the test suite executes.
+
+    For each row: side → canonical → every other writable side → read back → canonical must
+    give the same values. That is the echo guard's premise, checked per entity file.
+    """
+
+    dynamics: list[dict[str, Any]] = Field(default_factory=list, description="Rows as read from Dynamics.")
+    erp: list[dict[str, Any]] = Field(default_factory=list, description="Rows as read from the ERP.")
+
+
 # --------------------------------------------------------------------------------- fields
 class FieldSpec(Model):
     """One canonical field: who owns it, where it lives on each side, how it is converted."""
@@ -461,6 +472,10 @@ class EntitySpec(Model):
     creates: Creates = Field(description="Create policy per direction.")
     deletes: Deletes = Field(description="Delete policy per direction.")
     validation: ValidationSpec = Field(description="Expectations and the invalid-share threshold.")
+    examples: Examples = Field(
+        default_factory=lambda: Examples(),
+        description="Sample rows; the generated entity suite round-trips them.",
+    )
 
     @field_validator("fields", mode="before")
     @classmethod
