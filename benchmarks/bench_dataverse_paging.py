@@ -11,6 +11,7 @@ import argparse
 import math
 
 import requests
+
 from _dataverse import api_requests, client_for, print_table, sandbox, timed
 
 SELECT = ["accountid", "name", "accountnumber", "emailaddress1", "modifiedon"]
@@ -49,10 +50,24 @@ def main() -> None:
         f"Paging {args.rows:,} accounts (page size {args.page_size})",
         ["reader", "rows", "seconds", "records/s", "API requests", "minimum", "time vs baseline"],
         [
-            ["bare requests loop (baseline)", raw_rows, f"{raw_seconds:.2f}", f"{raw_rows / raw_seconds:,.0f}",
-             raw_requests, minimum, "1.00"],
-            ["DynamicsClient.iter_rows", rows, f"{seconds:.2f}", f"{rows / seconds:,.0f}", used, minimum,
-             f"{seconds / raw_seconds:.2f}"],
+            [
+                "bare requests loop (baseline)",
+                raw_rows,
+                f"{raw_seconds:.2f}",
+                f"{raw_rows / raw_seconds:,.0f}",
+                raw_requests,
+                minimum,
+                "1.00",
+            ],
+            [
+                "DynamicsClient.iter_rows",
+                rows,
+                f"{seconds:.2f}",
+                f"{rows / seconds:,.0f}",
+                used,
+                minimum,
+                f"{seconds / raw_seconds:.2f}",
+            ],
         ],
     )
     print(f"\nclient counters: {client_counters}")

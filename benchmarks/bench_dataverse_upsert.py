@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import requests
+
 from _dataverse import api_requests, client_for, print_table, sandbox, timed
 
 
@@ -46,7 +47,9 @@ def one_patch_each(instance, rows: list[dict[str, Any]]) -> int:  # type: ignore
 def run_client(instance, rows: list[dict[str, Any]], strategy: str) -> tuple[list[Any], float, int, int]:  # type: ignore[no-untyped-def]
     instance.reset_counters()
     with client_for(instance) as client:
-        outcomes, seconds = timed(lambda: client.upsert_many("accounts", "accountnumber", rows, strategy=strategy))
+        outcomes, seconds = timed(
+            lambda: client.upsert_many("accounts", "accountnumber", rows, strategy=strategy)
+        )
         tokens = int(client.counters.snapshot()["token_acquisitions"])
     assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
     return outcomes, seconds, api_requests(instance), tokens
@@ -63,16 +66,32 @@ def main() -> None:
         instance.reset_counters()
         ok, base = timed(lambda: one_patch_each(instance, records("P", args.rows)))
         assert ok == args.rows, ok
-        table.append(["one PATCH per record (baseline)", api_requests(instance), args.rows, "-",
-                      f"{args.rows / base:,.0f}", "1.00"])
+        table.append(
+            [
+                "one PATCH per record (baseline)",
+                api_requests(instance),
+                args.rows,
+                "-",
+                f"{args.rows / base:,.0f}",
+                "1.00",
+            ]
+        )
         for label, prefix, strategy in (
             ("UpsertMultiple, new records", "M", "multiple"),
             ("UpsertMultiple, same records again", "M", "multiple"),
             ("$batch of PATCHes, new records", "B", "batch"),
         ):
             _, seconds, used, tokens = run_client(instance, records(prefix, args.rows), strategy)
-            table.append([f"client: {label}", used, minimum, tokens, f"{args.rows / seconds:,.0f}",
-                          f"{seconds / base:.2f}"])
+            table.append(
+                [
+                    f"client: {label}",
+                    used,
+                    minimum,
+                    tokens,
+                    f"{args.rows / seconds:,.0f}",
+                    f"{seconds / base:.2f}",
+                ]
+            )
     print_table(
         f"Upserting {args.rows:,} accounts by alternate key",
         ["path", "API requests", "minimum", "token calls", "records/s", "time vs baseline"],
