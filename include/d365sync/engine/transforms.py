@@ -639,8 +639,17 @@ def _custom_inverse(args: CustomArgs) -> Step | None:
 @transform("custom", CustomArgs, inverse=_custom_inverse)
 def _custom(args: CustomArgs, env: BuildEnv) -> Fn:
     """The one escape hatch: a dotted path to your own pure function."""
-    fn, kwargs = import_function(args.function), dict(args.args)
-    return lambda value, row, ctx: fn(value, **kwargs)
+    fn, kwargs, path = import_function(args.function), dict(args.args), args.function
+
+    def run(value: Any, row: Row, ctx: TransformContext) -> Any:
+        try:
+            return fn(value, **kwargs)
+        except TransformError:
+            raise
+        except Exception as exc:  # foreign code: any failure is this row's failure, not the run's
+            raise TransformError(f"{path} failed: {type(exc).__name__}: {exc}", value=value) from exc
+
+    return run
 
 
 # ---------------------------------------------------------------------------------- helpers
