@@ -53,6 +53,7 @@ from d365sync.engine.transforms import (
 )
 
 if TYPE_CHECKING:
+    from d365sync.engine.merge import EntityRules
     from d365sync.erp.spec import TableSpec
 
 Side = Literal["dynamics", "erp"]
@@ -570,11 +571,41 @@ class EntitySpec(Model):
         """Per-field rules for the three-way merge, in the merge module's vocabulary."""
         return [MergeField.of(f) for f in self.fields.values()]
 
+    def merge_rules(self) -> EntityRules:
+        """The merge module's :class:`~d365sync.engine.merge.EntityRules` for this entity."""
+        from d365sync.engine.merge import DeletePolicy as MergeDeletes
+        from d365sync.engine.merge import EntityRules, FieldRule
+
+        rules = tuple(
+            FieldRule(
+                m.name,
+                m.owner,
+                m.policy,
+                m.clock_skew_seconds or 0.0,
+                m.winner,
+                m.on_non_owner_change,
+                m.on_version_mismatch or "manual_review",
+            )
+            for m in self.merge_fields()
+        )
+        deletes = MergeDeletes(self.deletes.to_erp, self.deletes.to_dynamics)
+        return EntityRules(
+            self.name, rules, _DIRECTIONS[self.creates.to_erp, self.creates.to_dynamics], deletes
+        )
+
     def writes_to(self, f: FieldSpec, side: Side) -> bool:
         """Whether values of ``f`` may be written to ``side`` (changes, reverts or creates)."""
         if f.column(side) is None:
             return False
         return f.owner != side or (self.creates.to_erp if side == "erp" else self.creates.to_dynamics)
+
+
+_DIRECTIONS = {
+    (True, True): "both",
+    (True, False): "dynamics_to_erp",
+    (False, True): "erp_to_dynamics",
+    (False, False): "none",
+}
 
 
 @dataclass(frozen=True)

@@ -121,3 +121,8 @@ def test_writes_only_writable_columns(spec: EntitySpec) -> None:
     for f in spec.plan.fields:
         if "erp" in f.writable:
             assert f.write["erp"] in writable, f.name
+
+
+def test_builds_the_merge_modules_rules(spec: EntitySpec) -> None:
+    rules = spec.merge_rules()
+    assert rules.field_names == tuple(spec.fields)

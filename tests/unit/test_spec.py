@@ -334,6 +334,26 @@ def test_merge_fields_expose_exact_values() -> None:
     assert fulfilment.on_non_owner_change == "report"
 
 
+def test_merge_rules_build_the_merge_modules_types() -> None:
+    specs = load_entities(ENTITIES)
+    rules = specs["customers"].merge_rules()
+    city = {r.name: r for r in rules.fields}["city"]
+    assert (city.owner, city.policy, city.skew_seconds, city.prefer) == (
+        "both",
+        "last_write_wins",
+        120,
+        "dynamics",
+    )
+    assert rules.direction == "both"
+    assert (rules.delete_policy.dynamics_to_erp, rules.delete_policy.erp_to_dynamics) == (
+        "deactivate",
+        "deactivate",
+    )
+    assert specs["orders"].merge_rules().direction == "dynamics_to_erp"
+    assert specs["inventory"].merge_rules().direction == "none"
+    assert {r.name: r for r in specs["invoices"].merge_rules().fields}["total"].policy == "manual_review"
+
+
 def test_erp_table_spec_follows_delete_policy() -> None:
     specs = load_entities(ENTITIES)
     assert specs["orders"].erp_table_spec().inactive_status == "X"
