@@ -47,8 +47,9 @@ def mask_phone(value: str) -> str:
         return "***"
     prefix = ""
     if value.strip().startswith("+"):
-        head = re.match(r"\+\s*(\d{1,3})", value.strip())
-        prefix = f"+{head.group(1)} " if head else "+"
+        # "+1 555…", "+353 …": the group before the first separator; run together: assume 2 digits
+        head = re.match(r"\+\s*(\d{1,3})(?=[\s.\-/(])", value.strip())
+        prefix = f"+{head.group(1) if head else digits[:2]} "
     return f"{prefix}*** *** {digits[-2:]}"
 
 

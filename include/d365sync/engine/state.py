@@ -620,7 +620,7 @@ class StateStore:
             d.c.status.in_(("pending", "replay")),
             d.c.record_key.in_(keys),
         )
-        return dict(conn.execute(query).tuples().all())
+        return {key: attempts for key, attempts in conn.execute(query)}
 
     def _upsert_dead_letter(
         self,

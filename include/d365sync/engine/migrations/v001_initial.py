@@ -139,6 +139,7 @@ parked = Table(
     Column("parent_entity", String(64), nullable=False),
     Column("parent_side", String(16), nullable=False),
     Column("parent_key", String(255), nullable=False),
+    Column("payload_json", Text),
     Column("reason", Text),
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False),

@@ -1,0 +1,380 @@
+"""State store tests on a SQLite file; ``tests/integration/test_state_postgres.py`` reruns them on PG."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from d365sync.engine import migrations
+from d365sync.engine.merge import Base, EntityRules, FieldRule, RecordInput, SideRecord, merge_record
+from d365sync.engine.migrations import schema
+from d365sync.engine.pii import mask_value
+from d365sync.engine.state import (
+    AuditEntry,
+    BaseRow,
+    Failure,
+    KeyMapConflict,
+    KeyPair,
+    ParkedChild,
+    ReviewItem,
+    StateError,
+    StateStore,
+    decode,
+    encode,
+    make_engine,
+)
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+GUID = "0f8fad5b-d9cb-469f-a165-70867728950e"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StateStore]:
+    with StateStore.open(f"sqlite:///{tmp_path / 'state.db'}", chunk_size=3) as opened:
+        yield opened
+
+
+def base(**values: object) -> Base:
+    return Base(values, 'W/"1"', "7", T0, T0 + timedelta(seconds=1))
+
+
+# --- codec and masking --------------------------------------------------------------------------
+
+
+def test_codec_round_trips_decimal_scale_and_dates() -> None:
+    value = {"a": Decimal("10.50"), "d": T0, "day": T0.date(), "f": 0.1, "n": None, "s": "x"}
+    assert decode(encode(value)) == value
+    assert str(decode(encode(Decimal("10.50")))) == "10.50"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "masked"),
+    [
+        ("email", "john.doe@example.com", "j***@e***.com"),
+        ("CUST_EMAIL_ID", "a@b.co.uk", "a***@b***.uk"),
+        ("telephone1", "+33 6 12 34 56 12", "+33 *** *** 12"),
+        ("note", "+33612345612", "+33 *** *** 12"),
+        ("PHONE", "01 23 45 67 89", "*** *** 89"),
+        ("name", "Acme", "Acme"),
+        ("credit", Decimal(5), Decimal(5)),
+    ],
+)
+def test_mask_value(field: str, value: object, masked: object) -> None:
+    assert mask_value(field, value) == masked
+
+
+# --- migrations ---------------------------------------------------------------------------------
+
+
+def test_new_database_is_at_head_with_the_head_schema(store: StateStore) -> None:
+    assert store.schema_version() == migrations.HEAD
+    inspector = inspect(store.engine)
+    for table in schema.metadata.sorted_tables:
+        columns = {c["name"] for c in inspector.get_columns(table.name, schema=_schema(store))}
+        assert columns == set(table.columns.keys()), table.name
+
+
+def test_old_database_is_upgraded_with_its_data(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        assert migrations.upgrade(engine, target=1) == 1
+        with StateStore(engine, upgrade=False) as old:
+            old.save_base("customers", [BaseRow(GUID, "C1", base(name="A"))], "r1")
+        with StateStore(engine) as upgraded:
+            assert upgraded.schema_version() == 2
+            assert upgraded.load_base("customers", "erp", ["C1"])["C1"].base.values == {"name": "A"}
+            upgraded.dead_letter("customers", "load_erp", "r2", [Failure("C1", "boom", {"x": 1})])
+            assert upgraded.dead_letters("customers")[0].payload == {"x": 1}
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_is_idempotent(store: StateStore) -> None:
+    assert migrations.upgrade(store.engine) == migrations.HEAD
+
+
+# --- key map and base ---------------------------------------------------------------------------
+
+
+def test_base_round_trip_keeps_values_versions_and_timestamps(store: StateStore) -> None:
+    stored = base(name="Acme", credit=Decimal("100.00"), since=T0)
+    store.save_base("customers", [BaseRow(GUID.upper(), "C1", stored)], "r1")
+    (found,) = store.load_base("customers", "dynamics", [GUID]).values()
+    assert found.base == stored
+    assert found.dynamics_id == GUID and found.erp_key == "C1" and found.status == "synced"
+    assert store.load_base("customers", "erp", ["C1", "C2"]).keys() == {"C1"}
+
+
+def test_load_base_is_chunked_and_iter_base_pages(store: StateStore) -> None:
+    rows = [BaseRow(None, f"C{i}", base(n=i)) for i in range(10)]
+    assert store.save_base("customers", iter(rows), "r1") == 10
+    assert len(store.load_base("customers", "erp", (f"C{i}" for i in range(12)))) == 10
+    pages = list(store.iter_base("customers"))
+    assert [len(p) for p in pages] == [3, 3, 3, 1]
+
+
+def test_key_map_is_unique_both_ways(store: StateStore) -> None:
+    store.save_base("customers", [BaseRow(GUID, "C1", base())], "r1")
+    with pytest.raises(KeyMapConflict):
+        store.save_base("customers", [BaseRow(GUID, "C2", base())], "r2")
+    store.save_base("customers", [BaseRow(None, "C2", base())], "r2")
+    with pytest.raises(KeyMapConflict):
+        store.save_base("customers", [BaseRow(GUID, "C2", base())], "r3")
+    assert store.load_base("customers", "erp", ["C1"])["C1"].dynamics_id == GUID
+    assert store.load_base("orders", "erp", ["C1"]) == {}  # per entity
+
+
+def test_update_fills_the_missing_key_and_never_erases_one(store: StateStore) -> None:
+    store.save_base("customers", [BaseRow(None, "C1", base(v=1))], "r1")
+    store.save_base("customers", [BaseRow(GUID, "C1", base(v=2))], "r2")
+    store.save_base("customers", [BaseRow(None, "C1", base(v=3))], "r3")
+    found = store.load_base("customers", "erp", ["C1"])["C1"]
+    assert (found.dynamics_id, found.base.values) == (GUID, {"v": 3})
+
+
+def test_reserved_pairing_is_returned_without_base_until_saved(store: StateStore) -> None:
+    store.reserve_keys("customers", [KeyPair(GUID, "C9")], "r1")
+    store.reserve_keys("customers", [KeyPair(GUID, "C9")], "r1-retry")  # idempotent
+    pending = store.load_base("customers", "dynamics", [GUID])[GUID]
+    assert (pending.erp_key, pending.status, pending.base) == ("C9", "pending", None)
+    with pytest.raises(KeyMapConflict):
+        store.reserve_keys("customers", [KeyPair(GUID, "C10")], "r2")
+
+
+# --- watermarks ---------------------------------------------------------------------------------
+
+
+def test_watermark_moves_only_on_commit(store: StateStore) -> None:
+    store.stage_watermark("customers", "erp", "r1", T0, None)
+    assert store.watermark("customers", "erp") is None
+    marks = store.commit_watermarks("customers", "r1")
+    assert marks["erp"].value == T0 and marks["erp"].run_id == "r1"
+
+
+def test_failed_run_discards_its_staged_watermark(store: StateStore) -> None:
+    store.stage_watermark("customers", "dynamics", "r1", None, "token-1")
+    store.discard_watermarks("customers", "r1")
+    assert store.commit_watermarks("customers", "r1") == {}
+
+
+def test_watermark_never_moves_backwards_and_backfill_keeps_the_live_token(store: StateStore) -> None:
+    store.stage_watermark("customers", "dynamics", "live", T0, "tok-live")
+    store.commit_watermarks("customers", "live")
+    store.stage_watermark("customers", "dynamics", "bf", T0 - timedelta(days=30), "tok-bf", backfill=True)
+    store.commit_watermarks("customers", "bf")
+    mark = store.watermark("customers", "dynamics")
+    assert (mark.value, mark.token) == (T0, "tok-live")
+    store.stage_watermark("customers", "dynamics", "late", T0 - timedelta(hours=1), "tok-old")
+    store.commit_watermarks("customers", "late")
+    assert store.watermark("customers", "dynamics").token == "tok-live"
+    store.stage_watermark("customers", "dynamics", "next", T0 + timedelta(hours=1), "tok-2")
+    store.commit_watermarks("customers", "next")
+    assert store.watermark("customers", "dynamics").token == "tok-2"
+
+
+def test_watermark_type_change_is_refused(store: StateStore) -> None:
+    store.stage_watermark("items", "erp", "r1", 10)
+    store.commit_watermarks("items", "r1")
+    store.stage_watermark("items", "erp", "r2", "x")
+    with pytest.raises(StateError):
+        store.commit_watermarks("items", "r2")
+
+
+def test_reset_watermark(store: StateStore) -> None:
+    store.stage_watermark("items", "erp", "r1", 10)
+    store.commit_watermarks("items", "r1")
+    store.reset_watermark("items", "erp")
+    assert store.watermark("items", "erp") is None
+
+
+# --- review queue -------------------------------------------------------------------------------
+
+
+def test_review_lifecycle_open_decide_apply(store: StateStore) -> None:
+    item = ReviewItem("INV1", "amount", Decimal("10.00"), Decimal("11.00"), Decimal("12.00"), "both changed")
+    store.open_reviews("invoices", "r1", [item, item])  # parked twice in one run: one item
+    again = ReviewItem("INV1", "amount", Decimal("10.00"), Decimal(13), Decimal(12))
+    store.open_reviews("invoices", "r2", [again])
+    (review,) = store.reviews("invoices")
+    assert review.dynamics == Decimal(13) and review.base == Decimal("10.00")
+    assert store.under_review("invoices", ["INV1", "INV2"]) == {"INV1": {"amount"}}
+    decided = store.decide_review(review.id, Decimal("12.00"), by="alice", comment="ERP is right", now=T0)
+    assert (decided.status, decided.decided_by, decided.decided_at, decided.chosen) == (
+        "decided",
+        "alice",
+        T0,
+        Decimal("12.00"),
+    )
+    with pytest.raises(StateError):
+        store.decide_review(review.id, 1, by="bob")
+    assert store.under_review("invoices", ["INV1"]) == {}
+    assert [r.id for r in store.decided_reviews("invoices", ["INV1"])] == [review.id]
+    assert store.mark_reviews_applied([review.id], "r3") == 1
+    assert store.decided_reviews("invoices") == []
+    store.open_reviews("invoices", "r4", [item])  # a new conflict later is a new item
+    assert len(store.reviews("invoices")) == 1
+
+
+def test_review_closed_when_the_conflict_went_away(store: StateStore) -> None:
+    store.open_reviews("invoices", "r1", [ReviewItem("INV1", "amount", 1, 2, 3)])
+    (review,) = store.reviews("invoices")
+    assert store.close_reviews([review.id], "r2") == 1
+    assert store.reviews("invoices") == [] and len(store.reviews("invoices", status="closed")) == 1
+
+
+# --- dead letters -------------------------------------------------------------------------------
+
+
+def test_dead_letter_backoff_replay_and_skip(store: StateStore) -> None:
+    store.dead_letter("orders", "load_erp", "r1", [Failure("SO1", "timeout"), Failure("SO2", "bad")], now=T0)
+    store.dead_letter("orders", "load_erp", "r2", [Failure("SO1", "timeout again")], now=T0)
+    letters = {d.record_key: d for d in store.dead_letters("orders")}
+    assert letters["SO1"].attempts == 2 and letters["SO1"].error == "timeout again"
+    assert letters["SO1"].next_retry_at == T0 + timedelta(minutes=10)
+    assert letters["SO2"].next_retry_at == T0 + timedelta(minutes=5)
+    assert [d.record_key for d in store.due_dead_letters("orders", now=T0 + timedelta(minutes=6))] == ["SO2"]
+    store.replay_dead_letter(letters["SO1"].id, by="ops")
+    assert {d.record_key for d in store.due_dead_letters("orders", now=T0)} == {"SO1"}
+    store.skip_dead_letter(letters["SO2"].id, reason="test data", by="ops")
+    assert store.resolve_dead_letters("orders", "load_erp", ["SO1", "SO2"]) == 1
+    assert store.dead_letters("orders") == [] and len(store.dead_letters("orders", "skipped")) == 1
+
+
+def test_dead_letter_backoff_is_capped(store: StateStore) -> None:
+    for run in range(15):
+        store.dead_letter("orders", "load", f"r{run}", [Failure("SO1", "x")], now=T0)
+    assert store.dead_letters("orders")[0].next_retry_at == T0 + timedelta(hours=24)
+
+
+# --- parked children ----------------------------------------------------------------------------
+
+
+def test_parked_child_is_ready_when_its_parent_is_synced(store: StateStore) -> None:
+    child = ParkedChild("SO1", "customers", "erp", "C1", {"total": Decimal("5.00")}, "customer C1 not synced")
+    store.park_children("orders", "r1", [child, child])
+    assert store.ready_children("orders") == []
+    store.reserve_keys("customers", [KeyPair(None, "C1")], "r2")
+    assert store.ready_children("orders") == []  # a pending parent is not there yet
+    store.save_base("customers", [BaseRow(GUID, "C1", base())], "r2")
+    (ready,) = store.ready_children("orders")
+    assert ready.payload == {"total": Decimal("5.00")}
+    assert store.release_children([ready.id], "r2") == 1
+    assert store.parked_children("orders") == []
+
+
+def test_parked_child_waiting_on_a_dynamics_parent(store: StateStore) -> None:
+    store.park_children("orders", "r1", [ParkedChild("SO1", "customers", "dynamics", GUID.upper())])
+    store.save_base("customers", [BaseRow(GUID, None, base())], "r2")
+    assert [c.record_key for c in store.ready_children("orders")] == ["SO1"]
+
+
+# --- audit and runs -----------------------------------------------------------------------------
+
+
+def test_audit_masks_personal_data(store: StateStore) -> None:
+    entry = AuditEntry(
+        "C1",
+        "erp",
+        "update",
+        ["email", "telephone1", "name"],
+        before={"email": "john@example.com", "telephone1": "+33 6 12 34 56 12", "name": "A"},
+        after={"email": "jane@example.org", "telephone1": "+33 6 99 99 99 34", "name": "B"},
+    )
+    assert store.audit("r1", "customers", [entry] * 4, actor="sync") == 4
+    row = store.audit_log("customers", record_key="C1")[0]
+    assert row["before"] == {"email": "j***@e***.com", "telephone1": "+33 *** *** 12", "name": "A"}
+    assert row["after"]["email"] == "j***@e***.org"
+    assert row["fields"] == ["email", "name", "telephone1"]
+    assert (row["run_id"], row["side"], row["operation"], row["actor"]) == ("r1", "erp", "update", "sync")
+
+
+def test_run_report(store: StateStore) -> None:
+    store.start_run("r1", "customers", now=T0)
+    store.finish_run("r1", "customers", "success", {"created": 3}, {"merge": 0.5})
+    report = store.run_report("r1", "customers")
+    assert (report.status, report.counts, report.timings, report.started_at) == (
+        "success",
+        {"created": 3},
+        {"merge": 0.5},
+        T0,
+    )
+    assert store.run_reports("customers")[0].run_id == "r1"
+    with pytest.raises(StateError):
+        store.finish_run("nope", "customers", "failed")
+
+
+# --- crash between load and commit --------------------------------------------------------------
+
+RULES = EntityRules("customers", (FieldRule("name", owner="dynamics"), FieldRule("credit", owner="erp")))
+
+
+class FakeErp:
+    """An ERP table that upserts by key, as the real loader does (staging + MERGE)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, object]] = {}
+
+    def upsert(self, key: str, values: dict[str, object]) -> None:
+        self.rows.setdefault(key, {}).update(values)
+
+
+def run_sync(
+    store: StateStore, erp: FakeErp, dynamics: dict[str, dict[str, object]], run: str, crash: bool
+) -> None:
+    """One run: extract since the watermark, merge, reserve, load, then (unless crashing) commit."""
+    mark = store.watermark("customers", "dynamics")
+    since = mark.value if mark else -1
+    changed = {k: v for k, v in dynamics.items() if v["seq"] > since}
+    known = store.load_base("customers", "dynamics", changed)
+    erp_keys = {k: known[k].erp_key if k in known else f"C-{k}" for k in changed}
+    store.reserve_keys("customers", [KeyPair(k, erp_keys[k]) for k in changed if k not in known], run)
+    saved = []
+    for key, row in changed.items():
+        stored = known.get(key)
+        side = SideRecord({"name": row["name"]}, None, str(row["seq"]))
+        erp_side = SideRecord(erp.rows[erp_keys[key]]) if erp_keys[key] in erp.rows else None
+        decision = merge_record(RULES, RecordInput(key, side, erp_side, stored.base if stored else None))
+        if decision.erp is not None:
+            erp.upsert(erp_keys[key], decision.erp.fields)
+        saved.append(BaseRow(key, erp_keys[key], decision.base))
+    high = max((v["seq"] for v in dynamics.values()), default=-1)
+    store.stage_watermark("customers", "dynamics", run, high)
+    if crash:
+        return
+    store.save_base("customers", saved, run)
+    store.commit_watermarks("customers", run)
+
+
+def test_crash_between_load_and_commit_leaves_no_duplicate_and_no_lost_change(store: StateStore) -> None:
+    dynamics = {GUID: {"name": "Acme", "seq": 1}}
+    erp = FakeErp()
+    run_sync(store, erp, dynamics, "r1", crash=True)
+    assert store.watermark("customers", "dynamics") is None  # nothing committed
+    dynamics[GUID] = {"name": "Acme Corp", "seq": 2}  # a change lands before the rerun
+    run_sync(store, erp, dynamics, "r1-retry", crash=False)
+    assert erp.rows == {f"C-{GUID}": {"name": "Acme Corp"}}  # same reserved key: one record
+    found = store.load_base("customers", "dynamics", [GUID])[GUID]
+    assert found.base.values == {"name": "Acme Corp"} and found.status == "synced"
+    assert store.watermark("customers", "dynamics").value == 2
+    run_sync(store, erp, dynamics, "r3", crash=False)
+    assert len(erp.rows) == 1
+
+
+def test_crash_after_save_base_replays_as_echo(store: StateStore) -> None:
+    dynamics = {GUID: {"name": "Acme", "seq": 1}}
+    erp = FakeErp()
+    run_sync(store, erp, dynamics, "r1", crash=False)
+    store.reset_watermark("customers", "dynamics")  # as if the watermark commit never happened
+    writes_before = dict(erp.rows)
+    run_sync(store, erp, dynamics, "r2", crash=False)
+    assert erp.rows == writes_before and len(erp.rows) == 1
+
+
+def _schema(store: StateStore) -> str | None:
+    options = store.engine.get_execution_options().get("schema_translate_map") or {}
+    return options.get(None)
