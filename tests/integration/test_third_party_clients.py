@@ -81,16 +81,23 @@ def _run_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:7]}"
 
 
+def _msal_app(
+    sandbox: DataverseSandbox, http: requests.Session, secret: str | None = None
+) -> msal.ConfidentialClientApplication:
+    """MSAL exactly as an integrator would configure it for a non-Microsoft authority."""
+    return msal.ConfidentialClientApplication(
+        sandbox.client_id,
+        client_credential=secret or sandbox.client_secret,
+        authority=_tenant_authority(sandbox),
+        instance_discovery=False,
+        http_client=http,
+    )
+
+
 @pytest.fixture
 def msal_token(sandbox: DataverseSandbox) -> Iterator[str]:
     with requests.Session() as http:
-        app = msal.ConfidentialClientApplication(
-            sandbox.client_id,
-            client_credential=sandbox.client_secret,
-            authority=_tenant_authority(sandbox),
-            instance_discovery=False,
-            http_client=http,
-        )
+        app = _msal_app(sandbox, http)
         result = app.acquire_token_for_client(scopes=[_scope(sandbox)])
         assert "access_token" in result, result
         yield str(result["access_token"])
@@ -131,13 +138,7 @@ def sdk(sandbox: DataverseSandbox, credential: ClientSecretCredential) -> Iterat
 
 def test_msal_client_credentials_token_works_and_is_cached(sandbox: DataverseSandbox) -> None:
     with requests.Session() as http:
-        app = msal.ConfidentialClientApplication(
-            sandbox.client_id,
-            client_credential=sandbox.client_secret,
-            authority=_tenant_authority(sandbox),
-            instance_discovery=False,
-            http_client=http,
-        )
+        app = _msal_app(sandbox, http)
         first = app.acquire_token_for_client(scopes=[_scope(sandbox)])
         assert "access_token" in first, first
         assert first["token_type"].lower() == "bearer"
@@ -157,13 +158,7 @@ def test_msal_client_credentials_token_works_and_is_cached(sandbox: DataverseSan
 
 def test_msal_rejects_wrong_secret(sandbox: DataverseSandbox) -> None:
     with requests.Session() as http:
-        app = msal.ConfidentialClientApplication(
-            sandbox.client_id,
-            client_credential="not-the-secret",
-            authority=_tenant_authority(sandbox),
-            instance_discovery=False,
-            http_client=http,
-        )
+        app = _msal_app(sandbox, http, "not-the-secret")
         result = app.acquire_token_for_client(scopes=[_scope(sandbox)])
     assert "access_token" not in result
     assert result.get("error") in {"invalid_client", "unauthorized_client"}, result
