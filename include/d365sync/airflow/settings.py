@@ -1,0 +1,121 @@
+"""Deployment settings of the DAGs, read from ``D365SYNC_*`` environment variables.
+
+Why environment variables and not Airflow Variables: the DAG files read these at parse time
+(retries, deadline, staging root), and ``Variable.get`` at parse time is a metadata-DB query per
+parse. Every setting has a default that makes the embedded demo work with nothing set.
+
+=====================================  =========================================================
+``D365SYNC_DYNAMICS_CONN_ID``          Dataverse connection (``dynamics_default``)
+``D365SYNC_ERP_CONN_ID``               ERP ODBC connection (``erp_default``)
+``D365SYNC_STATE_CONN_ID``             sync state store connection (``sync_state_default``)
+``D365SYNC_STAGING_ROOT``              ``file:///…`` (default ``$AIRFLOW_HOME/d365sync/staging``)
+                                       or ``abfs://container@account.dfs.core.windows.net/path``
+``D365SYNC_STAGING_CONN_ID``           connection for the staging store (e.g. ``wasb_default``)
+``D365SYNC_STAGING_RETENTION_HOURS``   keep a committed run's staging files this long (0)
+``D365SYNC_TASK_RETRIES``              task retries (3), exponential backoff from
+``D365SYNC_RETRY_DELAY_SECONDS``       (30) up to ``D365SYNC_MAX_RETRY_DELAY_SECONDS`` (900)
+``D365SYNC_DEADLINE_MINUTES``          run deadline; default: the schedule's period, 5 to 120 min
+``D365SYNC_DYNAMICS_POOL``             pool capping tasks that call Dataverse (``dynamics_api``)
+``D365SYNC_DYNAMICS_POOL_SLOTS``       its size when the runner or ``make demo`` creates it (2)
+``D365SYNC_ALERT_WEBHOOK_URL``         alerts to a webhook (off when empty)
+``D365SYNC_ALERT_WEBHOOK_FORMAT``      ``slack`` | ``teams`` | ``generic`` (default)
+``D365SYNC_ALERT_SMTP_CONN_ID``        alerts by e-mail through this smtp connection (off when empty)
+``D365SYNC_ALERT_EMAIL_TO``            comma-separated recipients (required with SMTP)
+``D365SYNC_ALERT_EMAIL_FROM``          sender (else the connection's ``from_email``)
+=====================================  =========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+def _number(name: str, default: float) -> float:
+    raw = _env(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class Connections:
+    dynamics: str
+    erp: str
+    state: str
+
+
+@dataclass(frozen=True)
+class Staging:
+    root: str
+    conn_id: str | None
+    retention: timedelta
+
+
+@dataclass(frozen=True)
+class Retries:
+    retries: int
+    delay: timedelta
+    max_delay: timedelta
+
+
+@dataclass(frozen=True)
+class AlertChannels:
+    webhook_url: str | None
+    webhook_format: str
+    smtp_conn_id: str | None
+    email_to: tuple[str, ...]
+    email_from: str | None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.webhook_url or (self.smtp_conn_id and self.email_to))
+
+
+def connections() -> Connections:
+    return Connections(
+        _env("D365SYNC_DYNAMICS_CONN_ID", "dynamics_default"),
+        _env("D365SYNC_ERP_CONN_ID", "erp_default"),
+        _env("D365SYNC_STATE_CONN_ID", "sync_state_default"),
+    )
+
+
+def staging() -> Staging:
+    home = _env("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
+    root = _env("D365SYNC_STAGING_ROOT", f"file://{os.path.abspath(home)}/d365sync/staging")
+    hours = _number("D365SYNC_STAGING_RETENTION_HOURS", 0)
+    return Staging(root.rstrip("/"), _env("D365SYNC_STAGING_CONN_ID") or None, timedelta(hours=hours))
+
+
+def retries() -> Retries:
+    return Retries(
+        int(_number("D365SYNC_TASK_RETRIES", 3)),
+        timedelta(seconds=_number("D365SYNC_RETRY_DELAY_SECONDS", 30)),
+        timedelta(seconds=_number("D365SYNC_MAX_RETRY_DELAY_SECONDS", 900)),
+    )
+
+
+def deadline_override() -> timedelta | None:
+    minutes = _number("D365SYNC_DEADLINE_MINUTES", 0)
+    return timedelta(minutes=minutes) if minutes > 0 else None
+
+
+def dynamics_pool() -> tuple[str, int]:
+    return _env("D365SYNC_DYNAMICS_POOL", "dynamics_api"), int(_number("D365SYNC_DYNAMICS_POOL_SLOTS", 2))
+
+
+def alert_channels() -> AlertChannels:
+    recipients = tuple(a.strip() for a in _env("D365SYNC_ALERT_EMAIL_TO").split(",") if a.strip())
+    return AlertChannels(
+        _env("D365SYNC_ALERT_WEBHOOK_URL") or None,
+        _env("D365SYNC_ALERT_WEBHOOK_FORMAT", "generic").lower(),
+        _env("D365SYNC_ALERT_SMTP_CONN_ID") or None,
+        recipients,
+        _env("D365SYNC_ALERT_EMAIL_FROM") or None,
+    )

@@ -1,0 +1,140 @@
+"""Fixtures for the DAG tests: a migrated Airflow metadata DB in a temp ``AIRFLOW_HOME``.
+
+Airflow reads ``AIRFLOW_HOME`` and builds its SQLAlchemy engine when ``airflow`` is first
+imported, and other test modules import it at collection time. So every ``dag.test()`` runs in a
+child process (``python -m d365sync.airflow.runner``) with a clean environment: the temp home,
+``AIRFLOW__CORE__DAGS_FOLDER`` = the repo's ``dags/`` (``dag.test()`` needs the file there),
+examples off, and a SQLite metadata DB migrated once per session (``airflow db migrate``). A
+child process is also what lets a test kill a task mid-load for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DAGS_FOLDER = REPO / "dags"
+BIN = Path(sys.executable).parent
+
+# Warnings a child run may report that are not ours to fix (checked by AirflowEnv.run).
+FOREIGN_WARNING_PATHS = ("/site-packages/",)
+
+
+def airflow_base_env(home: Path) -> dict[str, str]:
+    """Environment for Airflow child processes: temp home, repo dags, examples off, SQLite."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))}
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+            "D365SYNC_STAGING_ROOT": f"file://{home / 'staging'}",
+            "D365SYNC_TASK_RETRIES": "0",
+            "PYTHONWARNINGS": "default",
+        }
+    )
+    return env
+
+
+@dataclass
+class RunResult:
+    """One DAG run as the runner reports it."""
+
+    dag_id: str
+    state: str
+    run_id: str
+    tasks: dict[str, str]
+    report: dict[str, Any] | None
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+@dataclass
+class AirflowEnv:
+    """A migrated Airflow home and helpers that run DAGs through ``dag.test()`` in a child process."""
+
+    home: Path
+    env: dict[str, str]
+
+    def with_env(self, **extra: str) -> AirflowEnv:
+        return AirflowEnv(self.home, {**self.env, **extra})
+
+    def cli(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``airflow <args>`` against this home."""
+        return subprocess.run(
+            [str(BIN / "airflow"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
+
+    def runner(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+        """Start ``python -m d365sync.airflow.runner --json <args>`` (the caller waits or kills it)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "d365sync.airflow.runner", "--json", *args],
+            env={**self.env, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+
+    def run(
+        self,
+        *dag_ids: str,
+        conf: Mapping[str, Any] | None = None,
+        logical_date: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600,
+    ) -> list[RunResult]:
+        """``dag.test()`` each DAG in order; fails the test on a child error or one of our warnings."""
+        args = [*dag_ids]
+        if conf is not None:
+            args += ["--conf", json.dumps(conf)]
+        if logical_date is not None:
+            args += ["--logical-date", logical_date]
+        proc = self.runner(*args, env=env)
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode not in (0, 1):
+            pytest.fail(f"runner exited {proc.returncode}\n--- stderr ---\n{err[-8000:]}")
+        payload = json.loads(out.strip().splitlines()[-1])
+        ours = [w for w in payload["warnings"] if not any(p in w["filename"] for p in FOREIGN_WARNING_PATHS)]
+        assert ours == [], f"warnings from project code: {ours}"
+        return [
+            RunResult(r["dag_id"], r["state"], r["run_id"], r["tasks"], r.get("report"), r)
+            for r in payload["runs"]
+        ]
+
+
+@pytest.fixture(scope="session")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> AirflowEnv:
+    """A temp AIRFLOW_HOME with a migrated SQLite metadata DB (migrated once per session)."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = airflow_base_env(home)
+    done = subprocess.run(
+        [str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return AirflowEnv(home, env)
+
+
+@pytest.fixture
+def no_airflow_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Drop D365SYNC_* settings from the environment so defaults apply."""
+    for name in list(os.environ):
+        if name.startswith("D365SYNC_"):
+            monkeypatch.delenv(name)
+    yield
