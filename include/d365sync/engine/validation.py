@@ -261,7 +261,7 @@ def _evaluate(
             for pos in _coerce_numeric(frame, exp.column):
                 failures.setdefault(pos, []).append((i, exp.column))
     context = _context(docs_dir)
-    run, batch_ = _run_suite(context, f"{spec.name}.{side}", frame, keys, expectations)
+    run, gx_batch = _run_suite(context, f"{spec.name}.{side}", frame, keys, expectations)
     success = [True] * len(expectations)
     for res in run.results:
         i = int(res.expectation_config.meta[_META_INDEX])
@@ -271,7 +271,7 @@ def _evaluate(
             failures.setdefault(pos, []).append((i, expectations[i].column))
     docs = None
     if docs_dir is not None:
-        docs = _build_docs(context, Path(docs_dir), run, batch_.id, name, expectations)
+        docs = _build_docs(context, Path(docs_dir), run, gx_batch.id, name, expectations)
     return failures, success, docs
 
 
