@@ -261,6 +261,15 @@ class _Expectation(Model):
     def _kwargs(self) -> dict[str, Any]:
         return {}
 
+    def columns(self) -> tuple[str, ...]:
+        """Every extracted column the expectation reads."""
+        return (self.column,)
+
+    @property
+    def derived_column(self) -> str | None:
+        """Name of a column the validator computes before GX runs (None: GX reads ``column``)."""
+        return None
+
 
 class NotNull(_Expectation):
     """Column is never null."""
@@ -270,10 +279,34 @@ class NotNull(_Expectation):
 
 
 class Unique(_Expectation):
-    """Column values are unique (every duplicate row fails)."""
+    """Column values are unique (every duplicate row fails).
+
+    Legacy systems hold the same customer twice under new numbers with a name that differs only
+    in case or spacing; ``together_with`` plus ``normalize`` catches those: the validator builds
+    one derived column from the normalised values and GX checks that for uniqueness.
+    """
 
     type: Literal["unique"] = Field(description="Discriminator.")
+    together_with: tuple[str, ...] = Field(
+        (), description="More columns that, with `column`, must be unique together (a compound key)."
+    )
+    normalize: bool = Field(
+        False, description="Compare after trimming, case-folding and collapsing inner whitespace."
+    )
     gx_class: ClassVar[str] = "ExpectColumnValuesToBeUnique"
+
+    def columns(self) -> tuple[str, ...]:
+        return (self.column, *self.together_with)
+
+    @property
+    def derived_column(self) -> str | None:
+        if not (self.normalize or self.together_with):
+            return None
+        return "__unique__" + "+".join(self.columns()) + ("~normalized" if self.normalize else "")
+
+    def gx(self) -> tuple[str, dict[str, Any]]:
+        gx_class, kwargs = super().gx()
+        return gx_class, {**kwargs, "column": self.derived_column or self.column}
 
 
 class Regex(_Expectation):
@@ -873,8 +906,9 @@ def _check_dynamics(spec: EntitySpec, dv: DynamicsTableInfo) -> Iterator[str]:
             yield f"field {f.name!r}: dynamics: " + _unknown(f"{dv.logical_name}", f.dynamics, cols)
     reads = {c.read_name for c in cols.values()}
     for i, exp in enumerate(spec.validation.dynamics):
-        if exp.column not in reads:
-            yield f"validation.dynamics.{i}.column: " + _unknown(dv.logical_name, exp.column, reads)
+        for column in exp.columns():
+            if column not in reads:
+                yield f"validation.dynamics.{i}.column: " + _unknown(dv.logical_name, column, reads)
 
 
 def _check_erp(spec: EntitySpec, table: TableSpec) -> Iterator[str]:
@@ -882,7 +916,9 @@ def _check_erp(spec: EntitySpec, table: TableSpec) -> Iterator[str]:
     named = [("erp.key", c) for c in e.key] + [("erp.create_values", c) for c in e.create_values]
     if isinstance(e.change_detection, Cursor):
         named.append(("erp.change_detection.column", e.change_detection.column))
-    named += [(f"validation.erp.{i}.column", x.column) for i, x in enumerate(spec.validation.erp)]
+    named += [
+        (f"validation.erp.{i}.column", c) for i, x in enumerate(spec.validation.erp) for c in x.columns()
+    ]
     named += [(f"field {f.name!r}: erp", f.erp) for f in spec.fields.values() if f.erp is not None]
     for where, column in named:
         if column not in cols:

@@ -82,7 +82,8 @@ def test_expectations_name_gx_classes(spec: EntitySpec) -> None:
     for side in SIDES:
         for exp in getattr(spec.validation, side):
             name, kwargs = exp.gx()
-            assert name.startswith("Expect") and kwargs["column"] == exp.column
+            assert name.startswith("Expect")
+            assert kwargs["column"] == (exp.derived_column or exp.column)
 
 
 def test_has_examples(spec: EntitySpec) -> None:

@@ -153,6 +153,12 @@ def test_unknown_expectation_and_cursor_columns(entity_dir: Path) -> None:
     assert "erp.change_detection.column: unknown CUST_MASTER column 'UPDATED'" in message
 
 
+def test_unknown_column_in_a_compound_unique_expectation(entity_dir: Path) -> None:
+    rule = {"type": "unique", "column": "CUST_NAME", "together_with": ["EMAIL"], "normalize": True}
+    message = error_of(entity_dir, variant(validation={"erp": [rule]}))
+    assert "validation.erp.0.column: unknown CUST_MASTER column 'EMAIL'" in message
+
+
 def test_columns_checked_against_a_catalog_passed_in(entity_dir: Path) -> None:
     """A real environment validates against its own metadata: a column it has is accepted."""
     sandbox = Catalog.sandbox()

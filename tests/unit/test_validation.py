@@ -43,6 +43,7 @@ CURRENCY_RULE = (
 CREDIT_RULE = "expect_column_values_to_be_between(column=CREDIT_LIMIT, min_value=0.0)"
 UNIQUE_RULE = "expect_column_values_to_be_unique(column=CUST_NO)"
 NOT_NULL_RULE = "expect_column_values_to_not_be_null(column=CUST_NO)"
+SAME_CUSTOMER_RULE = "expect_column_values_to_be_unique(columns=[CUST_NAME, CUST_EMAIL_ID], normalized=True)"
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +172,29 @@ def test_every_duplicate_is_quarantined_for_a_human_to_pick(customers: EntitySpe
     result = validate(lenient(customers), "erp", rows, key_column="CUST_NO")
     keys = sorted(q.key for q in result.quarantined)
     assert keys == ["C000000003", "C000000003", "C000000007", "C000000007"]
-    assert {rule for q in result.quarantined for rule in (f.rule for f in q.failures)} == {UNIQUE_RULE}
+    assert {frozenset(f.rule for f in q.failures) for q in result.quarantined} == {
+        frozenset({UNIQUE_RULE, SAME_CUSTOMER_RULE})
+    }
     assert {q.row["CUST_NAME"] for q in result.quarantined if q.key == "C000000003"} == {
         "Customer 3",
         "CUSTOMER  3",
     }
+
+
+def test_legacy_duplicates_under_new_numbers_are_caught_after_normalising(customers: EntitySpec) -> None:
+    # What the ERP seeder plants: a copy under a new number, name in another case or spacing,
+    # e-mail upper-cased. The key is unique, so only the normalised compound rule can see it.
+    original = erp_row(4, CUST_NAME="Smith Trading Ltd")
+    copies = [
+        erp_row(40, CUST_NAME="SMITH TRADING LTD", CUST_EMAIL_ID=original["CUST_EMAIL_ID"].upper()),
+        erp_row(41, CUST_NAME=" Smith  Trading Ltd", CUST_EMAIL_ID=original["CUST_EMAIL_ID"]),
+    ]
+    namesake = erp_row(42, CUST_NAME="Smith Trading Ltd")  # same name, other e-mail: a real customer
+    rows = [*good_rows(3), original, *copies, namesake]
+    result = validate(lenient(customers), "erp", rows, key_column="CUST_NO")
+    same_customer = ("C000000004", "C000000040", "C000000041")
+    assert reasons(result) == {key: {SAME_CUSTOMER_RULE} for key in same_customer}
+    assert [q.row for q in result.quarantined] == [original, *copies]
 
 
 def test_nulls_are_only_caught_by_not_null(customers: EntitySpec) -> None:
@@ -338,7 +357,15 @@ def test_a_column_missing_from_the_batch_is_a_clear_error(customers: EntitySpec)
 
 def test_rule_text_names_the_gx_expectation_and_its_arguments(customers: EntitySpec) -> None:
     rules = [rule_text(e) for e in customers.validation.erp]
-    assert rules == [NOT_NULL_RULE, UNIQUE_RULE, NAME_RULE, EMAIL_RULE, CURRENCY_RULE, CREDIT_RULE]
+    assert rules == [
+        NOT_NULL_RULE,
+        UNIQUE_RULE,
+        SAME_CUSTOMER_RULE,
+        NAME_RULE,
+        EMAIL_RULE,
+        CURRENCY_RULE,
+        CREDIT_RULE,
+    ]
 
 
 @pytest.fixture(autouse=True)

@@ -234,7 +234,12 @@ def validate(
 def rule_text(expectation: Any) -> str:
     """``expect_column_values_to_match_regex(column=CUST_EMAIL_ID, regex='…')`` for a spec expectation."""
     gx_class, kwargs = expectation.gx()
-    args = [f"column={kwargs.pop('column')}"]
+    column = kwargs.pop("column")
+    if expectation.derived_column is None:
+        args = [f"column={column}"]
+    else:  # name what the spec says, not the helper column the validator built for GX
+        args = [f"columns=[{', '.join(expectation.columns())}]"]
+        args += ["normalized=True"] if expectation.normalize else []
     args += [f"{k}={_short(v)}" for k, v in kwargs.items() if v is not None]
     return f"{_snake(gx_class)}({', '.join(args)})"
 
@@ -276,18 +281,36 @@ def _evaluate(
 
 
 def _frame(batch: list[Mapping[str, Any]], keys: list[str], expectations: list[Any]) -> pd.DataFrame:
-    """Only the columns the suite and the key need, plus the row position."""
+    """Only the columns the suite and the key need, derived columns, and the row position."""
     import pandas as pd
 
-    needed = list(dict.fromkeys([*keys, *(e.column for e in expectations)]))
+    needed = list(dict.fromkeys([*keys, *(c for e in expectations for c in e.columns())]))
     missing = [c for c in needed if not any(c in r for r in batch)]  # stops at the first row that has it
     if missing:
         raise ExpectationError(
             f"batch has no column(s) {missing}; expectations use the side's extracted names"
         )
     frame = pd.DataFrame({c: [r.get(c) for r in batch] for c in needed})
+    for exp in expectations:
+        if exp.derived_column is not None:
+            frame[exp.derived_column] = _combined(frame, exp.columns(), exp.normalize)
     frame[_ROW] = range(len(batch))
     return frame
+
+
+def _combined(frame: pd.DataFrame, columns: Sequence[str], normalize: bool) -> list[Any]:
+    """One comparable value per row from several columns; None when every part is null."""
+    fold = _normalized if normalize else _as_text
+    rows = zip(*(frame[c] for c in columns), strict=True)
+    return [None if all(v is None for v in row) else "\x1f".join(fold(v) for v in row) for row in rows]
+
+
+def _as_text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _normalized(value: Any) -> str:
+    return " ".join(_as_text(value).split()).casefold()
 
 
 def _coerce_numeric(frame: pd.DataFrame, column: str) -> list[int]:
