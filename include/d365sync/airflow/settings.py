@@ -15,6 +15,7 @@ parse. Every setting has a default that makes the embedded demo work with nothin
 ``D365SYNC_TASK_RETRIES``              task retries (3), exponential backoff from
 ``D365SYNC_RETRY_DELAY_SECONDS``       (30) up to ``D365SYNC_MAX_RETRY_DELAY_SECONDS`` (900)
 ``D365SYNC_DEADLINE_MINUTES``          run deadline; default: the schedule's period, 5 to 120 min
+``D365SYNC_DEADLINE_ALERTS``           ``false`` drops the DeadlineAlert (the runner does, see there)
 ``D365SYNC_DYNAMICS_POOL``             pool capping tasks that call Dataverse (``dynamics_api``)
 ``D365SYNC_DYNAMICS_POOL_SLOTS``       its size when the runner or ``make demo`` creates it (2)
 ``D365SYNC_ALERT_WEBHOOK_URL``         alerts to a webhook (off when empty)
@@ -104,6 +105,10 @@ def retries() -> Retries:
 def deadline_override() -> timedelta | None:
     minutes = _number("D365SYNC_DEADLINE_MINUTES", 0)
     return timedelta(minutes=minutes) if minutes > 0 else None
+
+
+def deadline_alerts() -> bool:
+    return _env("D365SYNC_DEADLINE_ALERTS", "true").lower() not in ("0", "false", "no", "off")
 
 
 def dynamics_pool() -> tuple[str, int]:

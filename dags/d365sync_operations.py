@@ -1,0 +1,7 @@
+"""``reconcile`` (nightly), ``replay_dead_letters`` and ``apply_review_decisions`` (manual, with Params)."""
+
+from __future__ import annotations
+
+from d365sync.airflow.dag_factory import operations_dags
+
+globals().update(operations_dags())

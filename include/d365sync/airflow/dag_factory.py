@@ -1,0 +1,334 @@
+"""Build one Airflow DAG per entity file, plus the operations DAGs, from the specs alone.
+
+Parse-time budget: this module and the DAG files import only the Task SDK, the spec models
+(pydantic + yaml) and the stdlib. Task bodies import :mod:`d365sync.airflow.tasks` lazily, and
+that module imports the engine (pandas, pyarrow, GX, SDK clients) inside its functions.
+
+Per entity DAG ``sync_<entity>``:
+
+* ``CronDataIntervalTimetable(spec.schedule, timezone="UTC")``: real data intervals, which a
+  backfill turns into ``modifiedon`` / cursor windows; ``catchup=False``, ``max_active_runs=1``;
+* an entity that looks up another synced entity (orders → customers) also runs when that entity's
+  ``commit_state`` emits its :class:`Asset` (``AssetOrTimeSchedule``): parked children are then
+  released promptly, and the engine parks rather than fails orders whose customer is missing;
+* retries with exponential backoff; :class:`SyncRetryPolicy` fails at once on errors a
+  retry cannot fix (bad spec, rejected credentials, validation threshold exceeded) — 429s are
+  absorbed inside the Dataverse client, so they never burn task retries;
+* ``pool="dynamics_api"`` on the tasks that call Dataverse;
+* a deadline alert (``DAGRUN_QUEUED_AT`` + the schedule's period, 5 to 120 min) and an
+  ``on_failure_callback`` (both off unless a channel is configured).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import (
+    DAG,
+    Asset,
+    AssetOrTimeSchedule,
+    AsyncCallback,
+    CronDataIntervalTimetable,
+    DeadlineAlert,
+    DeadlineReference,
+    Param,
+    task,
+)
+
+from d365sync.airflow import alerts, settings
+from d365sync.airflow.docs import entity_doc_md
+from d365sync.airflow.retry import SyncRetryPolicy
+from d365sync.spec import EntityLookup, EntitySpec, load_entities
+
+ENTITIES_DIR = Path(__file__).resolve().parents[2] / "entities"
+DAG_PREFIX = "sync_"
+TAGS = ("d365sync",)
+DYNAMICS_TASKS = frozenset({"extract_dynamics", "transform", "load_dynamics"})
+MIN_DEADLINE, MAX_DEADLINE = timedelta(minutes=5), timedelta(minutes=120)
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def entities_dir() -> Path:
+    return Path(os.environ.get("D365SYNC_ENTITIES_DIR") or ENTITIES_DIR)
+
+
+@cache
+def load_specs(directory: str | None = None) -> dict[str, EntitySpec]:
+    """Every entity spec, validated together (cached per process: parse and tasks share it)."""
+    return load_entities(directory or entities_dir())
+
+
+def upstream_of(spec: EntitySpec) -> list[str]:
+    """Entities this one looks up through their key maps (orders → customers)."""
+    return sorted({lk.entity for lk in spec.lookups.values() if isinstance(lk, EntityLookup)} - {spec.name})
+
+
+def entity_order(specs: Mapping[str, EntitySpec]) -> list[str]:
+    """Entity names in dependency order (parents first), alphabetical among equals."""
+    done: list[str] = []
+    pending = dict(sorted(specs.items()))
+    while pending:
+        ready = [n for n, s in pending.items() if all(u in done or u not in specs for u in upstream_of(s))]
+        if not ready:
+            raise ValueError(f"entity lookups form a cycle: {sorted(pending)}")
+        done.append(ready[0])
+        del pending[ready[0]]
+    return done
+
+
+def dag_id_for(entity: str) -> str:
+    return f"{DAG_PREFIX}{entity}"
+
+
+def entity_asset(entity: str) -> Asset:
+    """Emitted by ``commit_state`` of the entity's DAG: its key map and base just moved."""
+    return Asset(name=f"d365sync_{entity}", uri=f"d365sync://entities/{entity}", group="d365sync")
+
+
+def schedule_for(spec: EntitySpec) -> Any:
+    timetable = CronDataIntervalTimetable(spec.schedule, timezone="UTC")
+    upstream = upstream_of(spec)
+    if not upstream:
+        return timetable
+    assets = [entity_asset(u) for u in upstream]
+    condition = assets[0] if len(assets) == 1 else _any(assets)
+    return AssetOrTimeSchedule(timetable=timetable, assets=condition)
+
+
+def _any(assets: list[Asset]) -> Any:
+    from airflow.sdk import AssetAny
+
+    return AssetAny(*assets)
+
+
+def schedule_period(cron: str) -> timedelta:
+    """Time between two consecutive fire times of a cron expression."""
+    from croniter import croniter
+
+    it = croniter(cron, START)
+    first = it.get_next(datetime)
+    return it.get_next(datetime) - first
+
+
+def deadline_for(spec: EntitySpec, dag_id: str) -> DeadlineAlert:
+    interval = settings.deadline_override() or min(
+        max(schedule_period(spec.schedule), MIN_DEADLINE), MAX_DEADLINE
+    )
+    return DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
+        interval=interval,
+        callback=AsyncCallback(alerts.on_deadline_missed, kwargs={"dag_id": dag_id}),
+    )
+
+
+def default_args() -> dict[str, Any]:
+    r = settings.retries()
+    return {
+        "owner": "d365sync",
+        "retries": r.retries,
+        "retry_delay": r.delay,
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": r.max_delay,
+        "retry_policy": SyncRetryPolicy(),
+        "on_failure_callback": alerts.on_task_failure,
+    }
+
+
+ENTITY_PARAMS = {
+    "window_start": Param(
+        None, type=["null", "string"], description="Re-sync changes from this ISO time (with window_end)."
+    ),
+    "window_end": Param(None, type=["null", "string"], description="…up to this ISO time (exclusive)."),
+    "dry_run": Param(False, type="boolean", description="Plan only: write nothing anywhere."),
+}
+
+
+# ------------------------------------------------------------------------------ entity DAGs
+def build_entity_dag(spec: EntitySpec) -> DAG:
+    """``extract_dynamics ∥ extract_erp → validate → transform → resolve → load_erp ∥ load_dynamics
+    → commit_state → report``; every body is one call into :mod:`d365sync.airflow.tasks`."""
+    entity, dag_id = spec.name, dag_id_for(spec.name)
+    pool = settings.dynamics_pool()[0]
+    with DAG(
+        dag_id=dag_id,
+        schedule=schedule_for(spec),
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        default_args=default_args(),
+        tags=[*TAGS, "entity", entity],
+        doc_md=entity_doc_md(spec, upstream_of(spec)),
+        description=(spec.description.strip().split(". ")[0])[:200] or None,
+        deadline=deadline_for(spec, dag_id) if settings.deadline_alerts() else None,
+        params=ENTITY_PARAMS,
+        render_template_as_native_obj=False,
+    ) as dag:
+
+        def pooled(task_id: str) -> dict[str, Any]:
+            return {"task_id": task_id, "pool": pool} if task_id in DYNAMICS_TASKS else {"task_id": task_id}
+
+        @task(**pooled("extract_dynamics"))
+        def extract_dynamics() -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.extract(entity, "dynamics")
+
+        @task(**pooled("extract_erp"))
+        def extract_erp() -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.extract(entity, "erp")
+
+        @task(**pooled("validate"))
+        def validate(dynamics: dict[str, Any], erp: dict[str, Any]) -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.validate(entity, {"dynamics": dynamics, "erp": erp})
+
+        @task(**pooled("transform"))
+        def transform(validated: dict[str, Any]) -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.transform(entity, validated)
+
+        @task(**pooled("resolve"))
+        def resolve(transformed: dict[str, Any]) -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.resolve(entity, transformed)
+
+        @task(**pooled("load_erp"))
+        def load_erp(resolved: dict[str, Any]) -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.load(entity, "erp", resolved)
+
+        @task(**pooled("load_dynamics"))
+        def load_dynamics(resolved: dict[str, Any]) -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.load(entity, "dynamics", resolved)
+
+        @task(**pooled("commit_state"), outlets=[entity_asset(entity)])
+        def commit_state(
+            resolved: dict[str, Any], erp: dict[str, Any], dynamics: dict[str, Any]
+        ) -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.commit(entity, resolved, {"erp": erp, "dynamics": dynamics})
+
+        @task(**pooled("report"))
+        def report(committed: dict[str, Any]) -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.report(entity, committed)
+
+        resolved = resolve(transform(validate(extract_dynamics(), extract_erp())))
+        report(commit_state(resolved, load_erp(resolved), load_dynamics(resolved)))
+    return dag
+
+
+# -------------------------------------------------------------------------- operations DAGs
+def _ops_dag(dag_id: str, doc: str, params: dict[str, Param], schedule: Any = None) -> DAG:
+    return DAG(
+        dag_id=dag_id,
+        schedule=schedule,
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        default_args=default_args(),
+        tags=[*TAGS, "operations"],
+        doc_md=doc,
+        params=params,
+    )
+
+
+def build_reconcile_dag(specs: Mapping[str, EntitySpec]) -> DAG:
+    """Nightly: full compare per entity by hash, drift report, repairs queued for the next run."""
+    doc = (
+        "# Reconcile\n\nNightly full comparison of both systems, per entity, by record hash, streamed in "
+        "chunks. Writes a drift report (records that differ and why) under the staging root and queues "
+        "repairs in the state store; the next entity run applies them. Catches changes that bypassed the "
+        "cursors, such as direct SQL updates without `LAST_UPD`.\n\nEntities: "
+        + ", ".join(f"`{e}`" for e in entity_order(specs))
+    )
+    params = {
+        "entities": Param(sorted(specs), type="array", description="Entities to compare."),
+        "queue_repairs": Param(True, type="boolean", description="Queue repairs for the next run."),
+    }
+    cron = CronDataIntervalTimetable("30 2 * * *", timezone="UTC")
+    with _ops_dag("reconcile", doc, params, cron) as dag:
+        pool = settings.dynamics_pool()[0]
+        for entity in entity_order(specs):
+
+            @task(task_id=f"reconcile_{entity}", pool=pool)
+            def reconcile_entity(name: str = entity) -> dict[str, Any]:
+                from d365sync.airflow import tasks
+
+                return tasks.reconcile(name)
+
+            reconcile_entity()
+    return dag
+
+
+def build_replay_dag(specs: Mapping[str, EntitySpec]) -> DAG:
+    doc = (
+        "# Replay dead letters\n\nManual run: pick an entity and (optionally) record keys. The selected "
+        "dead letters become due at once; the next run of the entity re-injects them. Trigger the entity "
+        "DAG afterwards (or wait for its schedule)."
+    )
+    params = {
+        "entity": Param(sorted(specs)[0], type="string", enum=sorted(specs), description="Entity."),
+        "keys": Param([], type="array", description="Record keys; empty = every pending dead letter."),
+    }
+    with _ops_dag("replay_dead_letters", doc, params) as dag:
+
+        @task(task_id="replay_dead_letters")
+        def replay() -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.replay_dead_letters()
+
+        replay()
+    return dag
+
+
+def build_review_dag(specs: Mapping[str, EntitySpec]) -> DAG:
+    doc = (
+        "# Apply review decisions\n\nManual run: decide open review items of an entity — keep the Dynamics "
+        "value, the ERP value, or the base — by review id. The next entity run writes the decided values."
+    )
+    params = {
+        "entity": Param(sorted(specs)[0], type="string", enum=sorted(specs), description="Entity."),
+        "review_ids": Param([], type="array", description="Review ids to decide."),
+        "decision": Param("dynamics", type="string", enum=["dynamics", "erp", "base"], description="Winner."),
+        "decided_by": Param("airflow-ui", type="string", description="Who decided (audit log)."),
+    }
+    with _ops_dag("apply_review_decisions", doc, params) as dag:
+
+        @task(task_id="apply_review_decisions")
+        def apply() -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.apply_review_decisions()
+
+        apply()
+    return dag
+
+
+def entity_dags() -> dict[str, DAG]:
+    """``{dag_id: DAG}`` for every entity file, in dependency order."""
+    specs = load_specs()
+    return {dag_id_for(name): build_entity_dag(specs[name]) for name in entity_order(specs)}
+
+
+def operations_dags() -> dict[str, DAG]:
+    """``reconcile`` (nightly), ``replay_dead_letters`` and ``apply_review_decisions`` (manual)."""
+    specs = load_specs()
+    dags = [build(specs) for build in (build_reconcile_dag, build_replay_dag, build_review_dag)]
+    return {dag.dag_id: dag for dag in dags}

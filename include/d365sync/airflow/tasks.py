@@ -1,0 +1,299 @@
+"""The bodies of the DAGs' tasks: Airflow context in, one engine stage call, a small manifest out.
+
+Each function rebuilds a :class:`~d365sync.engine.stages.context.RunContext` from the task's
+context (run id, data interval, params) and the three connections, calls one stage of
+:mod:`d365sync.engine.pipeline`, and returns the stage's manifest (file names and counts — XCom
+never carries rows). The engine does the work; nothing here is business logic.
+
+Heavy modules (pandas, pyarrow, GX, the Dataverse client) are imported inside the functions, so
+importing this module at DAG-parse time costs nothing.
+
+Runs and windows:
+
+* a scheduled or manual run is incremental (delta token / cursor), whatever its data interval;
+* a **backfill** run (``run_type == "backfill"``) re-reads its data interval as a ``modifiedon``
+  window on Dynamics and a cursor window on the ERP; the store stages its watermarks as
+  ``backfill=True``, so the live delta token and cursor never move backwards;
+* ``params.window_start`` / ``window_end`` turn a manual run into the same kind of window run;
+* ``logical_date`` may be None (manual runs): nothing here reads it; the run time, when needed,
+  is ``context.get("data_interval_start") or dag_run.run_after``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from datetime import datetime
+from typing import Any
+
+from d365sync.airflow import settings
+from d365sync.airflow.staging import finish_run, staging_root
+
+log = logging.getLogger(__name__)
+STAGE_TASKS = (
+    "extract_dynamics",
+    "extract_erp",
+    "validate",
+    "transform",
+    "resolve",
+    "load_erp",
+    "load_dynamics",
+)
+
+
+# ------------------------------------------------------------------------------ context
+def airflow_context() -> Any:
+    from airflow.sdk import get_current_context
+
+    return get_current_context()
+
+
+def run_time(context: Mapping[str, Any]) -> datetime:
+    """The run's reference time; manual runs may have no logical date or data interval."""
+    return context.get("data_interval_start") or context["dag_run"].run_after
+
+
+def window_of(context: Mapping[str, Any]) -> Any:
+    """The backfill window of this run, or None for an incremental run."""
+    from d365sync.engine.stages.context import Window
+
+    params = context.get("params") or {}
+    if params.get("window_start") and params.get("window_end"):
+        return Window(_aware(params["window_start"]), _aware(params["window_end"]))
+    run = context["dag_run"]
+    if str(getattr(run, "run_type", "")) in ("backfill", "DagRunType.BACKFILL_JOB"):
+        start, end = context.get("data_interval_start"), context.get("data_interval_end")
+        if start is not None and end is not None:
+            return Window(start, end)
+    return None
+
+
+def _aware(text: str) -> datetime:
+    from d365sync.engine.stages.context import aware
+
+    value = aware(text)
+    if value is None:
+        raise ValueError(f"not an ISO date/time: {text!r}")
+    return value
+
+
+def _engine_conn(conn_id: str) -> Any:
+    """An Airflow connection (any secrets backend) as the engine's plain :class:`Conn`."""
+    from airflow.sdk import BaseHook
+
+    from d365sync.engine.connections import Conn
+
+    c = BaseHook.get_connection(conn_id)
+    return Conn(
+        conn_id,
+        c.conn_type or "",
+        c.host or "",
+        c.login or "",
+        c.password or "",
+        c.schema or "",
+        c.port,
+        c.extra_dejson,
+    )
+
+
+@contextmanager
+def clients() -> Iterator[tuple[Any, Any, Any]]:
+    """(Dataverse client, ERP client, state store) from the configured connections, closed after."""
+    from d365sync.airflow.erp_hook import ErpOdbcHook
+    from d365sync.airflow.hook import DynamicsWebApiHook
+    from d365sync.engine.connections import state_url
+    from d365sync.engine.state import StateStore
+
+    conns = settings.connections()
+    with ExitStack() as stack:
+        dynamics = DynamicsWebApiHook(conns.dynamics).get_conn()
+        stack.callback(dynamics.close)
+        erp = stack.enter_context(ErpOdbcHook(erp_conn_id=conns.erp).get_client())
+        url, schema = state_url(_engine_conn(conns.state))
+        store = stack.enter_context(StateStore.open(url, schema=schema))
+        yield dynamics, erp, store
+
+
+@contextmanager
+def run_context(entity: str) -> Iterator[Any]:
+    """The engine's RunContext for this task instance."""
+    from d365sync.airflow.dag_factory import load_specs
+    from d365sync.engine.stages.context import RunContext
+
+    context = airflow_context()
+    run = context["dag_run"]
+    params = context.get("params") or {}
+    with clients() as (dynamics, erp, store):
+        ctx = RunContext(
+            spec=load_specs()[entity],
+            dynamics=dynamics,
+            erp=erp,
+            store=store,
+            staging_root=staging_root(run.dag_id),
+            run_id=run.run_id,
+            dry_run=bool(params.get("dry_run")),
+            window=window_of(context),
+            actor=f"airflow:{run.dag_id}",
+        )
+        yield ctx
+        _log_requests(ctx)
+
+
+def _log_requests(ctx: Any) -> None:
+    counters = getattr(ctx.dynamics, "counters", None)
+    if counters is not None:
+        log.info("Dataverse: %s", counters.snapshot())
+
+
+def _with_requests(manifest: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    counters = getattr(ctx.dynamics, "counters", None)
+    snap = counters.snapshot() if counters is not None else {}
+    manifest["dataverse"] = {
+        "requests": int(snap.get("requests", 0)),
+        "tokens": int(snap.get("token_acquisitions", 0)),
+    }
+    return manifest
+
+
+def _fault(task: str) -> None:
+    """Test hook: ``D365SYNC_FAULT=<task>`` kills this process mid-stage (after its first write)."""
+    if os.environ.get("D365SYNC_FAULT") == task:
+        log.warning("D365SYNC_FAULT: killing the task process in %s", task)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -------------------------------------------------------------------------------- stages
+def extract(entity: str, side: str) -> dict[str, Any]:
+    from d365sync.engine.stages import extract as stage
+
+    with run_context(entity) as ctx:
+        if not ctx.dry_run:
+            ctx.store.start_run(ctx.run_id, entity)  # idempotent: both extracts open the same report
+        return _with_requests(stage(ctx, side), ctx)
+
+
+def validate(entity: str, extracts: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    from d365sync.engine.stages import validate as stage
+
+    with run_context(entity) as ctx:
+        return _with_requests(stage(ctx, extracts), ctx)
+
+
+def transform(entity: str, validated: dict[str, Any]) -> dict[str, Any]:
+    from d365sync.engine.stages import transform as stage
+
+    with run_context(entity) as ctx:
+        return _with_requests(stage(ctx, validated), ctx)
+
+
+def resolve(entity: str, transformed: dict[str, Any]) -> dict[str, Any]:
+    from d365sync.engine.stages import resolve as stage
+
+    with run_context(entity) as ctx:
+        return _with_requests(stage(ctx, transformed), ctx)
+
+
+def load(entity: str, side: str, resolved: dict[str, Any]) -> dict[str, Any]:
+    from d365sync.engine.stages import load as stage
+
+    with run_context(entity) as ctx:
+        if ctx.dry_run:
+            return {"side": side, "dry_run": True, "results": [], "counts": {}, "failed": 0}
+        manifest = stage(ctx, resolved, side)
+        _fault(f"load_{side}")
+        return _with_requests(manifest, ctx)
+
+
+def commit(entity: str, resolved: dict[str, Any], loads: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    from d365sync.engine.stages import commit as stage
+
+    with run_context(entity) as ctx:
+        if ctx.dry_run:
+            return {"dry_run": True}
+        return _with_requests(stage(ctx, resolved, loads), ctx)
+
+
+def report(entity: str, committed: dict[str, Any]) -> dict[str, Any]:
+    """The run summary (one row of ``make sync``'s table) into the run report, then staging cleanup."""
+    context = airflow_context()
+    ti, run = context["ti"], context["dag_run"]
+    manifests = {t: ti.xcom_pull(task_ids=t) or {} for t in STAGE_TASKS}
+    manifests["commit_state"] = committed
+    dry_run = bool((context.get("params") or {}).get("dry_run"))
+    summary = summarize(entity, manifests, dry_run)
+    if not dry_run:
+        with clients() as (_dv, _erp, store):
+            store.finish_run(run.run_id, entity, "success", summary["counts"])
+    summary["run_time"] = run_time(context).isoformat()
+    summary["window"] = window_of(context) is not None
+    summary["staging"] = finish_run(run.dag_id, run.run_id)
+    log.info("summary: %s", summary)
+    return summary
+
+
+def summarize(entity: str, by_task: Mapping[str, Mapping[str, Any]], dry_run: bool = False) -> dict[str, Any]:
+    """Flat counts (the engine's own RunResult.counts) plus Dataverse requests summed over tasks."""
+    from types import SimpleNamespace
+
+    from d365sync.engine.pipeline import Plan, RunResult
+
+    m: dict[str, Any] = {
+        "extract": {"dynamics": by_task["extract_dynamics"], "erp": by_task["extract_erp"]},
+        "validate": by_task["validate"],
+        "transform": by_task["transform"],
+        "resolve": by_task["resolve"],
+    }
+    if not dry_run:
+        m["load"] = {"erp": by_task["load_erp"], "dynamics": by_task["load_dynamics"]}
+        m["commit"] = by_task.get("commit_state") or {}
+    plan = Plan.of(SimpleNamespace(entity=entity, dry_run=dry_run), m)  # type: ignore[arg-type]
+    counts = dict(RunResult("", plan, m, {}).counts)
+    requests = sum(int((b.get("dataverse") or {}).get("requests", 0)) for b in by_task.values())
+    tokens = sum(int((b.get("dataverse") or {}).get("tokens", 0)) for b in by_task.values())
+    counts |= {"dataverse_requests": requests, "token_requests": tokens}
+    resolutions: dict[str, int] = {}
+    for item in plan.resolved:
+        label = f"{item.get('winner')} wins"
+        resolutions[label] = resolutions.get(label, 0) + 1
+    return {"entity": entity, "dry_run": dry_run, "counts": counts, "resolutions": resolutions}
+
+
+# ---------------------------------------------------------------------------- operations
+def reconcile(entity: str) -> dict[str, Any]:
+    from d365sync.engine import reconcile as engine
+
+    context = airflow_context()
+    params = context.get("params") or {}
+    if entity not in (params.get("entities") or [entity]):
+        return {"entity": entity, "skipped": True}
+    with run_context(entity) as ctx:
+        report_dir = staging_root("reconcile") / "reports"
+        result = engine.reconcile(ctx, report_dir, queue_repairs=bool(params.get("queue_repairs", True)))
+        return _with_requests(result, ctx)
+
+
+def replay_dead_letters() -> dict[str, Any]:
+    from d365sync.engine import pipeline
+
+    params = airflow_context()["params"]
+    with clients() as (_, _erp, store):
+        return pipeline.replay_dead_letters(
+            store, params["entity"], params.get("keys") or [], by="airflow-ui"
+        )
+
+
+def apply_review_decisions() -> dict[str, Any]:
+    from d365sync.engine import pipeline
+
+    params = airflow_context()["params"]
+    with clients() as (_, _erp, store):
+        return pipeline.apply_review_decisions(
+            store,
+            params["entity"],
+            params.get("review_ids") or [],
+            params["decision"],
+            by=params["decided_by"],
+        )

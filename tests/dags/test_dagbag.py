@@ -1,0 +1,185 @@
+"""The DAG files: they import cleanly and cheaply, and every DAG is what an operator expects."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.dags.conftest import DAGS_FOLDER
+
+HEAVY = (
+    "pandas",
+    "pyarrow",
+    "great_expectations",
+    "msal",
+    "azure.identity",
+    "azure.storage",
+    "pyodbc.drivers",
+)
+ENTITY_TASKS = [
+    "extract_dynamics",
+    "extract_erp",
+    "validate",
+    "transform",
+    "resolve",
+    "load_erp",
+    "load_dynamics",
+    "commit_state",
+    "report",
+]
+
+
+@pytest.fixture(scope="module")
+def dagbag() -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAGS_FOLDER))
+
+
+def test_no_import_errors_and_all_dags_present(dagbag: Any) -> None:
+    assert dagbag.import_errors == {}
+    entities = sorted(p.stem for p in (DAGS_FOLDER.parent / "include" / "entities").glob("[!_]*.yaml"))
+    expected = {f"sync_{e}" for e in entities} | {
+        "reconcile",
+        "replay_dead_letters",
+        "apply_review_decisions",
+    }
+    assert set(dagbag.dags) == expected
+
+
+def test_every_dag_has_tags_retries_one_active_run_and_docs(dagbag: Any) -> None:
+    for dag_id, dag in dagbag.dags.items():
+        assert dag.tags and "d365sync" in dag.tags, dag_id
+        assert dag.max_active_runs == 1, dag_id
+        assert dag.catchup is False, dag_id
+        assert dag.doc_md and len(dag.doc_md) > 100, dag_id
+        for t in dag.tasks:
+            assert t.retries >= 1, (dag_id, t.task_id)
+            assert t.retry_exponential_backoff == 2.0, (dag_id, t.task_id)
+            assert t.retry_policy is not None and t.on_failure_callback, (dag_id, t.task_id)
+
+
+def test_entity_dag_shape(dagbag: Any) -> None:
+    from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable
+
+    dag = dagbag.dags["sync_customers"]
+    assert sorted(t.task_id for t in dag.tasks) == sorted(ENTITY_TASKS)
+    up = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
+    assert up["validate"] == ["extract_dynamics", "extract_erp"]
+    assert up["load_erp"] == up["load_dynamics"] == ["resolve"]
+    assert up["commit_state"] == ["load_dynamics", "load_erp", "resolve"]
+    assert up["report"] == ["commit_state"]
+    pools = {t.task_id: t.pool for t in dag.tasks}
+    assert {k for k, v in pools.items() if v == "dynamics_api"} == {
+        "extract_dynamics",
+        "transform",
+        "load_dynamics",
+    }
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)
+    assert dag.timetable.expression == "*/10 * * * *"
+    outlets = dag.get_task("commit_state").outlets
+    assert [a.uri for a in outlets] == ["d365sync://entities/customers"]
+    orders = dagbag.dags["sync_orders"].timetable
+    assert isinstance(orders, AssetOrTimeSchedule)
+    assert "d365sync://entities/customers" in repr(orders.asset_condition)
+
+
+def test_doc_md_shows_ownership_mapping_and_policies(dagbag: Any) -> None:
+    doc = dagbag.dags["sync_customers"].doc_md
+    assert "## Ownership and conflict policies" in doc and "## Mapping" in doc
+    assert "| `credit_limit` | erp | creditlimit | CREDIT_LIMIT | owner_wins" in doc
+    assert "last_write_wins (skew 120s, winner dynamics)" in doc
+    assert "email(max_length=80)" in doc
+    assert "Depends on" in dagbag.dags["sync_orders"].doc_md
+
+
+def test_operations_dags_take_params(dagbag: Any) -> None:
+    replay = dagbag.dags["replay_dead_letters"]
+    assert type(replay.timetable).__name__ == "NullTimetable"
+    assert set(replay.params) == {"entity", "keys"}
+    review = dagbag.dags["apply_review_decisions"]
+    assert set(review.params) == {"entity", "review_ids", "decision", "decided_by"}
+    reconcile = dagbag.dags["reconcile"]
+    assert {t.task_id for t in reconcile.tasks} >= {"reconcile_customers", "reconcile_orders"}
+
+
+def test_parsing_is_cheap_and_imports_nothing_heavy() -> None:
+    code = (
+        "import json, sys, time\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "t = time.perf_counter()\n"
+        f"bag = DagBag(dag_folder={str(DAGS_FOLDER)!r})\n"
+        "elapsed = time.perf_counter() - t\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "print(json.dumps({'seconds': elapsed, 'heavy': heavy, 'dags': len(bag.dags),\n"
+        "                  'errors': len(bag.import_errors)}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"parse time of every DAG file: {result['seconds']:.3f}s")
+    assert result["errors"] == 0 and result["dags"] >= 8
+    assert result["heavy"] == []
+    assert result["seconds"] < 1.0
+
+
+def test_entity_order_puts_parents_first() -> None:
+    from d365sync.airflow.dag_factory import entity_order, load_specs
+
+    order = entity_order(load_specs())
+    assert order.index("customers") < order.index("orders")
+
+
+def test_deadline_follows_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    from d365sync.airflow.dag_factory import deadline_for, load_specs, schedule_period
+
+    assert schedule_period("*/10 * * * *") == timedelta(minutes=10)
+    assert schedule_period("0 * * * *") == timedelta(hours=1)
+    monkeypatch.delenv("D365SYNC_DEADLINE_MINUTES", raising=False)
+    alert = deadline_for(load_specs()["customers"], "sync_customers")
+    assert alert.interval == timedelta(minutes=10)
+    assert alert.callback.path == "d365sync.airflow.alerts.on_deadline_missed"
+    assert type(alert.reference).__name__ == "DagRunQueuedAtDeadline"
+    monkeypatch.setenv("D365SYNC_DEADLINE_MINUTES", "45")
+    assert deadline_for(load_specs()["customers"], "sync_customers").interval == timedelta(minutes=45)
+
+
+def test_retry_policy_fails_fast_waits_out_throttling_and_backs_off_otherwise() -> None:
+    from airflow.sdk import RetryAction
+
+    from d365sync.airflow.retry import THROTTLED_DELAY, SyncRetryPolicy
+    from d365sync.dynamics.errors import DynamicsApiError, DynamicsAuthError
+    from d365sync.spec import SpecError
+
+    policy = SyncRetryPolicy()
+    assert policy.evaluate(SpecError(["bad"]), 1, 4).action is RetryAction.FAIL
+    assert policy.evaluate(DynamicsAuthError("no"), 1, 4).action is RetryAction.FAIL
+    throttled = policy.evaluate(DynamicsApiError(429, "", "slow down", "GET", "http://x"), 1, 4)
+    assert throttled.action is RetryAction.RETRY and throttled.retry_delay == THROTTLED_DELAY
+    assert policy.evaluate(ConnectionError("reset"), 1, 4).action is RetryAction.DEFAULT
+
+
+def test_staging_cleanup_respects_retention(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from d365sync.airflow import staging
+
+    monkeypatch.setenv("D365SYNC_STAGING_ROOT", f"file://{tmp_path}")
+    for run in ("run_a", "run_b"):
+        (tmp_path / "sync_x" / run / "customers").mkdir(parents=True)
+        (tmp_path / "sync_x" / run / "customers" / "0.parquet").write_bytes(b"x")
+    monkeypatch.setenv("D365SYNC_STAGING_RETENTION_HOURS", "24")
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    assert staging.finish_run("sync_x", "run_a", now=t0)["removed"] is False
+    assert (tmp_path / "sync_x" / "run_a" / "_committed").exists()
+    later = staging.finish_run("sync_x", "run_b", now=t0 + timedelta(hours=25))
+    assert later["swept"] == 1 and not (tmp_path / "sync_x" / "run_a").exists()
+    assert (tmp_path / "sync_x" / "run_b").exists()
+    monkeypatch.setenv("D365SYNC_STAGING_RETENTION_HOURS", "0")
+    assert staging.finish_run("sync_x", "run_b")["removed"] is True
+    assert not (tmp_path / "sync_x" / "run_b").exists()
