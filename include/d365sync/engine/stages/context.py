@@ -1,0 +1,147 @@
+"""What every stage of one entity run needs, and the small helpers they share.
+
+Why a context object: each Airflow task of the DAG issue rebuilds it from small inputs
+(entity name, run id, staging root, connections) and calls one stage; :func:`run_entity`
+builds it once and calls them all. Stages take the context plus the manifests of the stages
+before them (plain dicts of file names and counts) and return their own manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from d365sync.engine.merge import Base
+from d365sync.engine.staging import PathLike, Staging
+from d365sync.engine.state import Failure, StateStore
+
+if TYPE_CHECKING:
+    from d365sync.spec import EntitySpec
+
+Side = Literal["dynamics", "erp"]
+SIDES: tuple[Side, Side] = ("dynamics", "erp")
+Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Window:
+    """A backfill window [start, end): modifiedon on Dynamics, the cursor column on the ERP."""
+
+    start: datetime
+    end: datetime
+
+
+@dataclass
+class RunContext:
+    """One entity run: the spec, both clients, the state store, staging and the run's options.
+
+    ``dry_run`` makes every stage read-only: nothing is written to either system nor to the
+    state store (not even a staged watermark or a dead letter); the plan is all it produces.
+    """
+
+    spec: EntitySpec
+    dynamics: Any
+    erp: Any
+    store: StateStore
+    staging_root: PathLike | str
+    run_id: str = field(default_factory=lambda: f"manual__{datetime.now(UTC):%Y%m%dT%H%M%S%f}")
+    dry_run: bool = False
+    window: Window | None = None
+    chunk_size: int = 5000
+    actor: str = "d365sync"
+    validator: Any = None  # validate(spec, side, rows, key_column=...); default: GX (engine.validation)
+    _tctx: Any = None
+
+    @property
+    def transform_context(self) -> Any:
+        """One TransformContext per run: key-map lookups are cached across chunks and stages."""
+        if self._tctx is None:
+            from d365sync.engine.stages.lookups import transform_context
+
+            self._tctx = transform_context(self.spec, self.store, self.dynamics)
+        return self._tctx
+
+    @property
+    def entity(self) -> str:
+        return self.spec.name
+
+    @property
+    def staging(self) -> Staging:
+        return Staging(self.staging_root, self.run_id, self.entity)
+
+    @property
+    def backfill(self) -> bool:
+        return self.window is not None
+
+    def dead_letter(self, stage: str, failures: Iterable[Failure]) -> int:
+        """Queue failures, unless this is a dry run (which must leave the store untouched)."""
+        failures = list(failures)
+        if self.dry_run or not failures:
+            return len(failures)
+        return self.store.dead_letter(self.entity, stage, self.run_id, failures)
+
+
+# ------------------------------------------------------------------------- shared helpers
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(value: Any) -> datetime | None:
+    """Dataverse ISO text or ERP naive-UTC timestamps → aware UTC datetimes (None stays)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def norm_key(value: Any) -> str | None:
+    """Canonical keys compare as trimmed text (CHAR columns come back padded)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def bucket_of(key: str, buckets: int) -> int:
+    """Stable across processes (``hash`` is salted): both sides of a key meet in one bucket."""
+    digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % max(1, buckets)
+
+
+def base_to_dict(base: Base | None) -> dict[str, Any] | None:
+    if base is None:
+        return None
+    return {
+        "values": dict(base.values),
+        "dynamics_version": base.dynamics_version,
+        "erp_version": base.erp_version,
+        "dynamics_modified": base.dynamics_modified,
+        "erp_modified": base.erp_modified,
+        "deleted_on": base.deleted_on,
+    }
+
+
+def base_from_dict(data: Mapping[str, Any] | None) -> Base | None:
+    return None if data is None else Base(**data)
+
+
+def replay_payload(rows: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+    """What a dead letter or parked child keeps so a later run can re-inject the rows as extracted."""
+    return {"rows": [{"side": side, "row": dict(row)} for side, row in rows.items() if row is not None]}
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

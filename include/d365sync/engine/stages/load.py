@@ -1,0 +1,203 @@
+"""Load one side's writes from the plan, chunk by chunk, following the state store's crash contract.
+
+Per plan file (one bucket, so memory is bounded by the chunk size):
+
+1. ``reserve_keys`` for the records about to be created, *before* writing them, so a rerun after
+   a crash pairs the same keys and never creates a duplicate;
+2. write set-based and idempotently: Dataverse ``UpsertMultiple`` by alternate key (falls back to
+   a continue-on-error ``$batch`` that isolates bad rows), ERP staging table + ``ON CONFLICT`` /
+   ``MERGE`` per chunk, optimistic ``ROW_VER`` updates where the table has a version;
+3. per-record failures (and ERP version conflicts) go to the dead-letter queue with the raw rows
+   of both sides, so the record is replayed whole by a later run;
+4. ``save_base`` for the records whose only writes were on this side and succeeded; records
+   written on both sides get their base in ``commit`` once both loads are known to be done;
+5. every successful write is audited (field names plus masked before/after values).
+
+Results per plan file (``load/<side>/bNNNNN.parquet``): ``{"key", "ok", "id"}`` — ``id`` is the
+Dataverse GUID of a record this load created there. Manifest: ``{"side", "results", "counts",
+"failed"}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from d365sync.engine.stages.context import (
+    Manifest,
+    RunContext,
+    Side,
+    base_from_dict,
+    chunked,
+    norm_key,
+    replay_payload,
+)
+from d365sync.engine.state import AuditEntry, BaseRow, Failure, KeyPair
+
+ID_QUERY_CHUNK = 100
+
+
+def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
+    """Apply this side's writes; returns counts and the per-record results commit needs."""
+    if ctx.dry_run:
+        raise RuntimeError("load must not run in a dry run")
+    counts: dict[str, int] = {}
+    results, failed = [], 0
+    for name in resolved["files"]:
+        mine = [e for e in ctx.staging.read(name) if side in e["writes"]]
+        if not mine:
+            continue
+        outcome = _load_chunk(ctx, side, mine)
+        failed += sum(1 for ok in outcome.values() if not ok[0])
+        _after_chunk(ctx, side, mine, outcome, counts)
+        rows = [{"key": k, "ok": ok, "id": guid} for k, (ok, guid) in outcome.items()]
+        results.append(ctx.staging.write(f"load/{side}/{name.rsplit('/', 1)[-1]}", rows))
+    return {"side": side, "results": results, "counts": counts, "failed": failed}
+
+
+def _load_chunk(
+    ctx: RunContext, side: Side, entries: list[dict[str, Any]]
+) -> dict[str, tuple[bool, str | None]]:
+    creates = [e for e in entries if e["writes"][side]["op"] == "create"]
+    if creates:
+        pairs = [KeyPair(None if side == "dynamics" else e["dynamics_id"], e["key"]) for e in creates]
+        ctx.store.reserve_keys(ctx.entity, pairs, ctx.run_id)
+    errors: dict[str, str] = {}
+    ids: dict[str, str] = {}
+    if side == "dynamics":
+        _load_dynamics(ctx, entries, errors, ids)
+    else:
+        _load_erp(ctx, entries, errors)
+    _dead_letter(ctx, side, entries, errors)
+    return {e["key"]: (e["key"] not in errors, ids.get(e["key"])) for e in entries}
+
+
+def _after_chunk(
+    ctx: RunContext,
+    side: Side,
+    entries: list[dict[str, Any]],
+    outcome: Mapping[str, tuple[bool, str | None]],
+    counts: dict[str, int],
+) -> None:
+    """Base for one-sided records, audit for every successful write."""
+    done = [e for e in entries if outcome[e["key"]][0]]
+    solo = [e for e in done if len(e["writes"]) == 1]
+    rows = [
+        BaseRow(outcome[e["key"]][1] or e["dynamics_id"], e["key"], base_from_dict(e["base"]))
+        for e in solo
+        if e["base"]
+    ]
+    ctx.store.save_base(ctx.entity, rows, ctx.run_id)  # type: ignore[arg-type]
+    ctx.store.audit(ctx.run_id, ctx.entity, (_audit(side, e) for e in done), ctx.actor)
+    for e in done:
+        op = e["writes"][side]["op"]
+        counts[op] = counts.get(op, 0) + 1
+
+
+def _audit(side: Side, entry: Mapping[str, Any]) -> AuditEntry:
+    write = entry["writes"][side]
+    after = (entry["base"] or {}).get("values", {})
+    fields = write["fields"]
+    before = {f: entry["before"].get(f) for f in fields} if write["op"] != "create" else None
+    return AuditEntry(entry["key"], side, write["op"], fields, before, {f: after.get(f) for f in fields})
+
+
+def _dead_letter(
+    ctx: RunContext, side: Side, entries: list[dict[str, Any]], errors: Mapping[str, str]
+) -> None:
+    failures = [
+        Failure(
+            e["key"], f"load {side} {e['writes'][side]['op']}: {errors[e['key']]}", replay_payload(e["raw"])
+        )
+        for e in entries
+        if e["key"] in errors
+    ]
+    ctx.dead_letter("load", failures)
+
+
+# ---------------------------------------------------------------------------- Dynamics
+def _load_dynamics(
+    ctx: RunContext, entries: list[dict[str, Any]], errors: dict[str, str], ids: dict[str, str]
+) -> None:
+    d, client = ctx.spec.dynamics, ctx.dynamics
+    upserts = [e for e in entries if e["writes"]["dynamics"]["op"] in ("create", "update")]
+    payloads = [e["writes"]["dynamics"]["payload"] for e in upserts]
+    outcomes = client.upsert_many(d.entity_set, d.key, payloads, logical_name=d.table) if payloads else []
+    for entry, outcome in zip(upserts, outcomes, strict=True):
+        if not outcome.ok:
+            errors[entry["key"]] = f"HTTP {outcome.http_status} {outcome.code} {outcome.message}".strip()
+    created = [
+        e["key"] for e in upserts if e["writes"]["dynamics"]["op"] == "create" and e["key"] not in errors
+    ]
+    ids.update(_fetch_ids(ctx, created))
+    for entry in entries:
+        op = entry["writes"]["dynamics"]["op"]
+        if op in ("deactivate", "delete"):
+            _state_change(ctx, entry, op, errors)
+
+
+def _state_change(ctx: RunContext, entry: Mapping[str, Any], op: str, errors: dict[str, str]) -> None:
+    from d365sync.dynamics import DynamicsApiError
+
+    d, key = ctx.spec.dynamics, {ctx.spec.dynamics.key: entry["key"]}
+    try:
+        if op == "deactivate":
+            ctx.dynamics.deactivate(d.entity_set, key, d.inactive_state, d.inactive_status)
+        else:
+            ctx.dynamics.delete(d.entity_set, key)
+    except DynamicsApiError as exc:
+        if exc.status != 404:  # already gone: the goal of a deactivation or delete is met
+            errors[entry["key"]] = f"HTTP {exc.status} {exc.code}: {exc.message}"
+
+
+def _fetch_ids(ctx: RunContext, keys: Iterable[str]) -> dict[str, str]:
+    """GUIDs of records just created in Dataverse, so children can bind to them this run."""
+    from d365sync.dynamics.odata import literal
+
+    key_attr, primary = ctx.spec.dynamics.key, ctx.spec.dynamics_select[0]
+    found: dict[str, str] = {}
+    for chunk in chunked(keys, ID_QUERY_CHUNK):
+        where = " or ".join(f"{key_attr} eq {literal(k)}" for k in chunk)
+        for row in ctx.dynamics.iter_rows(ctx.spec.dynamics.entity_set, [primary, key_attr], filter=where):
+            found[norm_key(row.get(key_attr)) or ""] = str(row[primary]).lower()
+    return found
+
+
+# --------------------------------------------------------------------------------- ERP
+def _load_erp(ctx: RunContext, entries: list[dict[str, Any]], errors: dict[str, str]) -> None:
+    table = ctx.spec.erp_table_spec()
+    by_op: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        by_op.setdefault(entry["writes"]["erp"]["op"], []).append(entry)
+    for op, group in by_op.items():
+        if op in ("deactivate", "delete"):
+            keys = [(e["key"],) for e in group]
+            result = ctx.erp.deactivate(table, keys) if op == "deactivate" else ctx.erp.delete(table, keys)
+            _erp_errors(result, errors)
+        else:
+            _erp_writes(ctx, table, op, group, errors)
+
+
+def _erp_writes(
+    ctx: RunContext, table: Any, op: str, group: list[dict[str, Any]], errors: dict[str, str]
+) -> None:
+    """Rows grouped by column set (the client loads one shape per call); versioned updates are optimistic."""
+    version = table.version_column
+    shapes: dict[tuple[tuple[str, ...], bool], list[dict[str, Any]]] = {}
+    for entry in group:
+        write = entry["writes"]["erp"]
+        row = dict(write["payload"])
+        optimistic = op == "update" and version is not None and write["expected_version"] is not None
+        if optimistic:
+            row[version] = int(write["expected_version"])
+        shapes.setdefault((tuple(sorted(row)), optimistic), []).append(row)
+    for (_, optimistic), rows in shapes.items():
+        result = ctx.erp.update_if_unchanged(table, rows) if optimistic else ctx.erp.upsert(table, rows)
+        _erp_errors(result, errors)
+
+
+def _erp_errors(result: Any, errors: dict[str, str]) -> None:
+    for failure in result.failures:
+        errors[norm_key(failure.key[0]) or "?"] = failure.message
+    for conflict in result.conflicts:
+        errors[norm_key(conflict.key[0]) or "?"] = f"version conflict: {conflict}"

@@ -1,0 +1,301 @@
+"""Validate and transform: extracted rows → checked rows → canonical records in key buckets.
+
+Nothing is silently dropped. A row failing an expectation goes to the dead-letter queue (stage
+``validate``) with the failing rule; a row a transform refuses goes where its
+:class:`TransformError` disposition says: ``quarantine`` → dead letter (stage ``transform``),
+``manual_review`` → review queue (and a dead letter, so it is retried), ``park`` → parked
+children, retried automatically once the parent is synced. A record with any such problem on
+either side is *held*: resolve skips both of its sides this run, so a half-read record is never
+merged (a record quarantined on one side must not look like "missing there → create it").
+
+Canonical records are written into ``buckets`` by a stable hash of the key, both sides into
+the same bucket, so resolve can meet the two sides of every key holding one bucket in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from d365sync.engine.stages.context import (
+    SIDES,
+    Manifest,
+    RunContext,
+    Side,
+    aware,
+    bucket_of,
+    norm_key,
+    replay_payload,
+)
+from d365sync.engine.state import Failure, ParkedChild, ReviewItem
+from d365sync.engine.transforms import MissingParent, TransformError
+from d365sync.spec import EntityLookup
+
+MAX_SAMPLES = 50
+
+
+class RunValidationFailed(RuntimeError):
+    """The run's invalid share passed the entity's threshold; the rows are already quarantined."""
+
+    def __init__(self, summary: str, statistics: Mapping[str, Any]) -> None:
+        super().__init__(summary)
+        self.statistics = dict(statistics)
+
+
+# ----------------------------------------------------------------------------- validate
+def validate(ctx: RunContext, extracts: Mapping[str, Manifest]) -> Manifest:
+    """Run each side's expectations chunk by chunk; quarantine failing rows; fail past the threshold."""
+    out: Manifest = {"files": {}, "rows": {}, "quarantined": {}, "held": [], "samples": []}
+    for side in SIDES:
+        files, rows, bad = [], 0, 0
+        for i, entries in enumerate(ctx.staging.iter(extracts[side]["files"])):
+            kept, quarantined = _validate_chunk(ctx, side, entries)
+            files.append(ctx.staging.write(f"valid/{side}/{i:05d}.parquet", kept))
+            rows, bad = rows + sum(1 for e in entries if not e["deleted"]), bad + len(quarantined)
+            _quarantine(ctx, side, quarantined, out)
+        out["files"][side], out["rows"][side], out["quarantined"][side] = files, rows, bad
+    _check_threshold(ctx, out)
+    return out
+
+
+def _validate_chunk(
+    ctx: RunContext, side: Side, entries: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    live = [e for e in entries if not e["deleted"]]
+    if not live or not getattr(ctx.spec.validation, side):
+        return entries, []
+    result = _run_validator(ctx, side, [e["row"] for e in live])
+    failed = {id(q.row): q.reason for q in result.quarantined}
+    kept = [e for e in entries if e["deleted"] or id(e["row"]) not in failed]
+    return kept, [(e, failed[id(e["row"])]) for e in live if id(e["row"]) in failed]
+
+
+def _run_validator(ctx: RunContext, side: Side, rows: list[dict[str, Any]]) -> Any:
+    """The configured validator (GX by default); a chunk past the threshold still yields its rows."""
+    from d365sync.engine.validation import ValidationFailed
+    from d365sync.engine.validation import validate as gx_validate
+
+    key = ctx.spec.dynamics.key if side == "dynamics" else list(ctx.spec.erp_table_spec().key)
+    try:
+        return (ctx.validator or gx_validate)(ctx.spec, side, rows, key_column=key)
+    except ValidationFailed as exc:  # the run-level threshold is decided over all chunks
+        return exc.result
+
+
+def _quarantine(
+    ctx: RunContext, side: Side, quarantined: list[tuple[dict[str, Any], str]], out: Manifest
+) -> None:
+    failures = [
+        Failure(str(e["key"]), f"validation: {reason}", replay_payload({side: e["row"]}))
+        for e, reason in quarantined
+    ]
+    ctx.dead_letter("validate", failures)
+    out["held"] += [e["key"] for e, _ in quarantined]
+    room = MAX_SAMPLES - len(out["samples"])
+    out["samples"] += [{"side": side, "key": e["key"], "reason": r} for e, r in quarantined[:room]]
+
+
+def _check_threshold(ctx: RunContext, out: Manifest) -> None:
+    threshold = ctx.spec.validation.invalid_share_threshold
+    for side in SIDES:
+        rows, bad = out["rows"][side], out["quarantined"][side]
+        if rows and bad / rows > threshold:
+            summary = (
+                f"{ctx.entity}/{side}: {bad} of {rows} rows invalid ({bad / rows:.2%}, "
+                f"threshold {threshold:.2%}); e.g. {[s['reason'] for s in out['samples'][:3]]}"
+            )
+            raise RunValidationFailed(summary, {"rows": out["rows"], "quarantined": out["quarantined"]})
+
+
+# ---------------------------------------------------------------------------- transform
+def transform(ctx: RunContext, validated: Manifest) -> Manifest:
+    """Map every valid row to a canonical record; route refused rows by disposition."""
+    buckets = max(1, math.ceil(max(validated["rows"].values(), default=0) / ctx.chunk_size))
+    writer = _BucketWriter(ctx, buckets)
+    errors = _Errors(ctx)
+    for side in SIDES:
+        for chunk in _side_chunks(ctx, side, validated["files"][side]):
+            for record in _canonical(ctx, side, chunk, errors):
+                writer.add(record)
+    writer.flush()
+    errors.commit()
+    held = sorted({*validated.get("held", []), *errors.held} - {None})
+    return {"buckets": writer.files, "records": writer.count, "held": held, **errors.summary()}
+
+
+def _side_chunks(ctx: RunContext, side: Side, files: list[str]) -> Iterator[list[dict[str, Any]]]:
+    """Chunks of entries; aggregated entities (inventory) are grouped by key across chunk ends."""
+    entries = (e for chunk in ctx.staging.iter(files) for e in chunk)
+    if side == "erp" and ctx.spec.erp.grouped:
+        entries = _grouped(ctx, entries)
+    chunk: list[dict[str, Any]] = []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) >= ctx.chunk_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _grouped(ctx: RunContext, entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for key, group in itertools.groupby(entries, key=lambda e: (e["key"], e["deleted"])):
+        items = list(group)
+        if key[1]:
+            yield from items
+            continue
+        (row,) = list(ctx.spec.plan.group([e["row"] for e in items]))
+        yield {**items[-1], "row": row}
+
+
+def _canonical(
+    ctx: RunContext, side: Side, chunk: list[dict[str, Any]], errors: _Errors
+) -> Iterator[dict[str, Any]]:
+    deleted_keys = _keys_of_deleted(ctx, side, chunk)
+    plan, tctx = ctx.spec.plan, ctx.transform_context
+    for entry in chunk:
+        if entry["deleted"]:
+            key = entry["key"] or deleted_keys.get(entry["id"] or "")
+            if key is not None:
+                yield _record(ctx, side, entry, key, {}, deleted=True)
+            continue
+        try:
+            values = plan.to_canonical(side, entry["row"], tctx)
+        except TransformError as exc:
+            errors.add(side, entry, exc)
+            continue
+        key = norm_key(values.get(ctx.spec.key))
+        if key is not None:
+            yield _record(ctx, side, entry, key, values, deleted=_inactive(ctx, side, entry["row"]))
+
+
+def _keys_of_deleted(ctx: RunContext, side: Side, chunk: list[dict[str, Any]]) -> dict[str, str]:
+    """Dataverse reports a delete by GUID only: the key map knows which record it was."""
+    ids = [e["id"] for e in chunk if e["deleted"] and e["key"] is None and e["id"]]
+    if side != "dynamics" or not ids:
+        return {}
+    found = ctx.store.load_base(ctx.entity, "dynamics", ids)
+    return {guid: stored.erp_key for guid, stored in found.items() if stored.erp_key}
+
+
+def _inactive(ctx: RunContext, side: Side, row: Mapping[str, Any]) -> bool:
+    """A deactivated row counts as a delete on its side (the delete policy then applies)."""
+    if side == "dynamics":
+        return row.get("statecode") == ctx.spec.dynamics.inactive_state
+    table = ctx.spec.erp_table_spec()
+    status = table.status_column
+    return status is not None and _strip(row.get(status)) == table.inactive_status
+
+
+def _record(
+    ctx: RunContext, side: Side, entry: Mapping[str, Any], key: str, values: dict[str, Any], deleted: bool
+) -> dict[str, Any]:
+    row = entry["row"]
+    if side == "dynamics":
+        modified, version = row.get("modifiedon"), row.get("versionnumber")
+        guid = entry["id"] or (str(row.get(ctx.spec.dynamics_select[0]) or "").lower() or None)
+    else:
+        table = ctx.spec.erp_table_spec()
+        modified = row.get(table.cursor_column) if table.cursor_column else None
+        version = row.get(table.version_column) if table.version_column else None
+        guid = None
+    return {
+        "key": key,
+        "side": side,
+        "values": values,
+        "modified": aware(modified),
+        "version": None if version is None else str(version),
+        "deleted": deleted,
+        "id": guid,
+        "raw": row,
+        "replay": entry["replay"],
+    }
+
+
+def _strip(value: Any) -> Any:
+    return value.rstrip(" ") if isinstance(value, str) else value
+
+
+class _BucketWriter:
+    """Buffers canonical records per bucket; flushes all buckets when 4 chunks are held."""
+
+    def __init__(self, ctx: RunContext, buckets: int) -> None:
+        self.ctx, self.buckets = ctx, buckets
+        self.files: list[list[str]] = [[] for _ in range(buckets)]
+        self._buffers: list[list[dict[str, Any]]] = [[] for _ in range(buckets)]
+        self._held, self.count = 0, 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self._buffers[bucket_of(record["key"], self.buckets)].append(record)
+        self._held, self.count = self._held + 1, self.count + 1
+        if self._held >= 4 * self.ctx.chunk_size:
+            self.flush()
+
+    def flush(self) -> None:
+        for b, buffer in enumerate(self._buffers):
+            if buffer:
+                name = f"canonical/b{b:05d}/{len(self.files[b]):05d}.parquet"
+                self.files[b].append(self.ctx.staging.write(name, buffer))
+                self._buffers[b] = []
+        self._held = 0
+
+
+class _Errors:
+    """Collects transform failures by disposition and stores them once, at the end of the stage."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.failures: list[Failure] = []
+        self.reviews: list[ReviewItem] = []
+        self.parked: list[ParkedChild] = []
+        self.held: set[str] = set()
+        self.samples: list[dict[str, Any]] = []
+
+    def add(self, side: Side, entry: Mapping[str, Any], exc: TransformError) -> None:
+        key = norm_key(exc.key) or entry["key"] or "?"
+        payload = replay_payload({side: entry["row"]})
+        self.held.add(key)
+        disposition = exc.disposition
+        lookup = self.ctx.spec.lookups.get(getattr(exc, "target", ""))
+        if isinstance(exc, MissingParent) and isinstance(lookup, EntityLookup):
+            parent = str(exc.value)
+            self.parked.append(ParkedChild(key, lookup.entity, side, parent, payload, str(exc)))
+        elif disposition == "manual_review":
+            values = {"dynamics": None, "erp": None, side: _plain(exc.value)}
+            self.reviews.append(
+                ReviewItem(key, exc.field or "*", None, values["dynamics"], values["erp"], str(exc))
+            )
+            self.failures.append(Failure(key, f"transform (review): {exc}", payload))
+        else:
+            disposition = "quarantine"
+            self.failures.append(Failure(key, f"transform: {exc}", payload))
+        if len(self.samples) < MAX_SAMPLES:
+            self.samples.append({"side": side, "key": key, "disposition": disposition, "reason": str(exc)})
+
+    def commit(self) -> None:
+        if self.ctx.dry_run:
+            return
+        self.ctx.dead_letter("transform", self.failures)
+        if self.reviews:
+            self.ctx.store.open_reviews(self.ctx.entity, self.ctx.run_id, self.reviews)
+        if self.parked:
+            self.ctx.store.park_children(self.ctx.entity, self.ctx.run_id, self.parked)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "quarantined": len(self.failures) - len(self.reviews),
+            "review": len(self.reviews),
+            "parked": len(self.parked),
+            "parked_items": [
+                {"key": p.record_key, "parent": f"{p.parent_entity}:{p.parent_key}"}
+                for p in self.parked[:MAX_SAMPLES]
+            ],
+            "samples": self.samples,
+        }
+
+
+def _plain(value: Any) -> Any:
+    """TransformError.value is a bare ``object()`` sentinel when no value was given."""
+    return None if type(value) is object else value
