@@ -105,7 +105,7 @@ def _from_uri(conn_id: str, raw: str) -> Conn:
         host,
         unquote(parts.username or ""),
         unquote(parts.password or ""),
-        unquote(parts.path.lstrip("/")),
+        unquote(parts.path[1:] if parts.path.startswith("/") else parts.path),
         parts.port,
         extra,
     )
