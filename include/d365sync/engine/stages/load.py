@@ -20,7 +20,8 @@ Dataverse GUID of a record this load created there. Manifest: ``{"side", "result
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from d365sync.engine.stages.context import (
@@ -28,13 +29,14 @@ from d365sync.engine.stages.context import (
     RunContext,
     Side,
     base_from_dict,
-    chunked,
     norm_key,
+    now,
     replay_payload,
 )
 from d365sync.engine.state import AuditEntry, BaseRow, Failure, KeyPair
 
-ID_QUERY_CHUNK = 100
+ID_QUERY_CHUNK = 20
+CLOCK_MARGIN = timedelta(minutes=5)
 
 
 def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
@@ -119,7 +121,7 @@ def _dead_letter(
 def _load_dynamics(
     ctx: RunContext, entries: list[dict[str, Any]], errors: dict[str, str], ids: dict[str, str]
 ) -> None:
-    d, client = ctx.spec.dynamics, ctx.dynamics
+    d, client, started = ctx.spec.dynamics, ctx.dynamics, now()
     upserts = [e for e in entries if e["writes"]["dynamics"]["op"] in ("create", "update")]
     payloads = [e["writes"]["dynamics"]["payload"] for e in upserts]
     outcomes = client.upsert_many(d.entity_set, d.key, payloads, logical_name=d.table) if payloads else []
@@ -129,7 +131,7 @@ def _load_dynamics(
     created = [
         e["key"] for e in upserts if e["writes"]["dynamics"]["op"] == "create" and e["key"] not in errors
     ]
-    ids.update(_fetch_ids(ctx, created))
+    ids.update(_fetch_ids(ctx, created, started))
     for entry in entries:
         op = entry["writes"]["dynamics"]["op"]
         if op in ("deactivate", "delete"):
@@ -150,16 +152,27 @@ def _state_change(ctx: RunContext, entry: Mapping[str, Any], op: str, errors: di
             errors[entry["key"]] = f"HTTP {exc.status} {exc.code}: {exc.message}"
 
 
-def _fetch_ids(ctx: RunContext, keys: Iterable[str]) -> dict[str, str]:
-    """GUIDs of records just created in Dataverse, so children can bind to them this run."""
-    from d365sync.dynamics.odata import literal
+def _fetch_ids(ctx: RunContext, keys: list[str], since: datetime) -> dict[str, str]:
+    """GUIDs of records just created in Dataverse, so children can bind to them this run.
+
+    A few keys: one ``key eq … or …`` query. Many: one paged ``createdon ge`` query over the
+    chunk's creation window (a margin for clock skew; rows created by others are ignored),
+    which costs pages of 5,000 instead of a request per handful of keys.
+    """
+    if not keys:
+        return {}
+    from d365sync.dynamics.odata import format_datetime, literal
 
     key_attr, primary = ctx.spec.dynamics.key, ctx.spec.dynamics_select[0]
-    found: dict[str, str] = {}
-    for chunk in chunked(keys, ID_QUERY_CHUNK):
-        where = " or ".join(f"{key_attr} eq {literal(k)}" for k in chunk)
-        for row in ctx.dynamics.iter_rows(ctx.spec.dynamics.entity_set, [primary, key_attr], filter=where):
-            found[norm_key(row.get(key_attr)) or ""] = str(row[primary]).lower()
+    if len(keys) <= ID_QUERY_CHUNK:
+        where = " or ".join(f"{key_attr} eq {literal(k)}" for k in keys)
+    else:
+        where = f"createdon ge {format_datetime(since - CLOCK_MARGIN)}"
+    wanted, found = set(keys), {}
+    for row in ctx.dynamics.iter_rows(ctx.spec.dynamics.entity_set, [primary, key_attr], filter=where):
+        key = norm_key(row.get(key_attr))
+        if key in wanted:
+            found[key] = str(row[primary]).lower()
     return found
 
 
