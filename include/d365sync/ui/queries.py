@@ -1,0 +1,199 @@
+"""Paginated, filtered reads of the state store for the UI pages.
+
+Why not ``StateStore.reviews()`` and friends: they return whole lists (capped), which is right
+for a run and wrong for a page over 10,000 open items. These queries count and slice in SQL on
+the same tables; rows become the store's own value objects, so pages and runs agree on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Engine, Select, func, select
+
+from d365sync.engine.migrations import schema as t
+from d365sync.engine.state import DeadLetter, Review, _audit, _dead, _review
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of rows plus what the pager needs."""
+
+    items: list[T]
+    total: int
+    page: int
+    size: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.size))
+
+    @property
+    def has_prev(self) -> bool:
+        return self.page > 1
+
+    @property
+    def has_next(self) -> bool:
+        return self.page < self.pages
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewRow(Review):
+    """A review item plus when it was opened (the queue shows its age)."""
+
+    opened_at: datetime | None = None
+
+
+def _review_row(row: Any) -> ReviewRow:
+    item = _review(row)
+    values = {f.name: getattr(item, f.name) for f in fields(Review)}
+    return ReviewRow(**values, opened_at=row["opened_at"])
+
+
+@dataclass(frozen=True)
+class ReviewFilter:
+    """Filter of the review queue: entity, field, record key prefix, status."""
+
+    entity: str | None = None
+    field: str | None = None
+    key: str | None = None
+    status: str = "open"
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        r = t.review
+        query = query.where(r.c.status == self.status)
+        if self.entity:
+            query = query.where(r.c.entity == self.entity)
+        if self.field:
+            query = query.where(r.c.field == self.field)
+        if self.key:
+            query = query.where(r.c.record_key.like(_prefix(self.key), escape="\\"))
+        return query
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Filter of the audit log: entity, record key (exact or ``prefix*``), time range."""
+
+    entity: str | None = None
+    key: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        a = t.audit
+        if self.entity:
+            query = query.where(a.c.entity == self.entity)
+        if self.key:
+            key = self.key
+            cond = a.c.record_key.like(_prefix(key[:-1]), escape="\\") if key.endswith("*") else None
+            query = query.where(cond if cond is not None else a.c.record_key == key)
+        if self.since:
+            query = query.where(a.c.at >= self.since)
+        if self.until:
+            query = query.where(a.c.at < self.until)
+        return query
+
+
+def _prefix(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _page(
+    engine: Engine, query: Select[Any], order: Sequence[Any], page: int, size: int, row: Callable[[Any], T]
+) -> Page[T]:
+    page = max(1, page)
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+        rows = conn.execute(query.order_by(*order).limit(size).offset((page - 1) * size)).mappings()
+        return Page([row(r) for r in rows], total, page, size)
+
+
+def review_page(engine: Engine, flt: ReviewFilter, page: int = 1, size: int = 50) -> Page[ReviewRow]:
+    """Open (or decided) review items, oldest first."""
+    return _page(engine, flt.apply(select(t.review)), [t.review.c.id], page, size, _review_row)
+
+
+def review_ids(engine: Engine, flt: ReviewFilter, limit: int) -> list[int]:
+    """Ids of the items a bulk decision covers, oldest first, at most ``limit``."""
+    query = flt.apply(select(t.review.c.id)).order_by(t.review.c.id).limit(limit)
+    with engine.connect() as conn:
+        return list(conn.execute(query).scalars())
+
+
+def review(engine: Engine, review_id: int) -> Review | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(t.review).where(t.review.c.id == review_id)).mappings().first()
+    return None if row is None else _review(row)
+
+
+def review_counts(engine: Engine, status: str = "open") -> dict[str, int]:
+    """Items per entity in one status (the queue's tabs)."""
+    r = t.review
+    query = select(r.c.entity, func.count()).where(r.c.status == status).group_by(r.c.entity)
+    with engine.connect() as conn:
+        return {entity: n for entity, n in conn.execute(query.order_by(r.c.entity))}
+
+
+def review_fields(engine: Engine, entity: str | None, status: str = "open") -> list[str]:
+    r = t.review
+    query = select(r.c.field).where(r.c.status == status).distinct().order_by(r.c.field)
+    if entity:
+        query = query.where(r.c.entity == entity)
+    with engine.connect() as conn:
+        return list(conn.execute(query).scalars())
+
+
+def dead_letter_page(
+    engine: Engine, entity: str | None, status: str = "pending", page: int = 1, size: int = 50
+) -> Page[DeadLetter]:
+    d = t.dead_letter
+    query = select(d).where(d.c.status == status)
+    if entity:
+        query = query.where(d.c.entity == entity)
+    return _page(engine, query, [d.c.id], page, size, _dead)
+
+
+def dead_letter_extra(engine: Engine, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Columns the store's DeadLetter leaves out: first/last failure, who handled it, skip reason."""
+    d = t.dead_letter
+    cols = (d.c.id, d.c.first_failed_at, d.c.last_failed_at, d.c.handled_by, d.c.skip_reason, d.c.run_id)
+    with engine.connect() as conn:
+        return {row["id"]: dict(row) for row in conn.execute(select(*cols).where(d.c.id.in_(ids))).mappings()}
+
+
+def dead_letter(engine: Engine, dead_letter_id: int) -> DeadLetter | None:
+    with engine.connect() as conn:
+        query = select(t.dead_letter).where(t.dead_letter.c.id == dead_letter_id)
+        row = conn.execute(query).mappings().first()
+    return None if row is None else _dead(row)
+
+
+def dead_letter_counts(engine: Engine) -> dict[str, dict[str, int]]:
+    """{status: {entity: n}} over every dead letter."""
+    d = t.dead_letter
+    query = select(d.c.status, d.c.entity, func.count()).group_by(d.c.status, d.c.entity)
+    out: dict[str, dict[str, int]] = {}
+    with engine.connect() as conn:
+        for status, entity, n in conn.execute(query):
+            out.setdefault(status, {})[entity] = n
+    return out
+
+
+def audit_page(engine: Engine, flt: AuditFilter, page: int = 1, size: int = 50) -> Page[dict[str, Any]]:
+    """Audit rows, newest first (values were masked when stored)."""
+    return _page(engine, flt.apply(select(t.audit)), [t.audit.c.id.desc()], page, size, _audit)
+
+
+def entities(engine: Engine) -> list[str]:
+    """Every entity the store knows of (runs, reviews, dead letters, audit)."""
+    names: set[str] = set()
+    with engine.connect() as conn:
+        for table in (t.run, t.review, t.dead_letter, t.watermark):
+            names.update(conn.execute(select(table.c.entity).distinct()).scalars())
+    return sorted(names)

@@ -1,0 +1,380 @@
+"""The pages and actions. Every route is guarded by the app-level dependency (``app.guard``).
+
+Actions answer with a 303 back to the page they came from, carrying a short message, so a
+reload never repeats a decision (post/redirect/get).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mimetypes
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+
+from d365sync.engine import health
+from d365sync.engine.state import StateError
+from d365sync.ui import present, queries
+from d365sync.ui.airflow_api import TriggerError
+from d365sync.ui.app import HERE, UiContext, ctx_of, guard, root
+from d365sync.ui.auth import Principal
+from d365sync.ui.queries import AuditFilter, ReviewFilter
+
+router = APIRouter()
+User = Annotated[Principal, Depends(guard)]
+STATIC = {"style.css": HERE / "static" / "style.css"}
+CHOICES = ("dynamics", "erp", "value")
+
+
+def _page(request: Request, user: Principal, name: str, **context: Any) -> Response:
+    ctx = ctx_of(request)
+    nonce = getattr(request.state, "csrf_nonce", "")
+    context |= {
+        "user": user,
+        "reveal": user.can_reveal,
+        "base": root(request),
+        "csrf": ctx.csrf.token(nonce, user.name),
+        "msg": request.query_params.get("msg", ""),
+        "error": request.query_params.get("error", ""),
+        "active": name.removesuffix(".html"),
+    }
+    return ctx.templates.TemplateResponse(request, name, context)
+
+
+def _back(request: Request, path: str, params: dict[str, Any], **flash: str) -> RedirectResponse:
+    query = {k: v for k, v in params.items() if v not in (None, "")} | flash
+    return RedirectResponse(f"{root(request)}{path}?{urlencode(query)}", status_code=303)
+
+
+# --- navigation -----------------------------------------------------------------------------
+
+
+@router.get("/")
+def index(request: Request, user: User) -> RedirectResponse:
+    return RedirectResponse(f"{root(request)}/health", status_code=303)
+
+
+@router.get("/static/{name}")
+def static(name: str, user: User) -> FileResponse:
+    if name not in STATIC:
+        raise HTTPException(404)
+    return FileResponse(STATIC[name], media_type="text/css", headers={"Cache-Control": "max-age=3600"})
+
+
+@router.get("/dag/{dag_id}")
+def dag_page(request: Request, dag_id: str, user: User) -> Response:
+    """The per-DAG link from the Airflow UI: an entity DAG opens its entity's page."""
+    prefix = ctx_of(request).settings.dag_prefix
+    entity = dag_id.removeprefix(prefix) if dag_id.startswith(prefix) else None
+    return entity_page(request, entity or "", user, dag_id=dag_id)
+
+
+@router.get("/entities/{entity}")
+def entity_page(request: Request, entity: str, user: User, dag_id: str | None = None) -> Response:
+    ctx = ctx_of(request)
+    engine = ctx.store.engine
+    known = entity in queries.entities(engine)
+    report = health.build_health(ctx.store, days=14, stale_after_days=ctx.settings.stale_review_days)
+    return _page(
+        request,
+        user,
+        "entity.html",
+        entity=entity,
+        dag_id=dag_id,
+        known=known,
+        figures=report.entities.get(entity),
+        reviews=queries.review_counts(engine).get(entity, 0),
+        dead=queries.dead_letter_counts(engine).get("pending", {}).get(entity, 0),
+        fmt=health.fmt_duration,
+    )
+
+
+# --- review queue ---------------------------------------------------------------------------
+
+
+@router.get("/reviews")
+def reviews(
+    request: Request,
+    user: User,
+    entity: str = "",
+    field: str = "",
+    key: str = "",
+    status: str = "open",
+    page: Annotated[int, Query(ge=1)] = 1,
+) -> Response:
+    ctx = ctx_of(request)
+    engine = ctx.store.engine
+    flt = ReviewFilter(entity or None, field or None, key or None, status)
+    return _page(
+        request,
+        user,
+        "reviews.html",
+        flt=flt,
+        rows=queries.review_page(engine, flt, page, ctx.settings.page_size),
+        counts=queries.review_counts(engine, status),
+        fields=queries.review_fields(engine, entity or None, status),
+        bulk_limit=ctx.settings.bulk_limit,
+        filters={"entity": entity, "field": field, "key": key, "status": status},
+    )
+
+
+def _chosen(review: Any, choice: str, value: str) -> Any:
+    if choice == "dynamics":
+        return review.dynamics
+    if choice == "erp":
+        return review.erp
+    if choice == "value":
+        like = next((v for v in (review.dynamics, review.erp, review.base) if v is not None), "")
+        return present.coerce(value, like)
+    raise ValueError(f"unknown choice {choice!r}")
+
+
+def _filters(entity: str, field: str, key: str, page: int = 1) -> dict[str, Any]:
+    return {"entity": entity, "field": field, "key": key, "page": page if page > 1 else None}
+
+
+@router.post("/reviews/{review_id}/decide")
+def decide(
+    request: Request,
+    review_id: int,
+    user: User,
+    choice: Annotated[str, Form()],
+    value: Annotated[str, Form()] = "",
+    comment: Annotated[str, Form()] = "",
+    entity: Annotated[str, Form()] = "",
+    field: Annotated[str, Form()] = "",
+    key: Annotated[str, Form()] = "",
+    page: Annotated[int, Form()] = 1,
+) -> RedirectResponse:
+    ctx = ctx_of(request)
+    back = _filters(entity, field, key, page)
+    item = queries.review(ctx.store.engine, review_id)
+    if item is None or item.status != "open":
+        return _back(request, "/reviews", back, error=f"review {review_id} is not open")
+    try:
+        chosen = _chosen(item, choice, value)
+        ctx.store.decide_review(review_id, chosen, by=user.name, comment=comment.strip() or None)
+    except (ValueError, StateError) as exc:
+        return _back(request, "/reviews", back, error=str(exc))
+    return _back(request, "/reviews", back, msg=f"review {review_id} decided ({choice}) by {user.name}")
+
+
+@router.post("/reviews/bulk")
+def decide_bulk(
+    request: Request,
+    user: User,
+    choice: Annotated[str, Form()],
+    scope: Annotated[str, Form()] = "selected",
+    ids: Annotated[list[int] | None, Form()] = None,
+    value: Annotated[str, Form()] = "",
+    comment: Annotated[str, Form()] = "",
+    entity: Annotated[str, Form()] = "",
+    field: Annotated[str, Form()] = "",
+    key: Annotated[str, Form()] = "",
+) -> RedirectResponse:
+    """Decide the selected items, or every open item matching the filter (up to the bulk limit)."""
+    ctx = ctx_of(request)
+    back = _filters(entity, field, key)
+    if scope == "filter":
+        flt = ReviewFilter(entity or None, field or None, key or None)
+        targets = queries.review_ids(ctx.store.engine, flt, ctx.settings.bulk_limit)
+    else:
+        targets = list(ids or [])[: ctx.settings.bulk_limit]
+    if not targets:
+        return _back(request, "/reviews", back, error="nothing selected")
+    done, failed = _decide_many(ctx, targets, choice, value, comment, user)
+    text = f"{done} review item(s) decided ({choice}) by {user.name}"
+    return _back(request, "/reviews", back, msg=text, **({"error": failed} if failed else {}))
+
+
+def _decide_many(
+    ctx: UiContext, ids: list[int], choice: str, value: str, comment: str, user: Principal
+) -> tuple[int, str]:
+    done, errors = 0, []
+    for review_id in ids:
+        item = queries.review(ctx.store.engine, review_id)
+        if item is None or item.status != "open":
+            continue
+        try:
+            chosen = _chosen(item, choice, value)
+            ctx.store.decide_review(review_id, chosen, by=user.name, comment=comment.strip() or None)
+            done += 1
+        except (ValueError, StateError) as exc:
+            errors.append(f"{review_id}: {exc}")
+    return done, "; ".join(errors[:5])
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+@router.get("/dead-letters")
+def dead_letters(
+    request: Request,
+    user: User,
+    entity: str = "",
+    status: str = "pending",
+    page: Annotated[int, Query(ge=1)] = 1,
+) -> Response:
+    ctx = ctx_of(request)
+    engine = ctx.store.engine
+    rows = queries.dead_letter_page(engine, entity or None, status, page, ctx.settings.page_size)
+    return _page(
+        request,
+        user,
+        "dead_letters.html",
+        rows=rows,
+        extra=queries.dead_letter_extra(engine, [d.id for d in rows.items]),
+        counts=queries.dead_letter_counts(engine),
+        entities=queries.entities(engine),
+        filters={"entity": entity, "status": status},
+        replay_dag=ctx.settings.replay_dag_id,
+        dag_prefix=ctx.settings.dag_prefix,
+    )
+
+
+def airflow_base(request: Request) -> str:
+    """The API server that serves this app: same origin, minus the plugin's mount path."""
+    mount = str(request.scope.get("root_path", ""))
+    app_root = str(request.scope.get("app_root_path", "")) or mount.rsplit("/", 1)[0]
+    return f"{request.url.scheme}://{request.url.netloc}{app_root}".rstrip("/")
+
+
+@router.post("/dead-letters/{dead_letter_id}/replay")
+def replay(
+    request: Request,
+    dead_letter_id: int,
+    user: User,
+    entity: Annotated[str, Form()] = "",
+    status: Annotated[str, Form()] = "pending",
+) -> RedirectResponse:
+    """Trigger the replay DAG for this record (as the caller), then mark it due in the store."""
+    ctx = ctx_of(request)
+    back = {"entity": entity, "status": status}
+    dead = queries.dead_letter(ctx.store.engine, dead_letter_id)
+    if dead is None or dead.status != "pending":
+        return _back(request, "/dead-letters", back, error=f"dead letter {dead_letter_id} is not pending")
+    conf = {"entity": dead.entity, "keys": [dead.record_key]}
+    note = f"Replay of dead letter {dead_letter_id} requested by {user.name} from the d365sync UI"
+    try:
+        run = ctx.airflow.trigger(airflow_base(request), ctx.settings.replay_dag_id, conf, user.token, note)
+    except TriggerError as exc:
+        return _back(request, "/dead-letters", back, error=str(exc))
+    with contextlib.suppress(StateError):  # the replay run got there first: it is due either way
+        ctx.store.replay_dead_letter(dead_letter_id, by=user.name)
+    text = f"replay of {dead_letter_id} queued: {run.dag_id} run {run.dag_run_id}"
+    return _back(request, "/dead-letters", back, msg=text)
+
+
+@router.post("/dead-letters/{dead_letter_id}/skip")
+def skip(
+    request: Request,
+    dead_letter_id: int,
+    user: User,
+    reason: Annotated[str, Form()] = "",
+    entity: Annotated[str, Form()] = "",
+    status: Annotated[str, Form()] = "pending",
+) -> RedirectResponse:
+    ctx = ctx_of(request)
+    back = {"entity": entity, "status": status}
+    if not reason.strip():
+        return _back(request, "/dead-letters", back, error="a reason is required to skip a record")
+    try:
+        ctx.store.skip_dead_letter(dead_letter_id, reason.strip(), by=user.name)
+    except StateError as exc:
+        return _back(request, "/dead-letters", back, error=str(exc))
+    return _back(request, "/dead-letters", back, msg=f"dead letter {dead_letter_id} skipped by {user.name}")
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+def _report(ctx: UiContext, days: int) -> health.HealthReport:
+    s = ctx.settings
+    stale = s.stale_review_days
+    return health.build_health(ctx.store, days=days, stale_after_days=stale, drift_dir=s.drift_dir)
+
+
+@router.get("/health")
+def health_page(request: Request, user: User, days: Annotated[int, Query(ge=1, le=365)] = 14) -> Response:
+    ctx = ctx_of(request)
+    report = _report(ctx, days)
+    return _page(
+        request,
+        user,
+        "health.html",
+        report=report,
+        charts=health.charts(report),
+        days=days,
+        fmt=health.fmt_duration,
+        docs=_data_docs(ctx),
+        dag_prefix=ctx.settings.dag_prefix,
+    )
+
+
+@router.get("/api/health")
+def health_json(request: Request, user: User, days: Annotated[int, Query(ge=1, le=365)] = 14) -> JSONResponse:
+    return JSONResponse(health.summary(_report(ctx_of(request), days)))
+
+
+def _data_docs(ctx: UiContext) -> list[tuple[str, datetime]]:
+    """Data Docs sites (``index.html`` files) under the configured directory, newest first."""
+    root_dir = ctx.settings.data_docs_dir
+    if root_dir is None or not root_dir.is_dir():
+        return []
+    found = [(p.relative_to(root_dir).as_posix(), p.stat().st_mtime) for p in root_dir.rglob("index.html")]
+    found.sort(key=lambda f: f[1], reverse=True)
+    return [(path, datetime.fromtimestamp(mtime, UTC)) for path, mtime in found[:20]]
+
+
+@router.get("/data-docs/{path:path}")
+def data_docs(request: Request, path: str, user: User) -> FileResponse:
+    """Serve GX Data Docs read-only (values in them are masked by the validation stage)."""
+    root_dir = ctx_of(request).settings.data_docs_dir
+    if root_dir is None:
+        raise HTTPException(404, "no Data Docs directory configured")
+    target = (root_dir / path).resolve()
+    if not target.is_relative_to(root_dir.resolve()) or not target.is_file():
+        raise HTTPException(404)
+    media = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+    return FileResponse(target, media_type=media)
+
+
+# --- audit log ------------------------------------------------------------------------------
+
+
+def _when(raw: str, end: bool = False) -> datetime | None:
+    """``2024-05-01`` or ``2024-05-01T10:00``, UTC; a bare date as ``until`` covers that day."""
+    if not raw.strip():
+        return None
+    value = datetime.fromisoformat(raw.strip())
+    value = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return value + timedelta(days=1) if end and len(raw.strip()) == 10 else value
+
+
+@router.get("/audit")
+def audit(
+    request: Request,
+    user: User,
+    entity: str = "",
+    key: str = "",
+    since: str = "",
+    until: str = "",
+    page: Annotated[int, Query(ge=1)] = 1,
+) -> Response:
+    ctx = ctx_of(request)
+    filters = {"entity": entity, "key": key, "since": since, "until": until}
+    try:
+        flt = AuditFilter(entity or None, key or None, _when(since), _when(until, end=True))
+    except ValueError:
+        flt, filters["error"] = AuditFilter(entity or None, key or None), "dates: YYYY-MM-DD[THH:MM]"
+    return _page(
+        request,
+        user,
+        "audit.html",
+        rows=queries.audit_page(ctx.store.engine, flt, page, ctx.settings.page_size),
+        entities=queries.entities(ctx.store.engine),
+        filters=filters,
+    )

@@ -1,0 +1,141 @@
+"""Settings of the operations UI, read from the environment when the app is created.
+
+Why environment variables: the app is built when the Airflow API server loads the plugin, before
+any request, and ``Variable.get`` there would be a metadata-DB query at import. Every setting
+has a default that makes the embedded demo work with nothing set.
+
+==================================  ===============================================================
+``D365SYNC_UI_STATE_URL``           SQLAlchemy URL of the sync state store; else the connection
+                                    ``AIRFLOW_CONN_SYNC_STATE_DEFAULT`` (URI or JSON, ``sqlite`` or
+                                    ``postgres``); else ``sqlite:///var/demo/state.db``
+``D365SYNC_UI_STATE_SCHEMA``        PostgreSQL schema of the state tables (else the connection's
+                                    ``schema`` extra)
+``D365SYNC_UI_PAGE_SIZE``           rows per page (50)
+``D365SYNC_UI_BULK_LIMIT``          most review items one bulk decision touches (500)
+``D365SYNC_AIRFLOW_API_URL``        Airflow API base (``http://host:8080``); default: the origin of
+                                    the request, i.e. the API server that serves the plugin
+``D365SYNC_UI_REPLAY_DAG``          DAG triggered by "replay now" (``replay_dead_letters``)
+``D365SYNC_UI_DAG_PREFIX``          entity DAG id prefix (``sync_``)
+``D365SYNC_UI_DATA_DOCS_DIR``       directory holding GX Data Docs sites (served read-only)
+``D365SYNC_UI_DRIFT_DIR``           directory of reconcile drift reports (``*.json``) for the
+                                    dashboard and the health report
+``D365SYNC_UI_SECRET``              HMAC key of the CSRF tokens; default Airflow's
+                                    ``[api] secret_key`` (the same on every API server worker)
+``D365SYNC_UI_ROLE_MAP``            extra auth-manager role names, ``"SyncOps:op,Auditors:viewer"``
+``D365SYNC_UI_STALE_REVIEW_DAYS``   open reviews older than this are flagged (7)
+==================================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+DEFAULT_STATE_URL = "sqlite:///var/demo/state.db"
+STATE_CONN_ENV = "AIRFLOW_CONN_SYNC_STATE_DEFAULT"
+
+
+@dataclass(frozen=True)
+class UiSettings:
+    """Everything the app needs besides the request: where the state is and how to act."""
+
+    state_url: str = DEFAULT_STATE_URL
+    state_schema: str | None = None
+    page_size: int = 50
+    bulk_limit: int = 500
+    airflow_api_url: str | None = None
+    replay_dag_id: str = "replay_dead_letters"
+    dag_prefix: str = "sync_"
+    data_docs_dir: Path | None = None
+    drift_dir: Path | None = None
+    secret: str | None = None
+    role_map: Mapping[str, str] = field(default_factory=dict)
+    stale_review_days: int = 7
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> UiSettings:
+        """Settings from ``D365SYNC_UI_*`` variables; keyword arguments win over the environment."""
+        env = os.environ if environ is None else environ
+        url, schema = state_location(env)
+        values: dict[str, object] = {
+            "state_url": url,
+            "state_schema": env.get("D365SYNC_UI_STATE_SCHEMA") or schema,
+            "page_size": _int(env, "D365SYNC_UI_PAGE_SIZE", 50),
+            "bulk_limit": _int(env, "D365SYNC_UI_BULK_LIMIT", 500),
+            "airflow_api_url": env.get("D365SYNC_AIRFLOW_API_URL") or None,
+            "replay_dag_id": env.get("D365SYNC_UI_REPLAY_DAG") or "replay_dead_letters",
+            "dag_prefix": env.get("D365SYNC_UI_DAG_PREFIX") or "sync_",
+            "data_docs_dir": Path(d) if (d := env.get("D365SYNC_UI_DATA_DOCS_DIR")) else None,
+            "drift_dir": Path(d) if (d := env.get("D365SYNC_UI_DRIFT_DIR")) else None,
+            "secret": env.get("D365SYNC_UI_SECRET") or None,
+            "role_map": parse_role_map(env.get("D365SYNC_UI_ROLE_MAP", "")),
+            "stale_review_days": _int(env, "D365SYNC_UI_STALE_REVIEW_DAYS", 7),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+def parse_role_map(raw: str) -> dict[str, str]:
+    """``"SyncOps:op, Auditors:viewer"`` -> ``{"syncops": "op", "auditors": "viewer"}``."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        name, _, level = part.partition(":")
+        out[name.strip().lower()] = level.strip().lower()
+    return out
+
+
+def state_location(env: Mapping[str, str]) -> tuple[str, str | None]:
+    """(SQLAlchemy URL, schema) of the state store from the environment."""
+    if url := env.get("D365SYNC_UI_STATE_URL"):
+        return url, None
+    try:  # the engine's parser, shared with the CLI and the DAGs, once it is there
+        from d365sync.engine import connections
+    except ImportError:
+        return _fallback_location(env)
+    return connections.state_url(connections.from_env(connections.STATE_CONN, env))
+
+
+def _fallback_location(env: Mapping[str, str]) -> tuple[str, str | None]:
+    raw = env.get(STATE_CONN_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STATE_URL, None
+    return _from_json(raw) if raw.startswith("{") else _from_uri(raw)
+
+
+def _from_json(raw: str) -> tuple[str, str | None]:
+    conn = json.loads(raw)
+    extra = conn.get("extra") or {}
+    extra = json.loads(extra) if isinstance(extra, str) else extra
+    kind = (conn.get("conn_type") or "").lower()
+    if kind == "sqlite":
+        return f"sqlite:///{conn.get('host') or conn.get('schema')}", None
+    user, password = conn.get("login") or "", conn.get("password") or ""
+    auth = f"{user}:{password}@" if user else ""
+    port = f":{conn['port']}" if conn.get("port") else ""
+    url = f"postgresql+psycopg2://{auth}{conn.get('host', '')}{port}/{conn.get('schema', '')}"
+    return url, extra.get("schema")
+
+
+def _from_uri(raw: str) -> tuple[str, str | None]:
+    parts = urlsplit(raw)
+    if parts.scheme == "sqlite":
+        return raw, None
+    if parts.scheme in {"postgres", "postgresql"}:
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        schema = unquote(query.pop("schema", "")) or None
+        rest = "&".join(f"{k}={v}" for k, v in query.items())
+        url = f"postgresql+psycopg2://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else "")
+        return url, schema
+    return raw, None

@@ -1,0 +1,199 @@
+"""What the pages show and what the actions store, against a real SQLite state store."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from d365sync.engine.state import AuditEntry, ReviewItem
+from tests.ui.conftest import PII, PREFIX, Env
+from tests.ui.test_access import READS, _url
+
+
+def _flash(response: object) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(response.headers["location"]).query)  # type: ignore[attr-defined]
+
+
+def _post(ui: Env, role: str, path: str, form: dict[str, object]) -> object:
+    client = ui.as_role(role)
+    return client.post(f"{PREFIX}{path}", data={**form, "csrf_token": ui.csrf()})
+
+
+# --- PII ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["viewer", "user"])
+def test_no_page_shows_an_unmasked_email_or_phone_to_a_viewer(ui: Env, role: str) -> None:
+    ui.store.decide_review(4, "held", by="oscar", comment=f"called {ui_phone()} / {PII[0]}")
+    client = ui.as_role(role)
+    pages = [_url(p) for p, _ in READS] + [
+        f"{PREFIX}/reviews?status=decided",
+        f"{PREFIX}/dead-letters?status=pending",
+        f"{PREFIX}/audit?entity=customers",
+    ]
+    for url in pages:
+        body = client.get(url).text
+        for secret in PII:
+            assert secret not in body, f"{secret!r} shown to a {role} on {url}"
+
+
+def ui_phone() -> str:
+    return "+44 20 7946 0958"
+
+
+def test_operator_sees_real_values_to_decide(ui: Env) -> None:
+    body = ui.as_role("op").get(f"{PREFIX}/reviews?entity=customers").text
+    assert "jane.doe@example.com" in body and "j.doe@contoso.org" in body and ui_phone() in body
+
+
+def test_audit_log_is_masked_even_for_admins(ui: Env) -> None:
+    body = ui.as_role("admin").get(f"{PREFIX}/audit").text
+    assert "j***@e***.com" in body and "jane.doe@example.com" not in body
+
+
+# --- review queue ---------------------------------------------------------------------------
+
+
+def test_decide_take_erp_stores_user_time_and_comment(ui: Env) -> None:
+    response = _post(ui, "op", "/reviews/1/decide", {"choice": "erp", "comment": "ERP is master"})
+    assert response.status_code == 303 and "decided" in _flash(response)["msg"][0]
+    (decided,) = ui.store.decided_reviews("customers")
+    assert (decided.id, decided.chosen, decided.decided_by, decided.comment) == (
+        1,
+        "j.doe@contoso.org",
+        "oscar",
+        "ERP is master",
+    )
+    assert decided.decided_at is not None
+    assert datetime.now(UTC) - decided.decided_at < timedelta(minutes=1)
+
+
+def test_decide_entered_value_keeps_the_type(ui: Env) -> None:
+    _post(ui, "admin", "/reviews/3/decide", {"choice": "value", "value": "160", "comment": "agreed"})
+    (decided,) = ui.store.decided_reviews("customers")
+    assert decided.chosen == 160 and isinstance(decided.chosen, int) and decided.decided_by == "ada"
+
+
+def test_decide_bad_value_is_an_error_not_a_decision(ui: Env) -> None:
+    response = _post(ui, "op", "/reviews/3/decide", {"choice": "value", "value": "lots"})
+    assert "not a valid int" in _flash(response)["error"][0]
+    assert ui.store.decided_reviews("customers") == []
+
+
+def test_decide_twice_reports_not_open(ui: Env) -> None:
+    _post(ui, "op", "/reviews/2/decide", {"choice": "dynamics"})
+    again = _post(ui, "op", "/reviews/2/decide", {"choice": "erp"})
+    assert "not open" in _flash(again)["error"][0]
+
+
+def test_bulk_decision_for_a_filtered_set(ui: Env) -> None:
+    items = [
+        ReviewItem(f"C{i:03}", "creditlimit", Decimal("1"), Decimal(i), Decimal("2"), "")
+        for i in range(100, 130)
+    ]
+    ui.store.open_reviews("customers", "run-2", items)
+    form = {"choice": "dynamics", "scope": "filter", "entity": "customers", "field": "creditlimit"}
+    response = _post(ui, "op", "/reviews/bulk", form | {"comment": "Dynamics owns credit"})
+    assert _flash(response)["msg"][0].startswith("31 review item(s) decided")
+    decided = ui.store.decided_reviews("customers")
+    assert len(decided) == 31 and {d.field for d in decided} == {"creditlimit"}
+    assert all(d.decided_by == "oscar" and d.comment == "Dynamics owns credit" for d in decided)
+    assert next(d for d in decided if d.record_key == "C105").chosen == Decimal(105)
+    assert [r.entity for r in ui.store.reviews()] == ["customers", "customers", "orders"]
+
+
+def test_bulk_decision_respects_the_limit(ui: Env) -> None:
+    items = [ReviewItem(f"K{i:04}", "name", "a", "b", "c", "") for i in range(600)]
+    ui.store.open_reviews("products", "run-2", items)
+    form = {"choice": "erp", "scope": "filter", "entity": "products", "comment": "bulk"}
+    response = _post(ui, "op", "/reviews/bulk", form)
+    assert _flash(response)["msg"][0].startswith("500 review item(s)")
+    assert len(ui.store.reviews("products")) == 100
+
+
+def test_review_queue_is_paginated_and_filtered(ui: Env) -> None:
+    items = [ReviewItem(f"P{i:04}", "name", "a", "b", "c", "") for i in range(120)]
+    ui.store.open_reviews("products", "run-2", items)
+    client = ui.as_role("viewer")
+    first = client.get(f"{PREFIX}/reviews?entity=products").text
+    assert "120 item(s) · page 1 of 3" in first and 'rel="next"' in first
+    last = client.get(f"{PREFIX}/reviews?entity=products&page=3").text
+    assert last.count('<tr id="review-') == 20 and "P0119" in last and "P0099" not in last
+    by_key = client.get(f"{PREFIX}/reviews?entity=products&key=P011").text
+    assert "10 item(s)" in by_key
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+def test_replay_triggers_the_replay_dag_as_the_caller(ui: Env) -> None:
+    response = _post(ui, "op", "/dead-letters/1/replay", {})
+    assert "replay of 1 queued" in _flash(response)["msg"][0]
+    (call,) = ui.api.calls
+    assert call["path"] == "/api/v2/dags/replay_dead_letters/dagRuns"
+    assert call["auth"] == f"Bearer {ui.tokens['op']}"
+    assert call["body"]["conf"] == {"entity": "customers", "keys": ["C010"]}
+    assert call["body"]["logical_date"] is None
+    (replay,) = ui.store.dead_letters("customers", status="replay")
+    assert replay.id == 1
+
+
+def test_replay_refused_by_airflow_changes_nothing(ui: Env) -> None:
+    ui.api.status = 403
+    response = _post(ui, "op", "/dead-letters/1/replay", {})
+    assert "HTTP 403" in _flash(response)["error"][0]
+    assert [d.id for d in ui.store.dead_letters("customers")] == [1, 2]
+
+
+def test_skip_needs_a_reason_and_records_it(ui: Env) -> None:
+    empty = _post(ui, "op", "/dead-letters/2/skip", {"reason": "  "})
+    assert "reason is required" in _flash(empty)["error"][0]
+    _post(ui, "op", "/dead-letters/2/skip", {"reason": "option value retired"})
+    assert [d.id for d in ui.store.dead_letters("customers", status="skipped")] == [2]
+    page = ui.as_role("viewer").get(f"{PREFIX}/dead-letters?status=skipped").text
+    assert "skipped by oscar: option value retired" in page
+
+
+# --- audit, health, docs, entity pages ------------------------------------------------------
+
+
+def test_audit_search_by_entity_key_and_time(ui: Env) -> None:
+    entries = [
+        AuditEntry(f"K{i}", "dynamics", "update", ["name"], {"name": "a"}, {"name": "b"}) for i in range(3)
+    ]
+    ui.store.audit("run-2", "orders", entries, actor="sync")
+    client = ui.as_role("viewer")
+    assert "3 item(s)" in client.get(f"{PREFIX}/audit?entity=orders").text
+    assert "1 item(s)" in client.get(f"{PREFIX}/audit?entity=orders&key=K1").text
+    assert "3 item(s)" in client.get(f"{PREFIX}/audit?key=K*").text
+    today = datetime.now(UTC).date()
+    assert "4 item(s)" in client.get(f"{PREFIX}/audit?since={today}&until={today}").text
+    assert "0 item(s)" in client.get(f"{PREFIX}/audit?until={today - timedelta(days=1)}").text
+    assert "dates:" in client.get(f"{PREFIX}/audit?since=yesterday").text
+
+
+def test_health_dashboard_renders_svg_charts_and_data_docs_link(ui: Env) -> None:
+    body = ui.as_role("viewer").get(f"{PREFIX}/health").text
+    assert body.count("<svg") >= 8
+    assert 'id="chart-records"' in body and 'id="chart-open_reviews"' in body
+    assert f'href="{PREFIX}/data-docs/customers/index.html"' in body
+    summary = ui.as_role("viewer").get(f"{PREFIX}/api/health").json()
+    assert summary["entities"]["customers"]["open_reviews"] == 3
+
+
+def test_data_docs_cannot_escape_their_directory(ui: Env) -> None:
+    (ui.docs.parent / "secret.txt").write_text("no")
+    client = ui.as_role("admin")
+    assert client.get(f"{PREFIX}/data-docs/../secret.txt").status_code == 404
+    assert client.get(f"{PREFIX}/data-docs/%2e%2e/secret.txt").status_code == 404
+
+
+def test_dag_link_opens_the_entity_page(ui: Env) -> None:
+    client = ui.as_role("viewer")
+    body = client.get(f"{PREFIX}/dag/sync_customers").text
+    assert "Entity customers" in body and f'href="{PREFIX}/reviews?entity=customers">3<' in body
+    other = client.get(f"{PREFIX}/dag/reconcile").text
+    assert "does not sync an entity" in other
