@@ -1,0 +1,50 @@
+"""Registers the d365sync operations UI with Airflow: one FastAPI app and its navigation entries.
+
+Kept small on purpose: the API server imports every plugin at start, so this module imports only
+the UI factory (FastAPI and Jinja2, already loaded by Airflow); the state store is opened on the
+first request, and nothing here touches pandas, Great Expectations or pyarrow.
+
+* ``/d365sync`` — the app (review queue, dead letters, health dashboard, audit log); every route
+  checks the Airflow user itself (plugins get no authentication from Airflow).
+* Navigation: a "D365 Sync" menu with the four pages, shown inside the Airflow UI (``url_route``).
+* Per DAG: a "D365 Sync entity" tab on every DAG; on a ``sync_<entity>`` DAG it opens that
+  entity's page.
+"""
+
+from __future__ import annotations
+
+from airflow.plugins_manager import AirflowPlugin
+
+from d365sync.ui.app import create_app
+
+PREFIX = "/d365sync"
+CATEGORY = "D365 Sync"
+
+
+def _nav(name: str, path: str, route: str) -> dict[str, str]:
+    return {
+        "name": name,
+        "href": f"{PREFIX}/{path}",
+        "url_route": route,
+        "destination": "nav",
+        "category": CATEGORY,
+    }
+
+
+class D365SyncPlugin(AirflowPlugin):
+    """The operations UI of the Dynamics 365 <-> ERP sync."""
+
+    name = "d365sync"
+    fastapi_apps = [{"app": create_app(), "url_prefix": PREFIX, "name": "D365 Sync operations"}]
+    external_views = [
+        _nav("Review queue", "reviews", "d365sync-reviews"),
+        _nav("Dead letters", "dead-letters", "d365sync-dead-letters"),
+        _nav("Sync health", "health", "d365sync-health"),
+        _nav("Sync audit log", "audit", "d365sync-audit"),
+        {
+            "name": "D365 Sync entity",
+            "href": PREFIX + "/dag/{DAG_ID}",
+            "url_route": "d365sync-entity",
+            "destination": "dag",
+        },
+    ]
