@@ -5,8 +5,9 @@ Nothing is silently dropped. A row failing an expectation goes to the dead-lette
 :class:`TransformError` disposition says: ``quarantine`` → dead letter (stage ``transform``),
 ``manual_review`` → review queue (and a dead letter, so it is retried), ``park`` → parked
 children, retried automatically once the parent is synced. A record with any such problem on
-either side is *held*: resolve skips both of its sides this run, so a half-read record is never
-merged (a record quarantined on one side must not look like "missing there → create it").
+either side is *held* (its key goes to a ``held/`` file): resolve skips both of its sides this
+run, so a half-read record is never merged (a record quarantined on one side must not look
+like "missing there → create it").
 
 Canonical records are written into ``buckets`` by a stable hash of the key, both sides into
 the same bucket, so resolve can meet the two sides of every key holding one bucket in memory.
@@ -56,6 +57,9 @@ def validate(ctx: RunContext, extracts: Mapping[str, Manifest]) -> Manifest:
             rows, bad = rows + sum(1 for e in entries if not e["deleted"]), bad + len(quarantined)
             _quarantine(ctx, side, quarantined, out)
         out["files"][side], out["rows"][side], out["quarantined"][side] = files, rows, bad
+    held, out["held"] = out.pop("held"), []
+    if held:  # a file, not the manifest: manifests travel through XCom and must stay small
+        out["held"] = [ctx.staging.write("held/validate.parquet", [{"key": k} for k in held])]
     _check_threshold(ctx, out)
     return out
 
@@ -119,9 +123,11 @@ def transform(ctx: RunContext, validated: Manifest) -> Manifest:
         for chunk in _side_chunks(ctx, side, validated["files"][side]):
             for record in _canonical(ctx, side, chunk, errors):
                 writer.add(record)
+            errors.flush()  # per chunk: the rows of refused records must not pile up in memory
     writer.flush()
-    errors.commit()
-    held = sorted({*validated.get("held", []), *errors.held} - {None})
+    held = list(validated.get("held", []))
+    if errors.held:
+        held.append(ctx.staging.write("held/transform.parquet", [{"key": k} for k in sorted(errors.held)]))
     return {"buckets": writer.files, "records": writer.count, "held": held, **errors.summary()}
 
 
@@ -243,10 +249,12 @@ class _BucketWriter:
 
 
 class _Errors:
-    """Collects transform failures by disposition and stores them once, at the end of the stage."""
+    """Collects a chunk's transform failures by disposition; :meth:`flush` stores them."""
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
+        self.counts = {"quarantined": 0, "review": 0, "parked": 0}
+        self.parked_items: list[dict[str, Any]] = []
         self.failures: list[Failure] = []
         self.reviews: list[ReviewItem] = []
         self.parked: list[ParkedChild] = []
@@ -274,26 +282,25 @@ class _Errors:
         if len(self.samples) < MAX_SAMPLES:
             self.samples.append({"side": side, "key": key, "disposition": disposition, "reason": str(exc)})
 
-    def commit(self) -> None:
-        if self.ctx.dry_run:
-            return
-        self.ctx.dead_letter("transform", self.failures)
-        if self.reviews:
-            self.ctx.store.open_reviews(self.ctx.entity, self.ctx.run_id, self.reviews)
-        if self.parked:
-            self.ctx.store.park_children(self.ctx.entity, self.ctx.run_id, self.parked)
+    def flush(self) -> None:
+        """Store this chunk's failures (not in a dry run), keep only counts and samples."""
+        self.counts["quarantined"] += len(self.failures) - len(self.reviews)
+        self.counts["review"] += len(self.reviews)
+        self.counts["parked"] += len(self.parked)
+        room = MAX_SAMPLES - len(self.parked_items)
+        self.parked_items += [
+            {"key": p.record_key, "parent": f"{p.parent_entity}:{p.parent_key}"} for p in self.parked[:room]
+        ]
+        if not self.ctx.dry_run:
+            self.ctx.dead_letter("transform", self.failures)
+            if self.reviews:
+                self.ctx.store.open_reviews(self.ctx.entity, self.ctx.run_id, self.reviews)
+            if self.parked:
+                self.ctx.store.park_children(self.ctx.entity, self.ctx.run_id, self.parked)
+        self.failures, self.reviews, self.parked = [], [], []
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "quarantined": len(self.failures) - len(self.reviews),
-            "review": len(self.reviews),
-            "parked": len(self.parked),
-            "parked_items": [
-                {"key": p.record_key, "parent": f"{p.parent_entity}:{p.parent_key}"}
-                for p in self.parked[:MAX_SAMPLES]
-            ],
-            "samples": self.samples,
-        }
+        return {**self.counts, "parked_items": self.parked_items, "samples": self.samples}
 
 
 def _plain(value: Any) -> Any:

@@ -39,14 +39,14 @@ def resolve(ctx: RunContext, transformed: Manifest) -> Manifest:
     buckets: list[list[str]] = transformed["buckets"]
     decided = _decided(ctx, len(buckets))
     summary = _Summary()
-    held = set(transformed.get("held", []))
+    held = {row["key"] for chunk in ctx.staging.iter(transformed.get("held", [])) for row in chunk}
     files = []
     for b, names in enumerate(buckets):
         records = _meet(ctx, names)
         entries = _resolve_bucket(ctx, records, decided.get(b, {}), held, summary)
         if entries:
             files.append(ctx.staging.write(f"plan/b{b:05d}.parquet", entries))
-    summary.store(ctx)
+        summary.store(ctx)  # per bucket, so queued items never pile up in memory
     return {"files": files, **summary.manifest()}
 
 
@@ -212,6 +212,7 @@ class _Summary:
         self.parked: list[ParkedChild] = []
         self.failures: list[Failure] = []
         self.replays_done: list[Any] = []
+        self.parked_items: list[dict[str, Any]] = []
 
     def count(self, key: str, decision: MergeDecision) -> None:
         """Decisions of every merged record (writes are counted once their payloads are built)."""
@@ -253,16 +254,21 @@ class _Summary:
             self.samples[kind].append(item)
 
     def store(self, ctx: RunContext) -> None:
-        if ctx.dry_run:
-            return
-        if self.reviews:
-            ctx.store.open_reviews(ctx.entity, ctx.run_id, self.reviews)
-        if self.parked:
-            ctx.store.park_children(ctx.entity, ctx.run_id, self.parked)
-        ctx.dead_letter("resolve", self.failures)
+        """Queue this bucket's reviews, parked children and failures (not in a dry run)."""
+        room = MAX_SAMPLES - len(self.parked_items)
+        self.parked_items += [
+            {"key": p.record_key, "parent": f"{p.parent_entity}:{p.parent_key}"} for p in self.parked[:room]
+        ]
+        if not ctx.dry_run:
+            if self.reviews:
+                ctx.store.open_reviews(ctx.entity, ctx.run_id, self.reviews)
+            if self.parked:
+                ctx.store.park_children(ctx.entity, ctx.run_id, self.parked)
+            ctx.dead_letter("resolve", self.failures)
+        self.reviews, self.parked, self.failures = [], [], []
 
     def manifest(self) -> dict[str, Any]:
-        parked = [{"key": p.record_key, "parent": f"{p.parent_entity}:{p.parent_key}"} for p in self.parked]
+        parked = self.parked_items
         return {
             "counts": self.counts,
             **self.totals,
