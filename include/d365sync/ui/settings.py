@@ -28,15 +28,12 @@ has a default that makes the embedded demo work with nothing set.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 DEFAULT_STATE_URL = "sqlite:///var/demo/state.db"
-STATE_CONN_ENV = "AIRFLOW_CONN_SYNC_STATE_DEFAULT"
 
 
 @dataclass(frozen=True)
@@ -97,45 +94,13 @@ def parse_role_map(raw: str) -> dict[str, str]:
 
 
 def state_location(env: Mapping[str, str]) -> tuple[str, str | None]:
-    """(SQLAlchemy URL, schema) of the state store from the environment."""
+    """(SQLAlchemy URL, schema) of the state store: the explicit URL, else the connection.
+
+    The connection is parsed by the engine's own reader (shared with the CLI and the DAGs), so
+    ``sync_state_default`` means the same store everywhere.
+    """
     if url := env.get("D365SYNC_UI_STATE_URL"):
         return url, None
-    try:  # the engine's parser, shared with the CLI and the DAGs, once it is there
-        from d365sync.engine import connections
-    except ImportError:
-        return _fallback_location(env)
+    from d365sync.engine import connections
+
     return connections.state_url(connections.from_env(connections.STATE_CONN, env))
-
-
-def _fallback_location(env: Mapping[str, str]) -> tuple[str, str | None]:
-    raw = env.get(STATE_CONN_ENV, "").strip()
-    if not raw:
-        return DEFAULT_STATE_URL, None
-    return _from_json(raw) if raw.startswith("{") else _from_uri(raw)
-
-
-def _from_json(raw: str) -> tuple[str, str | None]:
-    conn = json.loads(raw)
-    extra = conn.get("extra") or {}
-    extra = json.loads(extra) if isinstance(extra, str) else extra
-    kind = (conn.get("conn_type") or "").lower()
-    if kind == "sqlite":
-        return f"sqlite:///{conn.get('host') or conn.get('schema')}", None
-    user, password = conn.get("login") or "", conn.get("password") or ""
-    auth = f"{user}:{password}@" if user else ""
-    port = f":{conn['port']}" if conn.get("port") else ""
-    url = f"postgresql+psycopg2://{auth}{conn.get('host', '')}{port}/{conn.get('schema', '')}"
-    return url, extra.get("schema")
-
-
-def _from_uri(raw: str) -> tuple[str, str | None]:
-    parts = urlsplit(raw)
-    if parts.scheme == "sqlite":
-        return raw, None
-    if parts.scheme in {"postgres", "postgresql"}:
-        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-        schema = unquote(query.pop("schema", "")) or None
-        rest = "&".join(f"{k}={v}" for k, v in query.items())
-        url = f"postgresql+psycopg2://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else "")
-        return url, schema
-    return raw, None
