@@ -58,6 +58,12 @@ class RunResult:
     tasks: dict[str, str]
     report: dict[str, Any] | None
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    log: str = field(repr=False, default="")
+
+    def __repr__(self) -> str:  # failed assertions show the task states and the log's tail
+        failed = {t: s for t, s in self.tasks.items() if s != "success"}
+        tail = "" if not failed else "\n--- log tail ---\n" + self.log[-6000:]
+        return f"RunResult({self.dag_id}: {self.state}, not successful: {failed}){tail}"
 
 
 @dataclass
@@ -110,13 +116,22 @@ class AirflowEnv:
         out, err = proc.communicate(timeout=timeout)
         if proc.returncode not in (0, 1):
             pytest.fail(f"runner exited {proc.returncode}\n--- stderr ---\n{err[-8000:]}")
-        payload = json.loads(out.strip().splitlines()[-1])
+        lines = out.strip().splitlines()
+        payload = json.loads(lines[-1])
+        err = "\n".join(lines[:-1]) + "\n" + err
         ours = [w for w in payload["warnings"] if not any(p in w["filename"] for p in FOREIGN_WARNING_PATHS)]
         assert ours == [], f"warnings from project code: {ours}"
         return [
-            RunResult(r["dag_id"], r["state"], r["run_id"], r["tasks"], r.get("report"), r)
+            RunResult(r["dag_id"], r["state"], r["run_id"], r["tasks"], r.get("report"), r, err)
             for r in payload["runs"]
         ]
+
+
+def assert_success(runs: list[RunResult]) -> None:
+    """Fail with the failed tasks and the child's log tail (pytest truncates long reprs)."""
+    bad = [r for r in runs if r.state != "success"]
+    if bad:
+        pytest.fail("\n".join(repr(r) for r in bad), pytrace=False)
 
 
 @pytest.fixture(scope="session")

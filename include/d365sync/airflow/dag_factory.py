@@ -63,9 +63,20 @@ def load_specs(directory: str | None = None) -> dict[str, EntitySpec]:
     return load_entities(directory or entities_dir())
 
 
-def upstream_of(spec: EntitySpec) -> list[str]:
-    """Entities this one looks up through their key maps (orders → customers)."""
-    return sorted({lk.entity for lk in spec.lookups.values() if isinstance(lk, EntityLookup)} - {spec.name})
+def upstream_of(spec: EntitySpec, specs: Mapping[str, EntitySpec] | None = None) -> list[str]:
+    """Entities that must sync first: those looked up through their key maps (orders → customers),
+    and those that create the records this one only updates in a shared table (products creates
+    the Dynamics products whose quantity inventory sets)."""
+    found = {lk.entity for lk in spec.lookups.values() if isinstance(lk, EntityLookup)}
+    for other in (specs or load_specs()).values():
+        creates_for_me = (
+            not spec.creates.to_dynamics
+            and other.creates.to_dynamics
+            and other.dynamics.table == spec.dynamics.table
+        ) or (not spec.creates.to_erp and other.creates.to_erp and other.erp.table == spec.erp.table)
+        if creates_for_me:
+            found.add(other.name)
+    return sorted(found - {spec.name})
 
 
 def entity_order(specs: Mapping[str, EntitySpec]) -> list[str]:
@@ -73,7 +84,9 @@ def entity_order(specs: Mapping[str, EntitySpec]) -> list[str]:
     done: list[str] = []
     pending = dict(sorted(specs.items()))
     while pending:
-        ready = [n for n, s in pending.items() if all(u in done or u not in specs for u in upstream_of(s))]
+        ready = [
+            n for n, s in pending.items() if all(u in done or u not in specs for u in upstream_of(s, specs))
+        ]
         if not ready:
             raise ValueError(f"entity lookups form a cycle: {sorted(pending)}")
         done.append(ready[0])

@@ -22,6 +22,7 @@ NOT_RETRIABLE = frozenset(
         "d365sync.spec.SpecError",
         "d365sync.dynamics.errors.DynamicsAuthError",
         "d365sync.engine.validation.ValidationFailed",
+        "d365sync.engine.stages.prepare.RunValidationFailed",
         "d365sync.erp.errors.ErpSpecError",
         "d365sync.engine.connections.ConnectionConfigError",
     }

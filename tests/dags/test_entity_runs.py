@@ -1,0 +1,138 @@
+"""Every entity DAG through ``dag.test()`` against the Dataverse sandbox server and a real ERP.
+
+SQLite ERP + SQLite state store always; PostgreSQL ERP (ODBC) + PostgreSQL state store under the
+``postgres`` marker (required in CI). The tests of one backend run in order and share the systems:
+initial sync → edits on both sides → second run → third run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.dags.conftest import AirflowEnv, assert_success
+from tests.dags.sync_env import (
+    Backend,
+    SyncEnv,
+    connections_env,
+    init_erp,
+    postgres_backend,
+    sqlite_backend,
+    tidy_erp,
+    writes,
+)
+
+ERP_ROWS = 400
+SEED_ACCOUNTS = 40
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def env(
+    request: pytest.FixtureRequest,
+    airflow_env: AirflowEnv,
+    dataverse_sandbox_factory,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SyncEnv]:
+    if request.param == "postgres":
+        from tests.conftest import require_service
+
+        require_service("postgres")
+        backend = postgres_backend()
+        admin = create_engine(backend.state_url)
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{backend.state_schema}"'))
+    else:
+        backend = sqlite_backend(tmp_path_factory.mktemp("sync-sqlite"))
+    init_erp(backend, ERP_ROWS)
+    tidy_erp(backend)
+    sandbox = dataverse_sandbox_factory(seed=SEED_ACCOUNTS)
+    staging = tmp_path_factory.mktemp("staging")
+    airflow = airflow_env.with_env(
+        **connections_env(sandbox, backend), D365SYNC_STAGING_ROOT=f"file://{staging}"
+    )
+    yield SyncEnv(airflow, sandbox, backend)
+    sandbox.stop()
+    if request.param == "postgres":
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{backend.state_schema}" CASCADE'))
+        admin.dispose()
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _plan(env: SyncEnv) -> dict[str, dict[str, int]]:
+    """Writes a dry run of every entity would make now: empty when both systems agree."""
+    runs = env.run(conf={"dry_run": True})
+    assert_success(runs)
+    return {r.dag_id: writes(r) for r in runs if writes(r)}
+
+
+def test_initial_sync_converges(env: SyncEnv) -> None:
+    runs = env.run()
+    assert [r.dag_id for r in runs][:1] == ["sync_customers"]
+    assert_success(runs)
+    customers = runs[0].report
+    assert customers and customers["counts"]["extracted_erp"] > 0
+    assert customers["staging"]["removed"] is True
+    assert sum(sum(writes(r).values()) for r in runs) > 0
+    assert _plan(env) == {}
+
+
+def test_edits_on_both_sides_converge_quarantine_and_queue_review(env: SyncEnv) -> None:
+    accounts = env.dv_rows("accounts", "accountnumber,address1_line1,statecode", top=200)
+    active = sorted(a["accountnumber"] for a in accounts if a["statecode"] == 0 and a["accountnumber"])
+    both = [k for k in active if env.erp_scalar('SELECT COUNT(*) FROM "CUST_MASTER" WHERE "CUST_NO" = ?', k)]
+    conflict, invalid, deleted = both[0], both[1], both[2]
+    # a conflict: the address edited on both sides (last write wins, Dynamics on a tie)
+    env.dv("PATCH", f"accounts(accountnumber='{conflict}')", {"address1_line1": "1 Dynamics Road"})
+    env.erp_update("CUST_MASTER", "CUST_NO", conflict, ADDR_LINE1="2 ERP Street")
+    # an invalid e-mail typed into the ERP
+    env.erp_update("CUST_MASTER", "CUST_NO", invalid, CUST_EMAIL_ID="not-an-email")
+    # a delete in Dynamics: the ERP customer is deactivated
+    env.dv("DELETE", f"accounts(accountnumber='{deleted}')")
+    # a financial field changed on both sides: manual review
+    numbers = sorted(i["invoicenumber"] for i in env.dv_rows("invoices", "invoicenumber", top=500))
+    number = next(
+        n for n in numbers if env.erp_scalar('SELECT COUNT(*) FROM "INV_HEADER" WHERE "INV_NO" = ?', n)
+    )
+    env.dv("PATCH", f"invoices(invoicenumber='{number}')", {"totalamount": 1.11})
+    env.erp_update("INV_HEADER", "INV_NO", number, GROSS_AMOUNT=2.22)
+
+    runs = {r.dag_id: r for r in env.run()}
+    assert_success(list(runs.values()))
+    customers = runs["sync_customers"].report["counts"]
+    assert customers["quarantined"] >= 1
+    assert customers["conflicts"] + customers["resolved"] >= 1
+    assert writes(runs["sync_customers"]).get("erp_deactivate", 0) >= 1
+    with env.store() as store:
+        queued = [r for r in store.reviews("invoices") if r.record_key.strip() == number]
+    assert queued, runs["sync_invoices"].report
+    status = env.erp_scalar('SELECT "STATUS" FROM "CUST_MASTER" WHERE "CUST_NO" = ?', deleted)
+    assert status != "A"
+    erp_address = env.erp_scalar('SELECT "ADDR_LINE1" FROM "CUST_MASTER" WHERE "CUST_NO" = ?', conflict)
+    dv_address = env.dv("GET", f"accounts(accountnumber='{conflict}')?$select=address1_line1")[
+        "address1_line1"
+    ]
+    assert erp_address.strip() == dv_address.strip()
+    assert _plan(env) == {}
+
+
+def test_third_run_writes_nothing(env: SyncEnv) -> None:
+    runs = env.run()
+    assert_success(runs)
+    assert {r.dag_id: writes(r) for r in runs if writes(r)} == {}
+    requests = {r.dag_id: r.report["counts"]["dataverse_requests"] for r in runs}
+    assert all(n <= 12 for n in requests.values()), requests
+
+
+def test_staging_root_holds_nothing_after_committed_runs(env: SyncEnv) -> None:
+    root = Path(env.airflow.env["D365SYNC_STAGING_ROOT"].removeprefix("file://"))
+    leftovers = [p for p in root.rglob("*.parquet")]
+    assert leftovers == []
+
+
+def test_backend_is_what_was_asked(env: SyncEnv) -> None:
+    assert isinstance(env.backend, Backend)
