@@ -7,6 +7,7 @@ initial sync → edits on both sides → second run → third run.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,49 @@ def test_staging_root_holds_nothing_after_committed_runs(env: SyncEnv) -> None:
 
 def test_backend_is_what_was_asked(env: SyncEnv) -> None:
     assert isinstance(env.backend, Backend)
+
+
+def test_reconcile_finds_a_change_that_bypassed_the_cursor_and_the_next_run_repairs_it(env: SyncEnv) -> None:
+    accounts = env.dv_rows("accounts", "accountnumber,creditlimit,statecode", top=200)
+    keys = sorted(a["accountnumber"] for a in accounts if a["statecode"] == 0 and a["accountnumber"])
+    key = next(
+        k for k in keys if env.erp_scalar('SELECT "STATUS" FROM "CUST_MASTER" WHERE "CUST_NO" = ?', k) == "A"
+    )
+    with env.erp() as client:  # a direct SQL fix that leaves LAST_UPD alone: invisible to the cursor
+        client.execute(['UPDATE "CUST_MASTER" SET "CREDIT_LIMIT" = 98765.43 WHERE "CUST_NO" = ?'], [key])
+    assert writes(env.run("sync_customers")[0]) == {}
+
+    (rec,) = env.run("reconcile", conf={"entities": ["customers"], "queue_repairs": True})
+    assert_success([rec])
+    staging = Path(env.airflow.env["D365SYNC_STAGING_ROOT"].removeprefix("file://"))
+    report_files = sorted(staging.rglob("reconcile/reports/customers-*.json"))
+    drift = json.loads(report_files[-1].read_text())
+    item = next(d for d in drift["drift"] if d["key"] == key)
+    assert {"field": "credit_limit", "changed_on": "erp"} in item["why"]
+    assert drift["repairs_queued"] >= 1
+
+    (run,) = env.run("sync_customers")
+    assert writes(run).get("dynamics_update", 0) >= 1
+    limit = env.dv("GET", f"accounts(accountnumber='{key}')?$select=creditlimit")["creditlimit"]
+    assert float(limit) == 98765.43
+
+
+def test_review_decision_from_a_manual_dag_run_is_applied_by_the_next_run(env: SyncEnv) -> None:
+    with env.store() as store:
+        review = store.reviews("invoices")[0]
+    (decide,) = env.run(
+        "apply_review_decisions",
+        conf={"entity": "invoices", "review_ids": [review.id], "decision": "erp", "decided_by": "test"},
+    )
+    assert_success([decide])
+    (run,) = env.run("sync_invoices")
+    assert_success([run])
+    with env.store() as store:
+        assert review.id not in {r.id for r in store.reviews("invoices")}
+        assert review.id not in {r.id for r in store.reviews("invoices", status="decided")}
+
+
+def test_replay_dead_letters_from_a_manual_dag_run(env: SyncEnv) -> None:
+    (replay,) = env.run("replay_dead_letters", conf={"entity": "orders", "keys": ["NO-SUCH-KEY"]})
+    assert_success([replay])
+    assert replay.raw["tasks"] == {"replay_dead_letters": "success"}

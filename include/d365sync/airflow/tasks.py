@@ -276,21 +276,21 @@ def reconcile(entity: str) -> dict[str, Any]:
 
 
 def replay_dead_letters() -> dict[str, Any]:
-    from d365sync.engine import pipeline
+    from d365sync.engine import operations
 
     params = airflow_context()["params"]
     with clients() as (_, _erp, store):
-        return pipeline.replay_dead_letters(
+        return operations.replay_dead_letters(
             store, params["entity"], params.get("keys") or [], by="airflow-ui"
         )
 
 
 def apply_review_decisions() -> dict[str, Any]:
-    from d365sync.engine import pipeline
+    from d365sync.engine import operations
 
     params = airflow_context()["params"]
     with clients() as (_, _erp, store):
-        return pipeline.apply_review_decisions(
+        return operations.apply_review_decisions(
             store,
             params["entity"],
             params.get("review_ids") or [],
