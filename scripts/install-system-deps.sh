@@ -4,7 +4,7 @@
 # otherwise it prints the exact command to run and fails, because nothing works without them.
 set -euo pipefail
 
-PACKAGES=(unixodbc libsqliteodbc odbc-postgresql odbc-mariadb)
+PACKAGES=(unixodbc libsqliteodbc odbc-postgresql odbc-mariadb chromium chromium-driver)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
