@@ -13,7 +13,7 @@ export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON := $(PYTHON)
 export UV_LINK_MODE := copy
 
-.PHONY: demo test lint bench system-deps venv clean
+.PHONY: demo stop sync test lint bench system-deps venv clean
 
 system-deps:
 	@bash scripts/install-system-deps.sh
@@ -34,9 +34,18 @@ lint: venv
 test: system-deps venv lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# The full stack (scripts/demo.sh): Dataverse sandbox, SQLite ERP via ODBC, connections, the
+# dynamics_api pool, `airflow standalone` with AIRFLOW_HOME=var/airflow, entity DAGs unpaused.
 demo: system-deps venv
-	$(VENV)/bin/d365sync sandbox dataverse --host 127.0.0.1 --port $(DEMO_PORT) \
-		--data $(DEMO_DIR)/dataverse --seed $(DEMO_ROWS)
+	@DEMO_PORT=$(DEMO_PORT) DEMO_ROWS=$(DEMO_ROWS) bash scripts/demo.sh start
+
+# Stops what `make demo` started, by the pids in var/demo/pids.
+stop:
+	@bash scripts/demo.sh stop
+
+# Every entity DAG once, in-process (dag.test()), parents first; prints the summary table.
+sync: system-deps venv
+	@DEMO_PORT=$(DEMO_PORT) DEMO_ROWS=$(DEMO_ROWS) bash scripts/demo.sh sync
 
 bench: venv
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(VENV)/bin/python $$script || exit 1; done

@@ -179,6 +179,7 @@ TIDY_SQL = (
     "WHERE TRIM(COALESCE(\"CUST_NAME\", '')) = ''",
     'UPDATE "CUST_MASTER" SET "CURR_CODE" = \'EURO\' WHERE "CURR_CODE" NOT IN '
     "('STG', 'US$', 'USD', 'EURO', 'SFR', 'YEN', 'SKR', 'CAN$')",
+    "UPDATE \"ITEM_STOCK\" SET \"QTY_ON_HAND\" = 0 WHERE \"QTY_ON_HAND\" < 0",
 )
 
 
