@@ -154,7 +154,9 @@ def test_reconcile_finds_a_change_that_bypassed_the_cursor_and_the_next_run_repa
     )
     with env.erp() as client:  # a direct SQL fix that leaves LAST_UPD alone: invisible to the cursor
         client.execute(['UPDATE "CUST_MASTER" SET "CREDIT_LIMIT" = 98765.43 WHERE "CUST_NO" = ?'], [key])
-    assert writes(env.run("sync_customers")[0]) == {}
+    assert_success(env.run("sync_customers"))
+    before = env.dv("GET", f"accounts(accountnumber='{key}')?$select=creditlimit")["creditlimit"]
+    assert float(before or 0) != 98765.43, "the cursor must not have seen the direct SQL update"
 
     (rec,) = env.run("reconcile", conf={"entities": ["customers"], "queue_repairs": True})
     assert_success([rec])

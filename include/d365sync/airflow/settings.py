@@ -12,6 +12,7 @@ parse. Every setting has a default that makes the embedded demo work with nothin
                                        or ``abfs://container@account.dfs.core.windows.net/path``
 ``D365SYNC_STAGING_CONN_ID``           connection for the staging store (e.g. ``wasb_default``)
 ``D365SYNC_STAGING_RETENTION_HOURS``   keep a committed run's staging files this long (0)
+``D365SYNC_CHUNK_SIZE``                rows per staging file and write batch (5000)
 ``D365SYNC_TASK_RETRIES``              task retries (3), exponential backoff from
 ``D365SYNC_RETRY_DELAY_SECONDS``       (30) up to ``D365SYNC_MAX_RETRY_DELAY_SECONDS`` (900)
 ``D365SYNC_DEADLINE_MINUTES``          run deadline; default: the schedule's period, 5 to 120 min
@@ -105,6 +106,11 @@ def retries() -> Retries:
 def deadline_override() -> timedelta | None:
     minutes = _number("D365SYNC_DEADLINE_MINUTES", 0)
     return timedelta(minutes=minutes) if minutes > 0 else None
+
+
+def chunk_size() -> int:
+    """Rows per staging file / write batch (``D365SYNC_CHUNK_SIZE``, default 5000)."""
+    return max(1, int(_number("D365SYNC_CHUNK_SIZE", 5000)))
 
 
 def deadline_alerts() -> bool:

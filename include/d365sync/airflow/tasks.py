@@ -137,6 +137,7 @@ def run_context(entity: str) -> Iterator[Any]:
             dry_run=bool(params.get("dry_run")),
             window=window_of(context),
             actor=f"airflow:{run.dag_id}",
+            chunk_size=settings.chunk_size(),
         )
         yield ctx
         _log_requests(ctx)
@@ -158,11 +159,27 @@ def _with_requests(manifest: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return manifest
 
 
-def _fault(task: str) -> None:
-    """Test hook: ``D365SYNC_FAULT=<task>`` kills this process mid-stage (after its first write)."""
-    if os.environ.get("D365SYNC_FAULT") == task:
-        log.warning("D365SYNC_FAULT: killing the task process in %s", task)
-        os.kill(os.getpid(), signal.SIGKILL)
+def _arm_fault(ctx: Any, side: str) -> None:
+    """Test hook: ``D365SYNC_FAULT=load_<side>:<n>`` SIGKILLs the process after the n-th write call.
+
+    A real crash in the middle of a load (not an exception the task could handle), to prove the
+    retried run ends with no duplicates and no lost updates.
+    """
+    task, _, after = os.environ.get("D365SYNC_FAULT", "").partition(":")
+    if task != f"load_{side}":
+        return
+    target, name = (ctx.dynamics, "upsert_many") if side == "dynamics" else (ctx.erp, "upsert")
+    original, calls, limit = getattr(target, name), [0], int(after or 1)
+
+    def crashing(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] >= limit:
+            log.warning("D365SYNC_FAULT: killing the process after %s write(s) in %s", calls[0], task)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(target, name, crashing)
 
 
 # -------------------------------------------------------------------------------- stages
@@ -202,9 +219,8 @@ def load(entity: str, side: str, resolved: dict[str, Any]) -> dict[str, Any]:
     with run_context(entity) as ctx:
         if ctx.dry_run:
             return {"side": side, "dry_run": True, "results": [], "counts": {}, "failed": 0}
-        manifest = stage(ctx, resolved, side)
-        _fault(f"load_{side}")
-        return _with_requests(manifest, ctx)
+        _arm_fault(ctx, side)
+        return _with_requests(stage(ctx, resolved, side), ctx)
 
 
 def commit(entity: str, resolved: dict[str, Any], loads: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
