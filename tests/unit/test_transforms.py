@@ -101,7 +101,15 @@ def test_email_normalises() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["anna@@example.com", "no-at-sign.example.com", "x@", "@1.example", "a b@c.de"]
+    "address", ["renée.dupont.7@exemple.fr", "josé@bücher.de", "o'brien+tag@sub.example.co.uk"]
+)
+def test_email_accepts_internationalised_and_quoted_style_addresses(address: str) -> None:
+    assert run(["email"], address) == address.lower()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["anna@@example.com", "no-at-sign.example.com", "x@", "@1.example", "a b@c.de", "a@b_c.de", "a@-b.de"],
 )
 def test_email_rejects_the_seeds_dirty_addresses(bad: str) -> None:
     with pytest.raises(TransformError, match="not a valid e-mail") as err:

@@ -363,10 +363,10 @@ def _case(args: CaseArgs, env: BuildEnv) -> Fn:
     return lambda value, row, ctx: convert(_text(value))
 
 
-EMAIL = re.compile(
-    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9-]{1,63})+$"
-)
+# Internationalised addresses (RFC 6531 local parts, IDN domains) are valid: "renée@exemple.fr"
+# is a real customer's address, and both Dataverse and the ERP store it as text.
+_LABEL = r"[^\W_](?:(?:[^\W_]|-){0,61}[^\W_])?"
+EMAIL = re.compile(rf"^[\w.!#$%&'*+/=?^`{{|}}~-]+@{_LABEL}(?:\.{_LABEL})+$")
 
 
 class EmailArgs(Args):
