@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -48,6 +49,7 @@ def systems(folder: Path, rows: int) -> tuple[Any, str]:
 
     erp = folder / "erp.db"
     shutil.copy(folder.parent / "erp-template.db", erp)
+    (folder / "dv").mkdir()
     return DataverseSandbox(folder / "dv", seed=200), f"DRIVER={{SQLite3}};Database={erp};"
 
 
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000, help="ERP customers seeded")
     args = parser.parse_args()
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    logging.disable(logging.INFO)  # the direct runs log through Airflow's handlers onto stdout
     seconds, heavy = parse_time()
     files = len(list((REPO / "dags").glob("*.py")))
     print("## DAG parse time\n\n| DAG files | DAGs | median parse (s) | heavy modules imported |")
