@@ -29,7 +29,16 @@ from typing import Any
 from _dataverse import client_for, print_table, sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
-CHUNK = 10_000
+
+
+def _validation_batch() -> int:
+    """The pipeline's validation batch size, so the in-memory figures match a real run."""
+    from d365sync.engine.stages.context import RunContext
+
+    return int(RunContext.__dataclass_fields__["validation_batch"].default)
+
+
+CHUNK = 10_000  # extract chunk (rows per Parquet file) for the plan and sync runs
 
 
 def erp_rows(count: int) -> list[dict[str, Any]]:
@@ -65,8 +74,9 @@ def stage_throughput(rows: int) -> list[list[Any]]:
     rules, plan = spec.merge_rules(), spec.plan
     times = {"validate": 0.0, "transform": 0.0, "resolve": 0.0}
     counts = {"valid": 0, "canonical": 0, "writes": 0}
-    for i in range(0, rows, CHUNK):
-        chunk = data[i : i + CHUNK]
+    batch = _validation_batch()
+    for i in range(0, rows, batch):
+        chunk = data[i : i + batch]
         t0 = time.perf_counter()
         try:
             valid = validate(spec, "erp", chunk, key_column="CUST_NO").valid_rows

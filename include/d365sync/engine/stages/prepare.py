@@ -51,7 +51,8 @@ def validate(ctx: RunContext, extracts: Mapping[str, Manifest]) -> Manifest:
     out: Manifest = {"files": {}, "rows": {}, "quarantined": {}, "held": [], "samples": []}
     for side in SIDES:
         files, rows, bad = [], 0, 0
-        for i, entries in enumerate(ctx.staging.iter(extracts[side]["files"])):
+        batches = _batched(ctx.staging.iter(extracts[side]["files"]), ctx.validation_batch)
+        for i, entries in enumerate(batches):
             kept, quarantined = _validate_chunk(ctx, side, entries)
             files.append(ctx.staging.write(f"valid/{side}/{i:05d}.parquet", kept))
             rows, bad = rows + sum(1 for e in entries if not e["deleted"]), bad + len(quarantined)
@@ -62,6 +63,18 @@ def validate(ctx: RunContext, extracts: Mapping[str, Manifest]) -> Manifest:
         out["held"] = [ctx.staging.write("held/validate.parquet", [{"key": k} for k in held])]
     _check_threshold(ctx, out)
     return out
+
+
+def _batched(chunks: Iterable[list[dict[str, Any]]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive chunks joined until a batch holds at least ``size`` entries."""
+    batch: list[dict[str, Any]] = []
+    for chunk in chunks:
+        batch += chunk
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _validate_chunk(
