@@ -1,0 +1,1 @@
+"""Browser tests: headless Debian Chromium against ``airflow standalone`` started by the test."""

@@ -1,0 +1,192 @@
+"""The operations UI in a real browser, inside the real Airflow UI (issue 6, first acceptance item).
+
+Against ``airflow standalone`` started by the fixture (see ``conftest.py``), with headless Debian
+Chromium:
+
+* the operator ``alice`` logs in through Airflow's login page, opens the review queue from the
+  Airflow navigation (Plugins → D365 Sync → Review queue, the plugin's ``external_views`` entry,
+  embedded in an iframe), resolves one conflict with a typed value and one by taking the ERP
+  value, each with a comment, and the state store holds both decisions with her name;
+* she replays a dead letter: the UI calls Airflow's REST API as her, and the REST API then lists
+  a ``replay_dead_letters`` run with that record in its conf, triggered by ``alice`` (it stays
+  queued: DAGs are paused at creation);
+* the health dashboard's server-side SVG charts render (present, visible, non-empty);
+* the viewer ``victor`` sees no unmasked e-mail or phone on any page and no action controls.
+
+Screenshots of every step go to ``var/test-artifacts/browser/`` (see ``conftest.py``).
+Run: ``.venv/bin/python -m pytest -m browser`` (or ``tests/browser``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+from d365sync.ui import queries
+from tests.browser.conftest import REPLAY_DAG, WAIT, AirflowServer, Browser
+from tests.ui.conftest import EMAIL, PHONE, PII
+
+pytestmark = pytest.mark.browser
+
+PAGES = {  # nav entry -> path of the embedded page
+    "Review queue": "reviews",
+    "Dead letters": "dead-letters",
+    "Sync health": "health",
+    "Sync audit log": "audit",
+}
+
+
+def wait(driver: WebDriver, timeout: float = WAIT) -> WebDriverWait[WebDriver]:
+    return WebDriverWait(driver, timeout)
+
+
+def login(driver: WebDriver, server: AirflowServer, user: str) -> None:
+    """Sign in through Airflow's own login page (SimpleAuthManager), landing on the home page."""
+    driver.get(f"{server.url}/")
+    wait(driver).until(ec.url_contains("/auth/login"))
+    wait(driver).until(ec.visibility_of_element_located((By.NAME, "username"))).send_keys(user)
+    driver.find_element(By.NAME, "password").send_keys(server.passwords[user])
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait(driver, 60).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "[aria-label='Plugins']")))
+    assert "/auth/login" not in driver.current_url
+    assert driver.get_cookie("_token") is not None, "Airflow set no _token cookie at login"
+
+
+def open_from_nav(driver: WebDriver, entry: str) -> None:
+    """Plugins → D365 Sync → ``entry`` in the Airflow navigation; then into the embedded page."""
+    driver.switch_to.default_content()
+    wait(driver).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "[aria-label='Plugins']"))).click()
+    category = (By.XPATH, "//*[@role='menuitem'][normalize-space()='D365 Sync']")
+    wait(driver).until(ec.element_to_be_clickable(category)).click()
+    item = (By.XPATH, f"//a[@role='menuitem'][normalize-space()='{entry}']")
+    wait(driver).until(ec.element_to_be_clickable(item)).click()
+    path = PAGES[entry]
+    wait(driver).until(ec.url_contains(f"/plugin/d365sync-{path}"))
+    frame = (By.CSS_SELECTOR, f"iframe[src*='/d365sync/{path}']")
+    wait(driver).until(ec.frame_to_be_available_and_switch_to_it(frame))
+    wait(driver).until(ec.presence_of_element_located((By.CSS_SELECTOR, "main h1")))
+
+
+def flash(driver: WebDriver, text: str) -> str:
+    """Wait for the page (after a post/redirect/get) to show a success message containing ``text``."""
+    ok = (By.CSS_SELECTOR, "p.flash.ok")
+    wait(driver).until(ec.text_to_be_present_in_element(ok, text))
+    errors = driver.find_elements(By.CSS_SELECTOR, "p.flash.err")
+    assert not errors, errors[0].text
+    return str(driver.find_element(*ok).text)
+
+
+def decide(driver: WebDriver, review_id: int, choice: str, comment: str, value: str = "") -> None:
+    row = wait(driver).until(ec.presence_of_element_located((By.ID, f"review-{review_id}")))
+    form = row.find_element(By.CSS_SELECTOR, "form.decide")
+    form.find_element(By.CSS_SELECTOR, f"input[name=choice][value={choice}]").click()
+    if value:
+        form.find_element(By.NAME, "value").send_keys(value)
+    form.find_element(By.NAME, "comment").send_keys(comment)
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+
+def review_ids(server: AirflowServer) -> dict[str, int]:
+    return {r.record_key: r.id for r in server.store.reviews(limit=100)}
+
+
+def test_operator_resolves_conflicts_replays_and_sees_charts(
+    airflow_server: AirflowServer, browser: Browser
+) -> None:
+    server, driver = airflow_server, browser.driver
+    ids = review_ids(server)
+
+    login(driver, server, "alice")
+    browser.shot("01-home-after-login")
+
+    # The review queue, from the Airflow navigation, embedded in the Airflow UI.
+    open_from_nav(driver, "Review queue")
+    assert driver.find_element(By.CSS_SELECTOR, "span.who").text.startswith("alice · op")
+    assert EMAIL in driver.page_source, "an operator sees the real values to decide between"
+    browser.shot("02-review-queue")
+
+    decide(driver, ids["C003"], "value", "agreed with finance", value="160")
+    flash(driver, f"review {ids['C003']} decided (value) by alice")
+    decide(driver, ids["O001"], "erp", "ERP holds the order")
+    flash(driver, f"review {ids['O001']} decided (erp) by alice")
+    assert not driver.find_elements(By.ID, f"review-{ids['C003']}"), "a decided item leaves the open queue"
+    browser.shot("03-review-decided")
+
+    decided = {r.record_key: r for r in server.store.reviews(status="decided")}
+    assert set(decided) == {"C003", "O001"}
+    assert (decided["C003"].chosen, decided["C003"].decided_by) == (160, "alice")
+    assert decided["C003"].comment == "agreed with finance" and decided["C003"].decided_at is not None
+    assert (decided["O001"].chosen, decided["O001"].decided_by) == ("held", "alice")
+    assert decided["O001"].comment == "ERP holds the order"
+
+    # Replay a dead letter: the UI triggers the replay DAG through the REST API as alice.
+    open_from_nav(driver, "Dead letters")
+    dead = {d.record_key: d.id for d in server.store.dead_letters()}
+    row = wait(driver).until(ec.presence_of_element_located((By.ID, f"dead-letter-{dead['C011']}")))
+    browser.shot("04-dead-letters")
+    row.find_element(By.XPATH, ".//button[normalize-space()='Replay now']").click()
+    message = flash(driver, f"replay of {dead['C011']} queued: {REPLAY_DAG} run ")
+    run_id = message.rsplit(" run ", 1)[1].strip()
+    browser.shot("05-replay-queued")
+
+    runs = server.api("alice", f"dags/{REPLAY_DAG}/dagRuns")["dag_runs"]
+    (run,) = [r for r in runs if r["dag_run_id"] == run_id]
+    assert run["conf"] == {"entity": "customers", "keys": ["C011"]}
+    assert run["triggering_user_name"] == "alice" and run["run_type"] == "manual"
+    assert run["state"] in {"queued", "running", "success", "failed"}
+    extra = queries.dead_letter_extra(server.store.engine, [dead["C011"]])[dead["C011"]]
+    assert extra["handled_by"] == "alice"
+    assert [d.record_key for d in server.store.dead_letters(status="replay")] == ["C011"]
+
+    # The health dashboard: server-side SVG charts, present and drawn.
+    open_from_nav(driver, "Sync health")
+    figures = wait(driver).until(
+        ec.visibility_of_all_elements_located((By.CSS_SELECTOR, "section.charts figure svg"))
+    )
+    assert len(figures) >= 8, f"{len(figures)} charts"
+    for svg in figures:
+        assert svg.size["width"] > 0 and svg.size["height"] > 0
+        assert svg.find_elements(By.CSS_SELECTOR, "rect, path, polyline, line, circle, text")
+    driver.execute_script("arguments[0].scrollIntoView()", figures[0])
+    browser.shot("06-health-charts")
+
+
+def _page_controls(driver: WebDriver) -> list[WebElement]:
+    """Anything that would let the user act: POST forms and their buttons, bulk checkboxes."""
+    selectors = "form[method=post], form.decide, form#bulk, input[type=checkbox], input[name=csrf_token]"
+    return list(driver.find_elements(By.CSS_SELECTOR, selectors))
+
+
+def _assert_no_pii(driver: WebDriver, page: str) -> None:
+    source: Any = driver.page_source
+    leaked = [p for p in (*PII, PHONE) if p in source]
+    assert not leaked, f"{page}: unmasked {leaked} shown to a viewer"
+
+
+def test_viewer_sees_masked_values_and_no_actions(airflow_server: AirflowServer, browser: Browser) -> None:
+    server, driver = airflow_server, browser.driver
+    login(driver, server, "victor")
+
+    for number, entry in enumerate(PAGES, start=1):
+        open_from_nav(driver, entry)
+        assert driver.find_element(By.CSS_SELECTOR, "span.who").text == "victor · viewer · read-only"
+        _assert_no_pii(driver, entry)
+        assert _page_controls(driver) == [], f"{entry}: action controls shown to a viewer"
+        buttons = {b.text for b in driver.find_elements(By.TAG_NAME, "button")}
+        assert not buttons & {"Decide", "Replay now", "Skip"}, f"{entry}: {buttons}"
+        browser.shot(f"{number:02d}-viewer-{PAGES[entry]}")
+
+    # The seeded conflicts and dead letters are there, just masked.
+    open_from_nav(driver, "Review queue")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#reviews tbody tr[id^=review-]")
+    assert rows, "the viewer sees the open review items"
+    assert "masked for your role" in driver.find_element(By.CSS_SELECTOR, "p.note").text
+    c001 = driver.find_element(By.ID, f"review-{review_ids(server)['C001']}")
+    shown = c001.find_element(By.CSS_SELECTOR, "td.dyn").text
+    assert shown and shown != EMAIL and "@" in shown, f"masked e-mail expected, got {shown!r}"
