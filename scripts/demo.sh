@@ -90,10 +90,13 @@ stop() {
     for name in airflow dataverse; do
         if alive "$name"; then
             pid=$(cat "$PIDS/$name.pid")
-            kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
-            for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-            kill -0 "$pid" 2>/dev/null && kill -KILL -- "-$pid" 2>/dev/null
-            echo "stopped $name (pid $pid)"
+            # started with setsid: the session holds every process it spawned (scheduler, triggerer…)
+            members=$(ps -o pid= -s "$pid" 2>/dev/null | tr '\n' ' ')
+            kill -TERM $members 2>/dev/null || true
+            for _ in $(seq 30); do [[ -z "$(ps -o pid= -s "$pid" 2>/dev/null | tr -d ' \n')" ]] && break; sleep 1; done
+            left=$(ps -o pid= -s "$pid" 2>/dev/null | tr '\n' ' ')
+            [[ -n "${left// }" ]] && kill -KILL $left 2>/dev/null
+            echo "stopped $name (pid $pid; session members: $members)"
         fi
         rm -f "$PIDS/$name.pid"
     done

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -149,9 +150,9 @@ def test_backend_is_what_was_asked(env: SyncEnv) -> None:
 def test_reconcile_finds_a_change_that_bypassed_the_cursor_and_the_next_run_repairs_it(env: SyncEnv) -> None:
     accounts = env.dv_rows("accounts", "accountnumber,creditlimit,statecode", top=200)
     keys = sorted(a["accountnumber"] for a in accounts if a["statecode"] == 0 and a["accountnumber"])
-    key = next(
-        k for k in keys if env.erp_scalar('SELECT "STATUS" FROM "CUST_MASTER" WHERE "CUST_NO" = ?', k) == "A"
-    )
+    stale = datetime.now(UTC).replace(tzinfo=None) - timedelta(hours=1)  # outside the cursor's overlap window
+    sql = 'SELECT COUNT(*) FROM "CUST_MASTER" WHERE "CUST_NO" = ? AND "STATUS" = \'A\' AND "LAST_UPD" < ?'
+    key = next(k for k in keys if env.erp_scalar(sql, k, stale))
     with env.erp() as client:  # a direct SQL fix that leaves LAST_UPD alone: invisible to the cursor
         client.execute(['UPDATE "CUST_MASTER" SET "CREDIT_LIMIT" = 98765.43 WHERE "CUST_NO" = ?'], [key])
     assert_success(env.run("sync_customers"))
