@@ -21,6 +21,7 @@ write_env() {
     cat > "$DEMO/airflow.env" <<ENV
 export AIRFLOW_HOME=$REPO/var/airflow
 export AIRFLOW__CORE__DAGS_FOLDER=$REPO/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER=$REPO/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__PARALLELISM=4
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
