@@ -157,6 +157,14 @@ def test_skip_needs_a_reason_and_records_it(ui: Env) -> None:
     assert "skipped by oscar: option value retired" in page
 
 
+def test_replay_note_speaks_to_operators_only(ui: Env) -> None:
+    viewer = ui.as_role("viewer").get(f"{PREFIX}/dead-letters").text
+    assert "as you" not in viewer and "Replay triggers" not in viewer
+    assert "until an operator replays or skips them" in viewer
+    operator = ui.as_role("op").get(f"{PREFIX}/dead-letters").text
+    assert "DAG as you" in operator
+
+
 # --- audit, health, docs, entity pages ------------------------------------------------------
 
 

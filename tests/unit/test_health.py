@@ -208,3 +208,69 @@ def test_health_module_imports_no_airflow_or_ui() -> None:
     assert not {
         m for m in modules if m.split(".")[0] == "airflow" or m.startswith(("d365sync.ui", "fastapi"))
     }
+
+
+# --- chart text (glitches seen in screenshots) --------------------------------------------------
+
+
+def _texts(svg: str) -> list[tuple[float, float, int, str]]:
+    """(x, y, font size, text) of every ``<text>`` of a chart."""
+    import xml.etree.ElementTree as ET
+
+    ns = "{http://www.w3.org/2000/svg}"
+    root = ET.fromstring(svg)
+    return [
+        (float(e.get("x", 0)), float(e.get("y", 0)), int(e.get("font-size", 11)), e.text or "")
+        for e in root.iter(f"{ns}text")
+    ]
+
+
+def _y_labels(svg: str) -> list[str]:
+    return [text for x, _, _, text in _texts(svg) if x == health.Box().left - 4]
+
+
+SERIES_AT = [NOW - timedelta(hours=2), NOW - timedelta(hours=1), NOW]
+
+
+def test_legend_never_overlaps_a_long_title() -> None:
+    title = "Throttle events (429) per run, every entity, last fourteen days of history"
+    names = ["customers", "inventory", "invoices", "orders", "products", "sales_order_lines"]
+    svg = health.line_chart(title, {n: [(at, 1.0) for at in SERIES_AT] for n in names})
+    texts = _texts(svg)
+    (title_y,) = [y for _, y, size, text in texts if size == 13 and text == title]
+    legend = [(x, y) for x, y, _, text in texts if text in names]
+    assert len(legend) == len(names)
+    axis_y = max(y for x, y, _, text in texts if "-" in text and ":" in text)  # the time labels
+    assert all(y > axis_y + 8 > title_y for _, y in legend), legend
+    width = float(svg.split('width="', 1)[1].split('"', 1)[0])
+    assert all(x + 6.5 * len(n) <= width for (x, _), n in zip(legend, names, strict=True))
+
+
+def test_an_all_zero_series_gets_plain_y_labels() -> None:
+    svg = health.line_chart("Throttle events (429) per run", {"customers": [(at, 0.0) for at in SERIES_AT]})
+    assert _y_labels(svg) == ["0", "0.5", "1"]
+    assert "0.00" not in svg
+
+
+def test_y_labels_are_round_numbers() -> None:
+    svg = health.line_chart("Conflicts per run", {"customers": [(NOW, 3.0), (NOW + timedelta(hours=1), 7.0)]})
+    assert _y_labels(svg) == ["0", "5", "10"]
+    rate = health.line_chart("Error rate per run", {"orders": [(NOW, 0.3)]}, "%")
+    assert _y_labels(rate) == ["0%", "0.25%", "0.5%"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "labels"),
+    [
+        (45.0, ["0 s", "25 s", "50 s"]),
+        (600.0, ["0 min", "5 min", "10 min"]),
+        (3600.0, ["0 h", "0.5 h", "1 h"]),
+        (5400.0, ["0 h", "1 h", "2 h"]),
+    ],
+)
+def test_durations_are_shown_in_seconds_minutes_or_hours(seconds: float, labels: list[str]) -> None:
+    svg = health.line_chart("Run duration", {"customers": [(NOW, seconds)]}, "duration")
+    assert _y_labels(svg) == labels
+    assert "ks" not in svg and "k s" not in svg
+    bars = health.bar_chart("Sync lag p95", {"customers": seconds}, "duration")
+    assert _y_labels(bars) == labels

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -391,31 +392,43 @@ class Box:
 def line_chart(
     title: str, series: Mapping[str, Sequence[tuple[datetime, float]]], unit: str = "", box: Box = Box()
 ) -> str:
-    """A multi-series time chart as a self-contained ``<svg>`` (x: time, y: value from 0)."""
+    """A multi-series time chart as a self-contained ``<svg>`` (x: time, y: value from 0).
+
+    ``unit="duration"``: values are seconds, shown in s, min or h after the largest value. The
+    legend sits in its own rows under the time axis, so a long title never runs into it.
+    """
     points = [p for s in series.values() for p in s]
-    parts = [_svg_open(title, box)]
     if not points:
-        parts.append(_text(box.width / 2, box.height / 2, "no data", "middle", "#888"))
-        return "".join([*parts, "</svg>"])
+        return _no_data(title, box)
+    if unit == "duration":
+        scale, unit = duration_unit(max(p[1] for p in points))
+        series = {n: [(at, v / scale) for at, v in pts] for n, pts in series.items()}
+        points = [p for s in series.values() for p in s]
+    names = sorted(series)
+    rows = legend_rows(names, box.width - box.left - box.right)
+    box = _with_legend(box, len(rows))
+    parts = [_svg_open(title, box)]
     t0 = min(p[0] for p in points).timestamp()
     t1 = max(p[0] for p in points).timestamp()
-    y1 = max(max(p[1] for p in points), 1e-9)
+    y1 = nice_top(max(p[1] for p in points))
     parts += _axes(box, y1, unit, datetime.fromtimestamp(t0, UTC), datetime.fromtimestamp(t1, UTC))
-    for i, (name, pts) in enumerate(sorted(series.items())):
-        color = PALETTE[i % len(PALETTE)]
-        xy = [(_x(box, p[0].timestamp(), t0, t1), _y(box, p[1], y1)) for p in sorted(pts)]
-        parts.append(_polyline(xy, color, name))
-        parts.append(_legend(box, i, name, color))
+    colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+    for name in names:
+        xy = [(_x(box, p[0].timestamp(), t0, t1), _y(box, p[1], y1)) for p in sorted(series[name])]
+        parts.append(_polyline(xy, colors[name], name))
+    parts += _legend(box, rows, colors)
     return "".join([*parts, "</svg>"])
 
 
 def bar_chart(title: str, values: Mapping[str, float], unit: str = "", box: Box = Box()) -> str:
-    """One bar per label (e.g. per entity) as a self-contained ``<svg>``."""
-    parts = [_svg_open(title, box)]
+    """One bar per label (e.g. per entity) as a self-contained ``<svg>`` (``unit="duration"``: seconds)."""
     if not values:
-        parts.append(_text(box.width / 2, box.height / 2, "no data", "middle", "#888"))
-        return "".join([*parts, "</svg>"])
-    top = max(max(values.values()), 1e-9)
+        return _no_data(title, box)
+    if unit == "duration":
+        scale, unit = duration_unit(max(values.values()))
+        values = {k: v / scale for k, v in values.items()}
+    parts = [_svg_open(title, box)]
+    top = nice_top(max(values.values()))
     parts += _axes(box, top, unit, None, None)
     slot = box.inner_w / len(values)
     for i, (label, value) in enumerate(values.items()):
@@ -428,6 +441,29 @@ def bar_chart(title: str, values: Mapping[str, float], unit: str = "", box: Box 
         )
         parts.append(_text(x + slot * 0.35, box.height - box.bottom + 14, label, "middle"))
     return "".join([*parts, "</svg>"])
+
+
+def _no_data(title: str, box: Box) -> str:
+    return (
+        _svg_open(title, box) + _text(box.width / 2, box.height / 2, "no data", "middle", "#888") + "</svg>"
+    )
+
+
+def duration_unit(max_seconds: float) -> tuple[float, str]:
+    """(divisor, unit) to show durations up to ``max_seconds``: seconds, minutes or hours."""
+    if max_seconds >= 3600:
+        return 3600.0, " h"
+    if max_seconds >= 60:
+        return 60.0, " min"
+    return 1.0, " s"
+
+
+def nice_top(value: float) -> float:
+    """The axis top: ``value`` rounded up to 1, 2, 2.5 or 5 times a power of ten (1 when all zero)."""
+    if value <= 0:
+        return 1.0
+    magnitude = 10.0 ** math.floor(math.log10(value))
+    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= value * (1 - 1e-12))
 
 
 def _svg_open(title: str, box: Box) -> str:
@@ -470,9 +506,40 @@ def _polyline(xy: list[tuple[float, float]], color: str, name: str) -> str:
     )
 
 
-def _legend(box: Box, i: int, name: str, color: str) -> str:
-    x = box.left + 150 + i * 90
-    return f'<rect x="{x}" y="8" width="10" height="10" fill="{color}"/>' + _text(x + 14, 17, name, "start")
+LEGEND_ROW = 16  # px per legend row, under the time axis labels
+
+
+def legend_rows(names: Sequence[str], width: float) -> list[list[tuple[str, float]]]:
+    """Legend entries as rows of (name, x offset), wrapped to ``width`` (~6.5 px per character)."""
+    rows: list[list[tuple[str, float]]] = [[]]
+    x = 0.0
+    for name in names:
+        w = 14 + 6.5 * len(name) + 14
+        if rows[-1] and x + w > width:
+            rows.append([])
+            x = 0.0
+        rows[-1].append((name, x))
+        x += w
+    return rows if rows[0] else []
+
+
+def _with_legend(box: Box, rows: int) -> Box:
+    extra = rows * LEGEND_ROW
+    return replace(box, height=box.height + extra, bottom=box.bottom + extra)
+
+
+def _legend(box: Box, rows: list[list[tuple[str, float]]], colors: Mapping[str, str]) -> list[str]:
+    out = []
+    first = box.top + box.inner_h + 18  # under the time labels (at +14)
+    for r, row in enumerate(rows):
+        y = first + r * LEGEND_ROW
+        for name, dx in row:
+            x = box.left + dx
+            out.append(
+                f'<rect class="legend" x="{x:.1f}" y="{y:.1f}" width="10" height="10" fill="{colors[name]}"/>'
+                + _text(x + 14, y + 9, name, "start")
+            )
+    return out
 
 
 def _text(x: float, y: float, text: str, anchor: str, color: str = "#333", size: int = 11) -> str:
@@ -483,9 +550,12 @@ def _text(x: float, y: float, text: str, anchor: str, color: str = "#333", size:
 
 
 def _num(value: float) -> str:
-    if value >= 1000:
-        return f"{value / 1000:.1f}k"
-    return f"{value:.0f}" if value == int(value) else f"{value:.2f}"
+    """``0``, ``2.5``, ``0.25``, ``1.5k``: no trailing zeros, so an axis never reads ``0.00``."""
+    if abs(value) >= 1000:
+        return f"{value / 1000:.1f}".rstrip("0").rstrip(".") + "k"
+    if value == int(value):
+        return f"{value:.0f}"
+    return f"{value:.2f}".rstrip("0").rstrip(".")
 
 
 def _e(text: str) -> str:
@@ -504,7 +574,7 @@ def charts(report: HealthReport) -> dict[str, str]:
         "conflicts": ("Conflicts per run", lambda p: p.conflicts, ""),
         "api_requests": ("Dataverse API requests per run", lambda p: p.api_requests, ""),
         "throttles": ("Throttle events (429) per run", lambda p: p.throttles, ""),
-        "duration": ("Run duration", lambda p: p.duration_s or 0.0, "s"),
+        "duration": ("Run duration", lambda p: p.duration_s or 0.0, "duration"),
     }
     out = {}
     for name, (title, value, unit) in per_run.items():
@@ -512,8 +582,8 @@ def charts(report: HealthReport) -> dict[str, str]:
         out[name] = line_chart(title, series, unit)
     daily = {e: list(s) for e, s in report.open_reviews_daily.items()}
     out["open_reviews"] = line_chart("Open review items (end of day)", daily)
-    lag = {e: (h.lag_p95_s or 0.0) / 60 for e, h in report.entities.items() if h.lag_p95_s is not None}
-    out["lag_p95"] = bar_chart("Sync lag p95 (minutes)", lag, " min")
+    lag = {e: h.lag_p95_s or 0.0 for e, h in report.entities.items() if h.lag_p95_s is not None}
+    out["lag_p95"] = bar_chart("Sync lag p95", lag, "duration")
     return out
 
 
