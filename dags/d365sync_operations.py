@@ -1,4 +1,5 @@
-"""``reconcile`` (nightly), ``replay_dead_letters`` and ``apply_review_decisions`` (manual, with Params)."""
+"""``reconcile`` (nightly), ``health_report`` (daily), ``replay_dead_letters`` and
+``apply_review_decisions`` (manual, with Params)."""
 
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ def test_no_import_errors_and_all_dags_present(dagbag: Any) -> None:
     entities = sorted(p.stem for p in (DAGS_FOLDER.parent / "include" / "entities").glob("[!_]*.yaml"))
     expected = {f"sync_{e}" for e in entities} | {
         "reconcile",
+        "health_report",
         "replay_dead_letters",
         "apply_review_decisions",
     }
@@ -107,6 +108,16 @@ def test_operations_dags_take_params(dagbag: Any) -> None:
     assert set(review.params) == {"entity", "review_ids", "decision", "decided_by"}
     reconcile = dagbag.dags["reconcile"]
     assert {t.task_id for t in reconcile.tasks} >= {"reconcile_customers", "reconcile_orders"}
+
+
+def test_health_report_runs_daily(dagbag: Any) -> None:
+    from airflow.sdk import CronDataIntervalTimetable
+
+    dag = dagbag.dags["health_report"]
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)
+    assert dag.timetable.expression == "0 6 * * *"
+    assert [t.task_id for t in dag.tasks] == ["health_report"]
+    assert set(dag.params) == {"days", "stale_after_days"}
 
 
 def test_parsing_is_cheap_and_imports_nothing_heavy() -> None:

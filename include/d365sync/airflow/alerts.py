@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,15 +44,22 @@ class Alert:
     try_number: int | None = None
     error_type: str | None = None
     error: str | None = None
+    lines: tuple[str, ...] = ()  # a report's figures (kind "health"): names and numbers only
+    link: str | None = None  # where the full report is
+    attachment: str | None = None  # a local file mailed along (never posted to a webhook)
 
     @property
     def title(self) -> str:
-        what = "task failed" if self.kind == "failure" else "run overran its deadline"
+        what = {"failure": "task failed", "health": "daily sync health report"}.get(
+            self.kind, "run overran its deadline"
+        )
         return f"[d365sync] {self.dag_id}: {what}"
 
     @property
     def text(self) -> str:
-        lines = [self.title, f"DAG: {self.dag_id}", f"Run: {self.run_id or '-'}"]
+        lines = [self.title, f"DAG: {self.dag_id}", f"Run: {self.run_id or '-'}", *self.lines]
+        if self.link:
+            lines.append(f"Report: {self.link}")
         if self.task_id:
             lines.append(f"Task: {self.task_id} (try {self.try_number or '?'})")
         if self.error_type:
@@ -83,6 +91,40 @@ def failure_alert(context: Any) -> Alert:
     )
 
 
+def health_alert(
+    summary: Mapping[str, Any], dag_id: str, run_id: str | None, link: str, attachment: str | None = None
+) -> Alert:
+    """The health report's message: per-entity figures from the JSON summary, no record values."""
+    lines = [f"Window: last {summary.get('window_days')} days, generated {summary.get('generated_at')}"]
+    for name, h in sorted((summary.get("entities") or {}).items()):
+        lines.append(_entity_line(name, h))
+    failures = sum(int(f.get("count", 0)) for f in summary.get("top_failures") or [])
+    lines.append(f"Failure causes: {len(summary.get('top_failures') or [])} ({failures} occurrences)")
+    for name, found in sorted((summary.get("drift") or {}).items()):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted((found.get("counts") or {}).items()))
+        lines.append(f"Drift {name}: {counts or 'none'}")
+    return Alert(
+        kind="health",
+        dag_id=dag_id,
+        run_id=run_id,
+        lines=tuple(lines),
+        link=link,
+        attachment=attachment,
+    )
+
+
+def _entity_line(name: str, h: Mapping[str, Any]) -> str:
+    rate = h.get("success_rate")
+    shown = "-" if rate is None else f"{rate:.0%}"
+    last = h.get("last_success_at") or "never"
+    return (
+        f"{name}: {h.get('runs', 0)} runs, {shown} success, last success {last}, "
+        f"error rate {float(h.get('error_rate') or 0):.2%}, open reviews {h.get('open_reviews', 0)} "
+        f"({h.get('stale_reviews', 0)} stale), dead letters {h.get('dead_letters', 0)}, "
+        f"throttles {h.get('throttles', 0)}"
+    )
+
+
 def deadline_alert_from(context: dict[str, Any] | None, dag_id: str) -> Alert:
     """An :class:`Alert` from the simple context the scheduler hands deadline callbacks."""
     run = (context or {}).get("dag_run") or {}
@@ -102,7 +144,8 @@ def webhook_body(alert: Alert, fmt: str) -> dict[str, Any]:
             "title": alert.title,
             "text": alert.text.replace("\n", "<br>"),
         }
-    return {"text": alert.text, "title": alert.title, "alert": asdict(alert)}
+    fields = {k: v for k, v in asdict(alert).items() if k != "attachment"}
+    return {"text": alert.text, "title": alert.title, "alert": fields}
 
 
 def post_webhook(alert: Alert, channels: settings.AlertChannels) -> None:
@@ -134,7 +177,15 @@ async def asend_email(alert: Alert, channels: settings.AlertChannels) -> None:
 def _email_fields(alert: Alert, channels: settings.AlertChannels, default_from: str | None) -> dict[str, Any]:
     html = "<pre>" + alert.text.replace("&", "&amp;").replace("<", "&lt;") + "</pre>"
     sender = channels.email_from or default_from or "d365sync@localhost"
-    return {"to": list(channels.email_to), "subject": alert.title, "html_content": html, "from_email": sender}
+    fields: dict[str, Any] = {
+        "to": list(channels.email_to),
+        "subject": alert.title,
+        "html_content": html,
+        "from_email": sender,
+    }
+    if alert.attachment:
+        fields["files"] = [alert.attachment]
+    return fields
 
 
 def send(alert: Alert, channels: settings.AlertChannels | None = None) -> list[str]:

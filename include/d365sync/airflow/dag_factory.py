@@ -334,6 +334,34 @@ def build_review_dag(specs: Mapping[str, EntitySpec]) -> DAG:
     return dag
 
 
+def build_health_dag(specs: Mapping[str, EntitySpec]) -> DAG:
+    """Daily: the sync health report (HTML with charts + JSON summary), sent when alerts are on."""
+    doc = (
+        "# Sync health report\n\nDaily. Reads the sync state store's history and reconcile's latest drift "
+        "reports, and writes `health-<time>.html` (table and SVG charts) and `health-<time>.json` (the "
+        "summary) under `<staging root>/health_report/reports/`. Contents: per-entity success rate, lag "
+        "percentiles, volumes, error rate, top failure causes (values blanked), drift from reconcile, open "
+        "reviews older than `stale_after_days`. With an alert channel configured (webhook or SMTP) it "
+        "sends a summary with the report's address (e-mail: the HTML attached); never record values.\n\n"
+        "Entities: " + ", ".join(f"`{e}`" for e in entity_order(specs))
+    )
+    params = {
+        "days": Param(14, type="integer", minimum=1, description="Window of history, in days."),
+        "stale_after_days": Param(7, type="integer", minimum=1, description="Review items older are stale."),
+    }
+    cron = CronDataIntervalTimetable("0 6 * * *", timezone="UTC")
+    with _ops_dag("health_report", doc, params, cron) as dag:
+
+        @task(task_id="health_report")
+        def report() -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.health_report()
+
+        report()
+    return dag
+
+
 def entity_dags() -> dict[str, DAG]:
     """``{dag_id: DAG}`` for every entity file, in dependency order."""
     specs = load_specs()
@@ -341,7 +369,9 @@ def entity_dags() -> dict[str, DAG]:
 
 
 def operations_dags() -> dict[str, DAG]:
-    """``reconcile`` (nightly), ``replay_dead_letters`` and ``apply_review_decisions`` (manual)."""
+    """``reconcile`` (nightly), ``health_report`` (daily), ``replay_dead_letters`` and
+    ``apply_review_decisions`` (manual)."""
     specs = load_specs()
-    dags = [build(specs) for build in (build_reconcile_dag, build_replay_dag, build_review_dag)]
+    builders = (build_reconcile_dag, build_health_dag, build_replay_dag, build_review_dag)
+    dags = [build(specs) for build in builders]
     return {dag.dag_id: dag for dag in dags}

@@ -51,6 +51,22 @@ def ensure_pool() -> None:
         )
 
 
+def init_stats() -> None:
+    """Set up Airflow's metrics backend from ``[metrics]``, as the task runner's ``main()`` does.
+
+    ``dag.test()`` runs the tasks in this process without that entry point, so without this the
+    run metrics (:mod:`d365sync.airflow.metrics`) would go to the no-op logger.
+    """
+    from airflow.configuration import conf
+    from airflow.sdk.observability import stats
+    from airflow.sdk.observability.metrics import stats_utils
+
+    stats.initialize(
+        factory=stats_utils.get_stats_factory(),
+        export_legacy_names=conf.getboolean("metrics", "legacy_names_on"),
+    )
+
+
 def resolve_dag_ids(names: Sequence[str]) -> list[str]:
     from d365sync.airflow.dag_factory import dag_id_for, entity_order, load_specs
 
@@ -135,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ensure_pool()
+        init_stats()
         dags = load_dags()
         runs = [run_one(dags[d], logical, conf) for d in resolve_dag_ids(args.dags)]
     seen = {(str(w.category.__name__), str(w.message), w.filename) for w in caught}

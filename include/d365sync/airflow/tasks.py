@@ -21,9 +21,11 @@ Runs and windows:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from datetime import datetime
@@ -42,6 +44,8 @@ STAGE_TASKS = (
     "load_erp",
     "load_dynamics",
 )
+# Run-report timing names, the same as the engine's own run_entity (task ids otherwise).
+TIMING_NAMES = {"commit_state": "commit"}
 
 
 # ------------------------------------------------------------------------------ context
@@ -149,13 +153,18 @@ def _log_requests(ctx: Any) -> None:
         log.info("Dataverse: %s", counters.snapshot())
 
 
-def _with_requests(manifest: dict[str, Any], ctx: Any) -> dict[str, Any]:
+def _with_requests(manifest: dict[str, Any], ctx: Any, started: float | None = None) -> dict[str, Any]:
+    """The manifest plus this task's Dataverse counters and, given ``started``, its stage seconds."""
     counters = getattr(ctx.dynamics, "counters", None)
     snap = counters.snapshot() if counters is not None else {}
     manifest["dataverse"] = {
         "requests": int(snap.get("requests", 0)),
         "tokens": int(snap.get("token_acquisitions", 0)),
+        "throttles": int(snap.get("throttles", 0)),
+        "retries": int(snap.get("retries", 0)),
     }
+    if started is not None:
+        manifest["seconds"] = round(time.perf_counter() - started, 3)
     return manifest
 
 
@@ -189,28 +198,32 @@ def extract(entity: str, side: str) -> dict[str, Any]:
     with run_context(entity) as ctx:
         if not ctx.dry_run:
             ctx.store.start_run(ctx.run_id, entity)  # idempotent: both extracts open the same report
-        return _with_requests(stage(ctx, side), ctx)
+        started = time.perf_counter()
+        return _with_requests(stage(ctx, side), ctx, started)
 
 
 def validate(entity: str, extracts: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     from d365sync.engine.stages import validate as stage
 
     with run_context(entity) as ctx:
-        return _with_requests(stage(ctx, extracts), ctx)
+        started = time.perf_counter()
+        return _with_requests(stage(ctx, extracts), ctx, started)
 
 
 def transform(entity: str, validated: dict[str, Any]) -> dict[str, Any]:
     from d365sync.engine.stages import transform as stage
 
     with run_context(entity) as ctx:
-        return _with_requests(stage(ctx, validated), ctx)
+        started = time.perf_counter()
+        return _with_requests(stage(ctx, validated), ctx, started)
 
 
 def resolve(entity: str, transformed: dict[str, Any]) -> dict[str, Any]:
     from d365sync.engine.stages import resolve as stage
 
     with run_context(entity) as ctx:
-        return _with_requests(stage(ctx, transformed), ctx)
+        started = time.perf_counter()
+        return _with_requests(stage(ctx, transformed), ctx, started)
 
 
 def load(entity: str, side: str, resolved: dict[str, Any]) -> dict[str, Any]:
@@ -220,7 +233,8 @@ def load(entity: str, side: str, resolved: dict[str, Any]) -> dict[str, Any]:
         if ctx.dry_run:
             return {"side": side, "dry_run": True, "results": [], "counts": {}, "failed": 0}
         _arm_fault(ctx, side)
-        return _with_requests(stage(ctx, resolved, side), ctx)
+        started = time.perf_counter()
+        return _with_requests(stage(ctx, resolved, side), ctx, started)
 
 
 def commit(entity: str, resolved: dict[str, Any], loads: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
@@ -229,7 +243,8 @@ def commit(entity: str, resolved: dict[str, Any], loads: Mapping[str, dict[str, 
     with run_context(entity) as ctx:
         if ctx.dry_run:
             return {"dry_run": True}
-        return _with_requests(stage(ctx, resolved, loads), ctx)
+        started = time.perf_counter()
+        return _with_requests(stage(ctx, resolved, loads), ctx, started)
 
 
 def report(entity: str, committed: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +257,8 @@ def report(entity: str, committed: dict[str, Any]) -> dict[str, Any]:
     summary = summarize(entity, manifests, dry_run)
     if not dry_run:
         with clients() as (_dv, _erp, store):
-            store.finish_run(run.run_id, entity, "success", summary["counts"])
+            store.finish_run(run.run_id, entity, "success", summary["counts"], summary["timings"])
+            summary["metrics"] = _emit_metrics(store.run_report(run.run_id, entity))
     summary["run_time"] = run_time(context).isoformat()
     summary["window"] = window_of(context) is not None
     summary["staging"] = finish_run(run.dag_id, run.run_id)
@@ -250,8 +266,29 @@ def report(entity: str, committed: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def _emit_metrics(run_report: Any) -> int:
+    """The run report's counters and timings through Airflow's metrics; never fails the run."""
+    from d365sync.airflow.metrics import emit_run_metrics
+
+    try:
+        return emit_run_metrics(run_report) if run_report is not None else 0
+    except Exception as exc:  # a metrics backend hiccup must not fail a committed sync
+        log.warning("d365sync metrics not sent: %s", type(exc).__name__)
+        return 0
+
+
+def stage_timings(by_task: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Seconds of each stage task (engine stage names), from the manifests' ``seconds``."""
+    return {
+        TIMING_NAMES.get(task_id, task_id): float(m["seconds"])
+        for task_id, m in by_task.items()
+        if isinstance(m.get("seconds"), (int, float))
+    }
+
+
 def summarize(entity: str, by_task: Mapping[str, Mapping[str, Any]], dry_run: bool = False) -> dict[str, Any]:
-    """Flat counts (the engine's own RunResult.counts) plus Dataverse requests summed over tasks."""
+    """Flat counts (the engine's own RunResult.counts) plus the Dataverse counters summed over tasks
+    (``dataverse_requests``, ``token_requests``, ``dataverse_throttles``, ``dataverse_retries``)."""
     from types import SimpleNamespace
 
     from d365sync.engine.pipeline import Plan, RunResult
@@ -267,14 +304,30 @@ def summarize(entity: str, by_task: Mapping[str, Mapping[str, Any]], dry_run: bo
         m["commit"] = by_task.get("commit_state") or {}
     plan = Plan.of(SimpleNamespace(entity=entity, dry_run=dry_run), m)  # type: ignore[arg-type]
     counts = dict(RunResult("", plan, m, {}).counts)
-    requests = sum(int((b.get("dataverse") or {}).get("requests", 0)) for b in by_task.values())
-    tokens = sum(int((b.get("dataverse") or {}).get("tokens", 0)) for b in by_task.values())
-    counts |= {"dataverse_requests": requests, "token_requests": tokens}
+    counts |= {name: _dataverse_total(by_task, key) for key, name in DATAVERSE_COUNTS.items()}
     resolutions: dict[str, int] = {}
     for item in plan.resolved:
         label = f"{item.get('winner')} wins"
         resolutions[label] = resolutions.get(label, 0) + 1
-    return {"entity": entity, "dry_run": dry_run, "counts": counts, "resolutions": resolutions}
+    return {
+        "entity": entity,
+        "dry_run": dry_run,
+        "counts": counts,
+        "timings": stage_timings(by_task),
+        "resolutions": resolutions,
+    }
+
+
+DATAVERSE_COUNTS = {
+    "requests": "dataverse_requests",
+    "tokens": "token_requests",
+    "throttles": "dataverse_throttles",
+    "retries": "dataverse_retries",
+}
+
+
+def _dataverse_total(by_task: Mapping[str, Mapping[str, Any]], key: str) -> int:
+    return sum(int((m.get("dataverse") or {}).get(key, 0)) for m in by_task.values())
 
 
 # ---------------------------------------------------------------------------- operations
@@ -313,3 +366,90 @@ def apply_review_decisions() -> dict[str, Any]:
             params["decision"],
             by=params["decided_by"],
         )
+
+
+# -------------------------------------------------------------------------------- health
+HEALTH_DAG = "health_report"
+
+
+@contextmanager
+def state_store() -> Iterator[Any]:
+    """The sync state store alone (the health report needs neither Dataverse nor the ERP)."""
+    from d365sync.engine.connections import state_url
+    from d365sync.engine.state import StateStore
+
+    url, schema = state_url(_engine_conn(settings.connections().state))
+    with StateStore.open(url, schema=schema) as store:
+        yield store
+
+
+def health_report() -> dict[str, Any]:
+    """HTML report + JSON summary under ``<staging root>/health_report/reports/``; alert when configured.
+
+    Drift comes from reconcile's reports (``<staging root>/reconcile/reports``). The engine writes
+    local files; a remote staging root (``abfs://``) gets copies, and reads drift from local copies.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from d365sync.engine import health
+
+    context = airflow_context()
+    params, run = context.get("params") or {}, context["dag_run"]
+    out_root = staging_root(HEALTH_DAG) / "reports"
+    with tempfile.TemporaryDirectory(prefix="d365sync-health-") as tmp, state_store() as store:
+        out_dir = _local(out_root) or Path(tmp) / "out"
+        drift_dir = _local_copy(staging_root("reconcile") / "reports", Path(tmp) / "drift")
+        paths = health.write_health_report(
+            store,
+            out_dir,
+            days=int(params.get("days") or 14),
+            stale_after_days=int(params.get("stale_after_days") or 7),
+            drift_dir=drift_dir,
+        )
+        targets = {kind: _publish(path, out_root) for kind, path in paths.items()}
+        summary = json.loads(paths["json"].read_text(encoding="utf-8"))
+        sent = _send_health(summary, run, targets["html"], str(paths["html"]))
+    log.info("health report: %s (alerts: %s)", targets, sent or "off")
+    return {
+        "html": targets["html"],
+        "json": targets["json"],
+        "entities": len(summary["entities"]),
+        "sent": sent,
+    }
+
+
+def _local(path: Any) -> Any:
+    """A local ``Path`` for a ``file://`` ObjectStoragePath, else None."""
+    from pathlib import Path
+
+    return Path(path.path) if path.protocol in ("file", "local") else None
+
+
+def _local_copy(path: Any, into: Any) -> Any:
+    """Reconcile's drift reports as a local folder (the folder itself when already local)."""
+    if (local := _local(path)) is not None or not path.exists():
+        return local
+    into.mkdir(parents=True)
+    for child in path.rglob("*.json"):
+        (into / child.name).write_bytes(child.read_bytes())
+    return into
+
+
+def _publish(path: Any, out_root: Any) -> str:
+    """The report file's address under the staging root (copied there when the root is remote)."""
+    if _local(out_root) is not None:
+        return f"file://{path}"
+    target = out_root / path.name
+    target.write_bytes(path.read_bytes())
+    return str(target)
+
+
+def _send_health(summary: dict[str, Any], run: Any, link: str, attachment: str) -> list[str]:
+    from d365sync.airflow import alerts
+
+    channels = settings.alert_channels()
+    if not channels.enabled:
+        return []
+    alert = alerts.health_alert(summary, run.dag_id, run.run_id, link, attachment)
+    return alerts.send(alert, channels)
