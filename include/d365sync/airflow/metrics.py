@@ -16,7 +16,10 @@ Names (the backend adds Airflow's prefix, ``airflow.`` by default with StatsD):
                                                 ``dataverse_requests``, ``dataverse_throttles`` …
 ``d365sync.<entity>.duration``         timer    wall time of the run (start to finish)
 ``d365sync.<entity>.<timing>``         timer    every timing of the run report (seconds in the
-                                                report, sent as a duration)
+                                                report, sent as a duration): the stages
+                                                ``extract_dynamics``, ``extract_erp``, ``validate``,
+                                                ``transform``, ``resolve``, ``load_erp``,
+                                                ``load_dynamics``, ``commit``
 =====================================  =======  ================================================
 
 The same counts and timings are stored in the run report (``StateStore.finish_run``), which the
