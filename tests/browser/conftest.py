@@ -31,6 +31,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,31 +191,33 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
-@pytest.fixture(scope="module")
-def airflow_server(tmp_path_factory: pytest.TempPathFactory, artifacts: Path) -> Iterator[AirflowServer]:
-    """``airflow standalone`` on a free port with a seeded state store; stopped by process group."""
-    require_chromium()  # no point starting Airflow for tests that will skip
-    home = tmp_path_factory.mktemp("airflow-standalone")
+@contextmanager
+def standalone(
+    home: Path,
+    store: tuple[StateStore, str],
+    artifacts: Path,
+    extra_env: dict[str, str] | None = None,
+    name: str = "",
+) -> Iterator[AirflowServer]:
+    """``airflow standalone`` on a free port, its UI reading ``store`` (store, URL); stopped by group."""
     passwords = {user: secrets.token_urlsafe(12) for user in USERS}
     passwords_file = home / "passwords.json"
     passwords_file.write_text(json.dumps(passwords))
-    state_url = f"sqlite:///{home / 'state.db'}"
-    store = StateStore.open(state_url)
-    seed(store)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = home / "standalone.log"
+    env = {**_env(home, port, passwords_file, store[1]), **(extra_env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(BIN / "airflow"), "standalone"],
-            env=_env(home, port, passwords_file, state_url),
+            env=env,
             cwd=home,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: teardown signals the group
         )
-    server = AirflowServer(url, home, passwords, store, log)
+    server = AirflowServer(url, home, passwords, store[0], log)
     try:
         _wait_until(lambda: _healthy(url), proc, log, "/api/v2/monitor/health")
         # The replay button needs the DAG in the metadata DB: wait for the DAG processor's first pass.
@@ -228,8 +231,22 @@ def airflow_server(tmp_path_factory: pytest.TempPathFactory, artifacts: Path) ->
         yield server
     finally:
         _stop(proc)
+        shutil.copyfile(log, artifacts / f"airflow-standalone{name}.log")
+
+
+@pytest.fixture(scope="module")
+def airflow_server(tmp_path_factory: pytest.TempPathFactory, artifacts: Path) -> Iterator[AirflowServer]:
+    """``airflow standalone`` with a state store seeded with the UI tests' conflicts and dead letters."""
+    require_chromium()  # no point starting Airflow for tests that will skip
+    home = tmp_path_factory.mktemp("airflow-standalone")
+    state_url = f"sqlite:///{home / 'state.db'}"
+    store = StateStore.open(state_url)
+    seed(store)
+    try:
+        with standalone(home, (store, state_url), artifacts) as server:
+            yield server
+    finally:
         store.close()
-        shutil.copyfile(log, artifacts / "airflow-standalone.log")
 
 
 @pytest.hookimpl(wrapper=True)
