@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from d365sync.engine.stages.context import aware
 from tests.dags.conftest import AirflowEnv, assert_success
 from tests.dags.sync_env import (
     Backend,
@@ -177,14 +178,17 @@ def test_reconcile_finds_a_change_that_bypassed_the_cursor_and_the_next_run_repa
     assert queued and queued[0].stage == "reconcile"
     (run,) = env.run("sync_customers")
     assert_success([run])
-    if writes(run).get("dynamics_update", 0) < 1:
-        pytest.xfail(
-            "repair queued and re-injected, but the merge treats the replayed ERP row as unchanged "
-            "(same ROW_VER / older LAST_UPD than the base): the engine needs a 'force' flag for "
-            "reconcile repairs"
-        )
+    assert writes(run).get("dynamics_update", 0) >= 1, run.report
     limit = env.dv("GET", f"accounts(accountnumber='{key}')?$select=creditlimit")["creditlimit"]
     assert float(limit) == 98765.43
+    with env.store() as store:  # the repair is done: not replayed again
+        left = [d for d in store.dead_letters("customers", status="replay") if d.record_key.strip() == key]
+        mark = store.watermark("customers", "erp")
+    assert left == []
+    assert mark is not None and aware(mark.value) > aware(old), "the ERP cursor never moves back"
+    (again,) = env.run("sync_customers")
+    assert_success([again])
+    assert writes(again) == {}
 
 
 def test_review_decision_from_a_manual_dag_run_is_applied_by_the_next_run(env: SyncEnv) -> None:

@@ -245,6 +245,49 @@ def test_same_timestamp_is_not_stale() -> None:
     assert decision.stale == [] and decision.erp.fields == {"name": "Same second"}
 
 
+# --- reconcile repairs ----------------------------------------------------------------------
+
+
+def test_repair_compares_a_stale_looking_row_by_value() -> None:
+    # a direct SQL fix: old LAST_UPD, ROW_VER untouched; reconcile vouches for the ERP row
+    fixed = erp(seconds=-86_400, version="20", credit_limit=Decimal("98765.43"))
+    assert merge(e=fixed).stale and merge(e=fixed).writes == []
+    decision = merge(e=fixed, repair={"erp"})
+    assert decision.stale == []
+    assert decision.dynamics.fields == {"credit_limit": Decimal("98765.43")}
+    assert decision.dynamics.expected_version == "10"
+    assert decision.erp is None
+    assert decision.base.values["credit_limit"] == Decimal("98765.43")
+
+
+def test_repair_never_moves_the_base_timestamp_or_version_backwards() -> None:
+    fixed = erp(seconds=-86_400, version="19", credit_limit=Decimal("1.00"))
+    decision = merge(e=fixed, repair={"erp"})
+    assert decision.base.erp_modified == T0
+    assert decision.base.erp_version == "20"
+
+
+def test_repair_keeps_ownership_an_owned_field_never_takes_the_non_owners_value() -> None:
+    fixed = erp(seconds=-86_400, version="20", name="ERP rename", credit_limit=Decimal("5.00"))
+    decision = merge(e=fixed, repair={"erp"})
+    assert decision.dynamics.fields == {"credit_limit": Decimal("5.00")}
+    assert decision.erp.fields == {"name": "Acme"}  # dynamics owns it: reverted on the ERP
+    assert decision.base.values["name"] == "Acme"
+
+
+def test_repair_of_one_side_leaves_the_other_sides_staleness_check_alone() -> None:
+    old_dyn = dyn(seconds=-60, version="9", city="Lyon")
+    decision = merge(d=old_dyn, e=erp(seconds=-60, version="20", city="Nice"), repair={"erp"})
+    assert [s.side for s in decision.stale] == ["dynamics"]
+    assert decision.dynamics.fields == {"city": "Nice"}
+
+
+def test_repair_of_a_row_at_base_values_writes_nothing() -> None:
+    decision = merge(e=erp(seconds=-86_400, version="20"), repair={"erp"})
+    assert decision.writes == [] and decision.stale == []
+    assert decision.base.erp_modified == T0
+
+
 # --- creates --------------------------------------------------------------------------------
 
 

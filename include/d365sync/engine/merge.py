@@ -30,6 +30,11 @@ Semantics, in the order they apply (the reason strings in the output say which o
   carries no real change). Otherwise it is a version conflict, settled by
   ``on_version_conflict``: ``manual_review`` (default) parks it, ``owner_wins`` gives it to the
   owner (or ``prefer`` when the owner is "both"; parked if neither).
+* Repair: a reconcile repair (``RecordInput.repair``) names the side(s) whose row reconcile
+  found current while the base is not: that side is compared with the base by value only,
+  never rejected as stale (a direct SQL fix keeps its old ``LAST_UPD`` and ``ROW_VER``); the
+  base keeps the newer of its recorded and the row's timestamp/version, so staleness never
+  moves backwards. Everything after staleness (ownership, policies, reviews) applies as usual.
 * Review queue: a field with an open review item (``RecordInput.under_review``) stays parked
   while the sides disagree and either still differs from the base, so a parked conflict never resolves itself
   behind the reviewer's back (a version conflict would: once the other side's change is
@@ -189,7 +194,8 @@ class RecordInput:
 
     With no base, None means the record does not exist on that side. ``decided`` carries
     review-queue decisions (field -> chosen canonical value) to apply on this run;
-    ``under_review`` names the fields with an open, undecided review item.
+    ``under_review`` names the fields with an open, undecided review item. ``repair`` names
+    the sides a reconcile repair vouches for: compared by value, never stale.
     """
 
     key: Hashable
@@ -198,6 +204,7 @@ class RecordInput:
     base: Base | None = None
     decided: Mapping[str, Any] | None = None
     under_review: Collection[str] = ()
+    repair: Collection[Side] = ()
 
 
 @dataclass(slots=True)
@@ -288,8 +295,8 @@ def merge_record(rules: EntityRules, record: RecordInput) -> MergeDecision:
     base = record.base
     if base is not None and base.deleted_on is not None:
         return _after_tombstone(record, base, out)
-    dyn = _accept(record.dynamics, base, "dynamics", out)
-    erp = _accept(record.erp, base, "erp", out)
+    dyn = _accept(record.dynamics, base, "dynamics", out, repair="dynamics" in record.repair)
+    erp = _accept(record.erp, base, "erp", out, repair="erp" in record.repair)
     if (dyn is not None and dyn.deleted) or (erp is not None and erp.deleted):
         return _on_delete(rules, base, dyn, erp, out)
     if base is None and (dyn is None or erp is None):
@@ -300,15 +307,34 @@ def merge_record(rules: EntityRules, record: RecordInput) -> MergeDecision:
 # --- record-level paths ---------------------------------------------------------------------
 
 
-def _accept(rec: SideRecord | None, base: Base | None, side: Side, out: MergeDecision) -> SideRecord | None:
-    """Drop a side that is older than the base (stale), recording why."""
+def _accept(
+    rec: SideRecord | None, base: Base | None, side: Side, out: MergeDecision, *, repair: bool = False
+) -> SideRecord | None:
+    """Drop a side that is older than the base (stale), recording why.
+
+    A repaired side is never stale: it keeps the base's newer timestamp/version (so later
+    staleness checks are unchanged) and is compared with the base by value alone.
+    """
     if rec is None or base is None:
         return rec
     reason = _staleness(rec, base, side)
     if reason is None:
         return rec
+    if repair:
+        out.decisions.append(FieldDecision("*", side, None, f"repair: {side} compared by value ({reason})"))
+        return _at_least_base(rec, base, side)
     out.stale.append(StaleRejection(side, reason))
     return None
+
+
+def _at_least_base(rec: SideRecord, base: Base, side: Side) -> SideRecord:
+    """``rec`` with the newer of its own and the base's timestamp and version for ``side``."""
+    seen, modified = base.modified(side), rec.modified
+    if modified is None or (seen is not None and seen > modified):
+        modified = seen
+    new, old = _version_number(rec.version), _version_number(base.version(side))
+    version = base.version(side) if new is not None and old is not None and old > new else rec.version
+    return SideRecord(rec.values, modified, version, rec.deleted)
 
 
 def _staleness(rec: SideRecord, base: Base, side: Side) -> str | None:

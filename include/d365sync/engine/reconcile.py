@@ -11,9 +11,11 @@ values with the entity's own plan and compares, field by field, by hash:
 
 Memory: a few bytes per record of the first side (key → per-field hashes) plus the drifted rows.
 Repairs go through the existing replay path: each drifted record becomes a ``reconcile`` dead
-letter holding both sides' raw rows, marked for replay, so the next entity run re-injects them and
-the three-way merge applies whichever side changed. The drift report is a JSON file (keys, field
-names and sides only; no values, so it holds no personal data).
+letter holding both sides' raw rows and the sides found current (``repair``), marked for replay.
+The next entity run re-injects them flagged as repairs: the merge compares a repaired side with the
+base by value, not by timestamp or version (a direct SQL fix keeps an old ``LAST_UPD`` and the same
+``ROW_VER``, so it would otherwise be stale or an echo), and ownership rules still apply. The drift
+report is a JSON file (keys, field names and sides only; no values, so it holds no personal data).
 """
 
 from __future__ import annotations
@@ -148,13 +150,22 @@ def _queue(ctx: RunContext, drift: list[dict[str, Any]], raws: dict[str, dict[st
         raws[key]["dynamics"] = ctx.dynamics.get(
             spec.dynamics.entity_set, {spec.dynamics.key: key}, spec.dynamics_select
         )
-    failures = [Failure(k, "drift found by reconcile", replay_payload(raws[k])) for k in keys]
+    sides = {d["key"]: repair_sides(d["why"]) for d in drift if d["kind"] == "differs"}
+    failures = [
+        Failure(k, "drift found by reconcile", {**replay_payload(raws[k]), "repair": sides[k]}) for k in keys
+    ]
     ctx.store.dead_letter(ctx.entity, STAGE, ctx.run_id, failures)
     wanted = set(keys)
     for letter in ctx.store.dead_letters(ctx.entity):
         if letter.stage == STAGE and letter.record_key in wanted:
             ctx.store.replay_dead_letter(letter.id, "reconcile")
     return len(keys)
+
+
+def repair_sides(why: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The sides a repair vouches for: those that left the base ("both": both did)."""
+    changed = {w["changed_on"] for w in why}
+    return [s for s in ("dynamics", "erp") if s in changed or "both" in changed]
 
 
 def _safe(text: str) -> str:

@@ -70,7 +70,7 @@ def _close(
     parked = [m[1] for m in finished if m[0] == "parked"]
     released = ctx.store.release_children(parked, ctx.run_id) if parked else 0
     resolved = 0
-    for stage in ("validate", "transform", "resolve", "load"):
+    for stage in ("validate", "transform", "resolve", "load", "reconcile"):
         keys = sorted({m[2] for m in finished if m[0] == "dead_letter" and m[1] == stage})
         resolved += ctx.store.resolve_dead_letters(ctx.entity, stage, keys) if keys else 0
     applied = ctx.store.mark_reviews_applied(reviews, ctx.run_id) if reviews else 0

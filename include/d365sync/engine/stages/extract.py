@@ -11,7 +11,7 @@ Rows that earlier runs could not finish are re-injected here, so every later sta
 like extracted rows: due dead letters (with backoff) and parked children whose parent is now
 synced. They are written first, so a fresher extracted row of the same key wins in resolve.
 
-Each file entry: ``{"key", "row", "deleted", "id", "replay"}``; ``row`` uses the side's
+Each file entry: ``{"key", "row", "deleted", "id", "replay", "repair"}``; ``row`` uses the side's
 read names. Manifest: ``{"side", "files", "rows", "deletes", "replayed", "watermark"}``.
 """
 
@@ -54,7 +54,7 @@ def _write(ctx: RunContext, side: Side, streams: list[Iterable[dict[str, Any]]])
 
 
 def _entry(key: Any, row: dict[str, Any], *, deleted: bool = False, id_: str | None = None) -> dict[str, Any]:
-    return {"key": norm_key(key), "row": row, "deleted": deleted, "id": id_, "replay": None}
+    return {"key": norm_key(key), "row": row, "deleted": deleted, "id": id_, "replay": None, "repair": False}
 
 
 # ----------------------------------------------------------------------------- replays
@@ -69,9 +69,13 @@ def _replays(ctx: RunContext, side: Side) -> list[dict[str, Any]]:
 
 
 def _replay_rows(side: Side, payload: Any, marker: list[Any]) -> list[dict[str, Any]]:
-    rows = (payload or {}).get("rows", []) if isinstance(payload, dict) else []
+    """A reconcile repair (``payload["repair"]``: sides found current) flags its rows ``repair``."""
+    payload = payload if isinstance(payload, dict) else {}
+    rows, repair = payload.get("rows", []), side in payload.get("repair", ())
     key = marker[2]
-    return [{**_entry(key, r["row"]), "replay": marker} for r in rows if r.get("side") == side]
+    return [
+        {**_entry(key, r["row"]), "replay": marker, "repair": repair} for r in rows if r.get("side") == side
+    ]
 
 
 # ---------------------------------------------------------------------------- Dynamics

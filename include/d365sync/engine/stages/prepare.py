@@ -230,6 +230,7 @@ def _record(
         "id": guid,
         "raw": row,
         "replay": entry["replay"],
+        "repair": bool(entry.get("repair")),
     }
 
 

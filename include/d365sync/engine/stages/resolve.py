@@ -113,7 +113,8 @@ def _input(
 
     decided = {r.field: r.chosen for r in reviews} or None
     base = stored.base if stored is not None else None
-    return RecordInput(key, side("dynamics"), side("erp"), base, decided, under)
+    repair = frozenset(s for s in SIDES if sides.get(s, {}).get("repair"))
+    return RecordInput(key, side("dynamics"), side("erp"), base, decided, under, repair)
 
 
 def _entry(
