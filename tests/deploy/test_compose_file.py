@@ -10,7 +10,8 @@ import jsonschema
 import pytest
 
 from tests.deploy import compose
-from tests.deploy.test_celery_topology import DOTENV, localizer
+from tests.deploy.test_celery_topology import DOTENV
+from tests.deploy.topology import localizer
 
 SCHEMA = Path(__file__).with_name("compose-spec.json")
 REQUIRED_SERVICES = {
