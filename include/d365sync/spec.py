@@ -22,7 +22,7 @@ stdlib at module level; schema catalogs and the ERP client's spec types load laz
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -1054,6 +1054,9 @@ class EntityPlan:
         self._out = {
             s: {f.name: (f.write[s], f.outbound[s]) for f in fields if s in f.writable} for s in SIDES
         }
+        self._mapped = {
+            s: {f.name: (f.write[s], f.outbound[s]) for f in fields if s in f.write} for s in SIDES
+        }
         key_plan = next(f for f in fields if f.name == key)
         self._key_in = {s: (key_plan.read[s], key_plan.inbound[s]) for s in SIDES}
 
@@ -1075,15 +1078,21 @@ class EntityPlan:
         record: Mapping[str, Any],
         ctx: TransformContext,
         fields: Iterable[str] | None = None,
+        override: Collection[str] = (),
     ) -> dict[str, Any]:
-        """Canonical values → a write payload for ``side`` (write names), all or only ``fields``."""
-        out_map = self._out[side]
-        names = out_map if fields is None else [n for n in fields if n in out_map]
+        """Canonical values → a write payload for ``side`` (write names), all or only ``fields``.
+
+        ``override`` names fields written even where ownership forbids it (a review decision
+        beats ownership); they still need a column on ``side``.
+        """
+        out_map, mapped = self._out[side], self._mapped[side]
+        wanted = list(out_map) if fields is None else list(fields)
+        names = [n for n in wanted if n in out_map or (n in override and n in mapped)]
         out: dict[str, Any] = {}
         name = self.key_field
         try:
             for name in names:
-                column, chain = out_map[name]
+                column, chain = mapped[name]
                 value = record.get(name)
                 out[column] = value if chain is None else chain(value, record, ctx)
         except TransformError as exc:

@@ -250,6 +250,24 @@ def test_optimistic_update_loses_to_concurrent_change(client: ErpClient, other: 
     assert names[untouched["CUST_NO"]] == "Mine Too"
 
 
+def test_plain_update_never_inserts_and_reports_a_row_it_does_not_find(client: ErpClient) -> None:
+    found = all_rows(client, CUST_MASTER)[0]
+    count = f"SELECT COUNT(*) FROM {q(client, 'CUST_MASTER')}"
+    before = client.scalar(count)
+    result = client.update(
+        CUST_MASTER,
+        [
+            {"CUST_NO": found["CUST_NO"], "CUST_NAME": "Updated"},
+            {"CUST_NO": "C999999999", "CUST_NAME": "Nobody"},
+        ],
+    )
+    assert (result.inserted, result.updated, result.unchanged) == (0, 1, 0)
+    assert [(f.key, f.message) for f in result.failures] == [(("C999999999",), "update matched no row")]
+    assert client.scalar(count) == before
+    again = client.update(CUST_MASTER, [{"CUST_NO": found["CUST_NO"], "CUST_NAME": "Updated"}])
+    assert (again.updated, again.unchanged, again.failures) == (0, 1, [])
+
+
 def test_deactivate_sets_status_and_delete_needs_opt_in(client: ErpClient) -> None:
     rows = all_rows(client, CUST_MASTER)[:3]
     keys = [(r["CUST_NO"],) for r in rows]

@@ -15,7 +15,7 @@ from typing import Any, Self
 import pyodbc
 
 from d365sync.erp.dialects import CONFLICT_FLAG, Dialect
-from d365sync.erp.errors import ErpConnectionError, ErpSpecError, Key
+from d365sync.erp.errors import ErpConnectionError, ErpSpecError, Key, RowFailure
 from d365sync.erp.reading import ChangeStream, CursorValue, ExtractCursor, Row, RowReader, SnapshotDiff, pages
 from d365sync.erp.retry import RetryPolicy
 from d365sync.erp.session import Connect, Session, driver_message
@@ -145,6 +145,16 @@ class ErpClient:
         preparer = Preparer(spec, self.dialect, spec.writable, spec.key)
         return self._load(spec, rows, preparer, self._upsert_op(spec, preparer), chunk_size)
 
+    def update(
+        self, spec: TableSpec, rows: Iterable[Mapping[str, Any]], chunk_size: int | None = None
+    ) -> LoadResult:
+        """Update existing rows by key, never insert; a row whose key matches nothing is a failure.
+
+        For tables without a version column. Rows already holding the values are ``unchanged``.
+        """
+        preparer = Preparer(spec, self.dialect, spec.writable, spec.key)
+        return self._load(spec, rows, preparer, self._update_op(spec), chunk_size)
+
     def update_if_unchanged(
         self, spec: TableSpec, rows: Iterable[Mapping[str, Any]], chunk_size: int | None = None
     ) -> LoadResult:
@@ -232,6 +242,25 @@ class ErpClient:
 
         return op
 
+    def _update_op(self, spec: TableSpec) -> Any:
+        d = self.dialect
+
+        def op(cur: pyodbc.Cursor, batch: Batch) -> LoadResult:
+            stg, cols = self._staging(spec, "P", batch.names)
+            stage(cur, d, stg, cols, batch, self.fast_executemany)
+            missing = [_key(r) for r in cur.execute(_missing_sql(d, spec, stg)).fetchall()]
+            sets = [n for n in batch.names if n not in spec.key]
+            updated = 0
+            if sets:
+                updated = cur.execute(
+                    d.update_from(spec.name, stg, sets, spec.key, d.any_differs(sets))
+                ).rowcount
+            failures = [RowFailure(spec.name, k, None, "update matched no row") for k in missing]
+            unchanged = len(batch.rows) - len(missing) - updated
+            return LoadResult(spec.name, updated=updated, unchanged=unchanged, failures=failures)
+
+        return op
+
     def _optimistic_op(self, spec: TableSpec, preparer: Preparer) -> Any:
         d, version = self.dialect, spec.version_column or ""
 
@@ -305,6 +334,14 @@ def _conflicts_sql(d: Dialect, spec: TableSpec, stg: str) -> str:
     return (
         f"SELECT {d.cols(spec.key, 's')}, s.{version}, t.{version} FROM {d.staging_name(stg)} s "
         f"LEFT JOIN {d.q(spec.name)} t ON {d.join(spec.key)} WHERE s.{d.q(CONFLICT_FLAG)} = 1"
+    )
+
+
+def _missing_sql(d: Dialect, spec: TableSpec, stg: str) -> str:
+    """Keys of staged rows with no row in the table."""
+    return (
+        f"SELECT {d.cols(spec.key, 's')} FROM {d.staging_name(stg)} s "
+        f"LEFT JOIN {d.q(spec.name)} t ON {d.join(spec.key)} WHERE t.{d.q(spec.key[0])} IS NULL"
     )
 
 

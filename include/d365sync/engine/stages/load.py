@@ -194,18 +194,29 @@ def _load_erp(ctx: RunContext, entries: list[dict[str, Any]], errors: dict[str, 
 def _erp_writes(
     ctx: RunContext, table: Any, op: str, group: list[dict[str, Any]], errors: dict[str, str]
 ) -> None:
-    """Rows grouped by column set (the client loads one shape per call); versioned updates are optimistic."""
-    version = table.version_column
+    """Rows grouped by column set (the client loads one shape per call); versioned updates are optimistic.
+
+    An update never inserts: on a table without a version column it is a plain update, and a
+    row it does not find (like a version conflict) is an error, never a success. An update
+    with no column to set beyond the key would change nothing: an error too.
+    """
+    version, keys = table.version_column, set(table.key)
     shapes: dict[tuple[tuple[str, ...], bool], list[dict[str, Any]]] = {}
     for entry in group:
         write = entry["writes"]["erp"]
         row = dict(write["payload"])
+        if op == "update" and not set(row) - keys:
+            errors[entry["key"]] = f"update of {write['fields']} has no {table.name} column to set"
+            continue
         optimistic = op == "update" and version is not None and write["expected_version"] is not None
         if optimistic:
             row[version] = int(write["expected_version"])
         shapes.setdefault((tuple(sorted(row)), optimistic), []).append(row)
     for (_, optimistic), rows in shapes.items():
-        result = ctx.erp.update_if_unchanged(table, rows) if optimistic else ctx.erp.upsert(table, rows)
+        if optimistic:
+            result = ctx.erp.update_if_unchanged(table, rows)
+        else:
+            result = ctx.erp.update(table, rows) if op == "update" else ctx.erp.upsert(table, rows)
         _erp_errors(result, errors)
 
 

@@ -131,7 +131,8 @@ def _entry(
         return None
     raw = {s: sides[s]["raw"] for s in SIDES if s in sides}
     try:
-        built = {w.side: _write(ctx, key, w, decision) for w in decision.writes}
+        decided = frozenset(r.field for r in reviews)
+        built = {w.side: _write(ctx, key, w, decision, decided) for w in decision.writes}
     except TransformError as exc:
         summary.refused(ctx, key, exc, raw)
         return None
@@ -154,12 +155,16 @@ def _entry(
     }
 
 
-def _write(ctx: RunContext, key: str, write: Write, decision: MergeDecision) -> dict[str, Any] | None:
+def _write(
+    ctx: RunContext, key: str, write: Write, decision: MergeDecision, decided: frozenset[str] = frozenset()
+) -> dict[str, Any] | None:
     """A side's payload in its own column names; lookups resolve here (MissingParent parks).
 
     A field whose value cannot be represented on the side (a soft lookup to a parent that
     does not exist there gives None) is left out rather than written as null: writing the null
-    would read back as a change and revert again on every run. An update left with no field
+    would read back as a change and revert again on every run. So is a field the side may not
+    be written (it owns the field and takes no creates), unless a review decision (``decided``)
+    overrides ownership: a human's decision goes to both sides. An update left with no field
     is no write at all.
     """
     spec, side = ctx.spec, write.side
@@ -167,7 +172,9 @@ def _write(ctx: RunContext, key: str, write: Write, decision: MergeDecision) -> 
     fields = sorted(write.fields) if write.op == "update" else sorted(record)
     payload: dict[str, Any] = {}
     if write.op in ("create", "update"):
-        payload = spec.plan.from_canonical(side, record, ctx.transform_context, fields=fields)
+        payload = spec.plan.from_canonical(
+            side, record, ctx.transform_context, fields=fields, override=decided
+        )
         fields = _representable(ctx, side, record, fields, payload)
         if write.op == "update" and not fields:
             return None
@@ -184,12 +191,15 @@ def _write(ctx: RunContext, key: str, write: Write, decision: MergeDecision) -> 
 def _representable(
     ctx: RunContext, side: str, record: Mapping[str, Any], fields: list[str], payload: dict[str, Any]
 ) -> list[str]:
-    """Drop (from ``payload`` too) fields whose non-null canonical value became null."""
+    """Drop (from ``payload`` too) fields whose non-null canonical value became null, and fields
+    with no column in ``payload`` (not writable on ``side``): they would be counted, not written."""
     columns = {f.name: f.write.get(side) for f in ctx.spec.plan.fields}  # type: ignore[call-overload]
     kept = []
     for name in fields:
         column = columns.get(name)
-        if column in payload and payload[column] is None and record.get(name) is not None:
+        if column not in payload:
+            continue
+        if payload[column] is None and record.get(name) is not None:
             del payload[column]
         else:
             kept.append(name)

@@ -1,0 +1,74 @@
+"""A review decision written to both systems by the next run (the engine half of issue 6).
+
+Invoices flow ERP → Dynamics and the ERP owns every field, but a value decided by a human in
+the review queue overrides ownership: it is written to Dynamics *and* to the ERP
+(``INV_HEADER``), the review item is closed, and the run after that writes nothing. An ERP
+update that changes no row is never counted as a success.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from d365sync.engine.stages.context import norm_key
+from tests.integration.pipeline_env import Env
+from tests.integration.test_pipeline import _no_failures, _synced_invoice, _upsert
+from tests.integration.test_pipeline import env as env
+
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:module 'sre_(constants|parse)' is deprecated:DeprecationWarning"
+)
+
+DECIDED = Decimal("3.33")
+
+
+def _erp_amounts(env: Env, invoice: str) -> tuple[Decimal, Decimal, Decimal]:
+    (row,) = env.erp_rows(
+        "SELECT GROSS_AMOUNT, NET_AMOUNT, TAX_AMOUNT FROM INV_HEADER WHERE INV_NO = ?", invoice
+    )
+    return tuple(Decimal(str(v)).quantize(Decimal("0.01")) for v in row)  # type: ignore[return-value]
+
+
+def _dynamics_total(env: Env, invoice: str) -> Decimal:
+    (row,) = env.dynamics_rows("invoices", ["invoicenumber", "totalamount"], f"invoicenumber eq '{invoice}'")
+    return Decimal(str(row["totalamount"])).quantize(Decimal("0.01"))
+
+
+def test_a_decided_total_reaches_dynamics_and_the_erp_then_nothing_more_is_written(env: Env) -> None:
+    _no_failures(env.run_all())
+    invoice = _synced_invoice(env)
+    _, net, tax = _erp_amounts(env, invoice)
+
+    # the total changed on both sides: manual review
+    env.erp.execute([f"UPDATE INV_HEADER SET GROSS_AMOUNT = 2.22 WHERE INV_NO = '{invoice}'"])
+    _upsert(env, "invoices", "invoice", "invoicenumber", {"invoicenumber": invoice, "totalamount": 1.11})
+    _no_failures({"invoices": env.run("invoices")})
+    (review,) = [r for r in env.store.reviews("invoices") if norm_key(r.record_key) == invoice]
+    assert review.field == "total"
+    assert (_dynamics_total(env, invoice), _erp_amounts(env, invoice)[0]) == (
+        Decimal("1.11"),
+        Decimal("2.22"),
+    )
+
+    env.store.decide_review(review.id, chosen=DECIDED, by="alice", comment="total confirmed by finance")
+    result = env.run("invoices")
+    _no_failures({"invoices": result})
+    assert result.plan.writes == {"dynamics": {"update": 1}, "erp": {"update": 1}}
+    assert env.store.dead_letters("invoices") == []
+    assert _dynamics_total(env, invoice) == DECIDED
+    # the spec maps total → GROSS_AMOUNT (decimal, scale 2) and tax → TAX_AMOUNT on its own;
+    # NET_AMOUNT is not mapped: only the gross amount takes the decision
+    assert _erp_amounts(env, invoice) == (DECIDED, net, tax)
+    assert review.id not in {r.id for r in env.store.reviews("invoices")}
+    assert review.id not in {r.id for r in env.store.reviews("invoices", status="decided")}
+    assert review.id in {r.id for r in env.store.reviews("invoices", status="applied")}
+
+    # a further run writes nothing
+    env.sandbox.reset_counters()
+    before = env.erp_fingerprint()
+    assert env.run("invoices").plan.writes == {"dynamics": {}, "erp": {}}
+    assert env.write_requests() == 0
+    assert env.erp_fingerprint() == before
+    assert _erp_amounts(env, invoice)[0] == DECIDED
