@@ -67,12 +67,18 @@ def window_of(context: Mapping[str, Any]) -> Any:
     params = context.get("params") or {}
     if params.get("window_start") and params.get("window_end"):
         return Window(_aware(params["window_start"]), _aware(params["window_end"]))
-    run = context["dag_run"]
-    if str(getattr(run, "run_type", "")) in ("backfill", "DagRunType.BACKFILL_JOB"):
+    if run_type(context["dag_run"]) == "backfill":
         start, end = context.get("data_interval_start"), context.get("data_interval_end")
         if start is not None and end is not None:
             return Window(start, end)
     return None
+
+
+def run_type(run: Any) -> str:
+    """``"backfill"``, ``"scheduled"``…: the Task SDK's ``DagRunType`` is a str Enum whose ``str()``
+    is ``"DagRunType.BACKFILL"``, so compare its value."""
+    kind = getattr(run, "run_type", "")
+    return str(getattr(kind, "value", kind))
 
 
 def _aware(text: str) -> datetime:
