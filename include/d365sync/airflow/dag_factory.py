@@ -16,7 +16,8 @@ Per entity DAG ``sync_<entity>``:
   absorbed inside the Dataverse client, so they never burn task retries;
 * ``pool="dynamics_api"`` on the tasks that call Dataverse;
 * a deadline alert (``DAGRUN_QUEUED_AT`` + the schedule's period, 5 to 120 min) and an
-  ``on_failure_callback`` (both off unless a channel is configured).
+  ``on_failure_callback`` (both off unless a channel is configured); the DAG's own
+  ``on_failure_callback`` records the run as ``failed`` in the state store (:mod:`.run_state`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from airflow.sdk import (
 from d365sync.airflow import alerts, settings
 from d365sync.airflow.docs import entity_doc_md
 from d365sync.airflow.retry import SyncRetryPolicy
+from d365sync.airflow.run_state import record_failed_run
 from d365sync.spec import EntityLookup, EntitySpec, load_entities
 
 ENTITIES_DIR = Path(__file__).resolve().parents[2] / "entities"
@@ -174,6 +176,7 @@ def build_entity_dag(spec: EntitySpec) -> DAG:
         catchup=False,
         max_active_runs=1,
         default_args=default_args(),
+        on_failure_callback=record_failed_run,
         tags=[*TAGS, "entity", entity],
         doc_md=entity_doc_md(spec, upstream_of(spec)),
         description=(spec.description.strip().split(". ")[0])[:200] or None,
