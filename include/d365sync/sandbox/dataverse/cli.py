@@ -131,7 +131,7 @@ class _Server(uvicorn.Server):
 
 def run(args: argparse.Namespace) -> int:
     from d365sync.sandbox.dataverse.app import create_app
-    from d365sync.sandbox.dataverse.seed import seed
+    from d365sync.sandbox.dataverse.seed import ensure_currencies, seed
 
     if bool(args.tls_cert) != bool(args.tls_key):
         print("--tls-cert and --tls-key go together", file=sys.stderr)
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     config.env_url = (config.env_url or base_url).rstrip("/")
     app = create_app(config)
     sandbox = app.state.sandbox
+    ensure_currencies(sandbox.store, config.users[0])
     if args.seed:
         seeded = seed(sandbox.store, config.users[0], args.seed)
         print(f"seeded {args.seed} accounts" if seeded else "data directory already seeded", flush=True)

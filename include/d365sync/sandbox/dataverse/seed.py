@@ -1,6 +1,7 @@
 """Deterministic demo/benchmark data.
 
-``--seed N`` creates N accounts plus USD/EUR/GBP currencies, N/10 contacts, up to 200 products,
+``--seed N`` creates N accounts plus the reference currencies (USD, EUR, GBP, CHF, JPY, SEK, CAD;
+always present, even without ``--seed``), N/10 contacts, up to 200 products,
 N/5 sales orders and N/10 invoices.  Ids derive from row numbers (uuid5) and values from a
 fixed-seed RNG, so two sandboxes seeded with the same N hold identical data.  Rows go in with
 ``executemany`` inside one transaction, which keeps 100k accounts to a couple of seconds.
@@ -22,6 +23,10 @@ CURRENCIES = (
     ("USD", "US Dollar", "$", 1.0),
     ("EUR", "Euro", "€", 0.92),
     ("GBP", "Pound Sterling", "£", 0.79),
+    ("CHF", "Swiss Franc", "CHF", 0.88),
+    ("JPY", "Yen", "¥", 151.0),
+    ("SEK", "Swedish Krona", "kr", 10.6),
+    ("CAD", "Canadian Dollar", "CA$", 1.37),
 )
 _CITIES = ("Seattle", "Redmond", "London", "Berlin", "Paris", "Madrid", "Oslo", "Dublin", "Austin", "Boston")
 _COUNTRIES = ("US", "US", "GB", "DE", "FR", "ES", "NO", "IE", "US", "US")
@@ -43,7 +48,7 @@ def seed(store: Store, user: AppUser, accounts: int) -> bool:
         return False
     rng = random.Random(365)
     with store.atomic():
-        _insert(store, user, "transactioncurrency", len(CURRENCIES), lambda i: _currency(i))
+        ensure_currencies(store, user)
         _insert(store, user, "account", accounts, lambda i: _account(i, rng))
         _insert(store, user, "contact", accounts // 10, lambda i: _contact(i, rng, accounts))
         _insert(store, user, "product", min(200, accounts), lambda i: _product(i, rng))
@@ -53,8 +58,26 @@ def seed(store: Store, user: AppUser, accounts: int) -> bool:
     return True
 
 
+def ensure_currencies(store: Store, user: AppUser) -> int:
+    """Add the reference currencies an environment always has (the ERP's ISO codes); idempotent.
+
+    Real Dataverse environments carry their currencies before any sync, so the sandbox does too,
+    even when started without ``--seed``: otherwise every currency lookup would park its record.
+    """
+    table = TABLES["transactioncurrency"]
+    missing = [i for i, c in enumerate(CURRENCIES) if store.get(table, currency_id(c[0])) is None]
+    with store.atomic():
+        _insert(store, user, "transactioncurrency", len(missing), lambda i: _currency(missing[i]), missing)
+    return len(missing)
+
+
 def _insert(
-    store: Store, user: AppUser, name: str, count: int, make: Callable[[int], dict[str, Any]]
+    store: Store,
+    user: AppUser,
+    name: str,
+    count: int,
+    make: Callable[[int], dict[str, Any]],
+    currency_indexes: Sequence[int] = range(len(CURRENCIES)),
 ) -> None:
     if count <= 0:
         return
@@ -65,7 +88,7 @@ def _insert(
     rows: list[tuple[Any, ...]] = []
     for index in range(count):
         values = {
-            table.primary_id: currency_id(CURRENCIES[index][0])
+            table.primary_id: currency_id(CURRENCIES[currency_indexes[index]][0])
             if name == "transactioncurrency"
             else record_id(name, index),
             "createdon": now,
