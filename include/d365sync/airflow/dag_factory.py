@@ -302,16 +302,7 @@ def build_replay_dag(specs: Mapping[str, EntitySpec]) -> DAG:
         "entity": Param(sorted(specs)[0], type="string", enum=sorted(specs), description="Entity."),
         "keys": Param([], type="array", description="Record keys; empty = every pending dead letter."),
     }
-    with _ops_dag("replay_dead_letters", doc, params) as dag:
-
-        @task(task_id="replay_dead_letters")
-        def replay() -> dict[str, Any]:
-            from d365sync.airflow import tasks
-
-            return tasks.replay_dead_letters()
-
-        replay()
-    return dag
+    return _one_task_ops_dag("replay_dead_letters", doc, params)
 
 
 def build_review_dag(specs: Mapping[str, EntitySpec]) -> DAG:
@@ -325,15 +316,20 @@ def build_review_dag(specs: Mapping[str, EntitySpec]) -> DAG:
         "decision": Param("dynamics", type="string", enum=["dynamics", "erp", "base"], description="Winner."),
         "decided_by": Param("airflow-ui", type="string", description="Who decided (audit log)."),
     }
-    with _ops_dag("apply_review_decisions", doc, params) as dag:
+    return _one_task_ops_dag("apply_review_decisions", doc, params)
 
-        @task(task_id="apply_review_decisions")
-        def apply() -> dict[str, Any]:
+
+def _one_task_ops_dag(name: str, doc: str, params: dict[str, Param]) -> DAG:
+    """A manual operations DAG whose single task (same id) is the ``tasks`` function of that name."""
+    with _ops_dag(name, doc, params) as dag:
+
+        @task(task_id=name)
+        def operate() -> dict[str, Any]:
             from d365sync.airflow import tasks
 
-            return tasks.apply_review_decisions()
+            return getattr(tasks, name)()
 
-        apply()
+        operate()
     return dag
 
 
