@@ -138,32 +138,16 @@ def main() -> None:
     print("## DAG parse time\n\n| DAG files | DAGs | median parse (s) | heavy modules imported |")
     print(f"|---|---|---|---|\n| {files} | {len(ENTITIES) + 3} | {seconds:.3f} | {heavy or 'none'} |\n")
 
-    from tests.dags.sync_env import TIDY_SQL
+    from tests.dags.sync_env import seed_erp
 
     from d365sync.erp import ErpClient
+    from d365sync.sandbox.erp.seeder import tidy
 
     work = Path(tempfile.mkdtemp(prefix="bench-dags-"))
     template = work / "erp-template.db"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "d365sync.cli",
-            "sandbox",
-            "erp",
-            "init",
-            "--odbc",
-            f"DRIVER={{SQLite3}};Database={template};",
-            "--rows",
-            str(args.rows),
-            "--seed",
-            "7",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    seed_erp(f"DRIVER={{SQLite3}};Database={template};", args.rows)
     with ErpClient(f"DRIVER={{SQLite3}};Database={template};") as client:
-        client.execute(list(TIDY_SQL))
+        tidy(client)
     (work / "a").mkdir()
     (work / "b").mkdir()
     via_airflow = airflow_runs(work / "a", args.rows)

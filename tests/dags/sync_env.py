@@ -149,6 +149,10 @@ def connections_env(sandbox: DataverseSandbox, backend: Backend) -> dict[str, st
 
 
 def init_erp(backend: Backend, rows: int) -> None:
+    seed_erp(backend.erp_odbc, rows)
+
+
+def seed_erp(odbc: str, rows: int) -> None:
     """``d365sync sandbox erp init`` through the console entry point (ODBC)."""
     subprocess.run(
         [
@@ -159,7 +163,7 @@ def init_erp(backend: Backend, rows: int) -> None:
             "erp",
             "init",
             "--odbc",
-            backend.erp_odbc,
+            odbc,
             "--rows",
             str(rows),
             "--seed",
@@ -171,21 +175,12 @@ def init_erp(backend: Backend, rows: int) -> None:
     )
 
 
-TIDY_SQL = (
-    # The seeder makes ~11-12% of CUST_MASTER dirty, above customers' 10% invalid-share threshold,
-    # so a data steward first fixes blank names and unknown currency codes; invalid e-mails and
-    # duplicates stay dirty and are quarantined by the runs.
-    'UPDATE "CUST_MASTER" SET "CUST_NAME" = \'Customer \' || "CUST_NO" '
-    "WHERE TRIM(COALESCE(\"CUST_NAME\", '')) = ''",
-    'UPDATE "CUST_MASTER" SET "CURR_CODE" = \'EURO\' WHERE "CURR_CODE" NOT IN '
-    "('STG', 'US$', 'USD', 'EURO', 'SFR', 'YEN', 'SKR', 'CAN$')",
-    'UPDATE "ITEM_STOCK" SET "QTY_ON_HAND" = 0 WHERE "QTY_ON_HAND" < 0',
-)
-
-
 def tidy_erp(backend: Backend) -> None:
+    """The demo's data steward (``seeder.tidy``), so the first runs stay under the thresholds."""
+    from d365sync.sandbox.erp.seeder import tidy
+
     with ErpClient(backend.erp_odbc) as client:
-        client.execute(list(TIDY_SQL))
+        tidy(client)
 
 
 def writes(result: RunResult) -> dict[str, int]:

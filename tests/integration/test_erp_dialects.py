@@ -149,6 +149,23 @@ def test_seeded_dirty_data_is_really_there(client: ErpClient) -> None:
     assert any(r["CUST_NAME"] and r["CUST_NAME"].endswith(" ") for r in rows)  # VARCHAR keeps trailing blanks
 
 
+def test_tidy_fixes_what_would_fail_the_thresholds_and_keeps_the_rest_dirty(client: ErpClient) -> None:
+    from d365sync.sandbox.erp.seeder import tidy
+    from d365sync.sandbox.erp.tables import CURRENCIES
+
+    init_sandbox(client, rows=2000, seed=11)
+    emails_before = [r["CUST_EMAIL_ID"] for r in all_rows(client, CUST_MASTER)]
+    tidy(client)
+    rows = all_rows(client, CUST_MASTER)
+    assert all((r["CUST_NAME"] or "").strip() for r in rows)
+    assert {r["CURR_CODE"] for r in rows} <= {legacy for legacy, _iso, _name in CURRENCIES}
+    stock = client.scalar(
+        f"SELECT COUNT(*) FROM {q(client, 'ITEM_STOCK')} WHERE {q(client, 'QTY_ON_HAND')} < 0"
+    )
+    assert stock == 0
+    assert [r["CUST_EMAIL_ID"] for r in rows] == emails_before  # invalid e-mails stay for quarantine
+
+
 def test_triggers_maintain_last_upd_and_row_ver(client: ErpClient, other: pyodbc.Connection) -> None:
     before = all_rows(client, CUST_MASTER)[0]
     other.execute(
