@@ -366,7 +366,24 @@ Expectation = Annotated[NotNull | Unique | Regex | InSet | Between | MaxLength, 
 class ValidationSpec(Model):
     """Great Expectations suites per side and the share of invalid rows that fails a run."""
 
-    invalid_share_threshold: float = Field(0.05, ge=0, le=1, description="Fail the run above this share.")
+    invalid_share_threshold: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of invalid fresh rows that is systemic, not a few bad records: an alert, "
+        "and a stop on a full load when `stop_on_full_load`.",
+    )
+    min_rows: int = Field(
+        100,
+        ge=1,
+        description="The share is judged only over a side with at least this many fresh rows in the run "
+        "(1 bad row of 4 is that record's problem); retried rows never count.",
+    )
+    stop_on_full_load: bool = Field(
+        True,
+        description="Fail a full load (first read, or a full resync) past the threshold: a wrong mapping "
+        "or table shows there. Incremental runs only alert; their bad rows wait as dead letters.",
+    )
     dynamics: list[Expectation] = Field(
         default_factory=list, description="Expectations on extracted Dynamics rows."
     )

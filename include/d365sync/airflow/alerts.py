@@ -50,9 +50,11 @@ class Alert:
 
     @property
     def title(self) -> str:
-        what = {"failure": "task failed", "health": "daily sync health report"}.get(
-            self.kind, "run overran its deadline"
-        )
+        what = {
+            "failure": "task failed",
+            "health": "daily sync health report",
+            "invalid_share": "invalid rows over the threshold (dead-lettered, the run went on)",
+        }.get(self.kind, "run overran its deadline")
         return f"[d365sync] {self.dag_id}: {what}"
 
     @property
@@ -89,6 +91,15 @@ def failure_alert(context: Any) -> Alert:
         error_type=type(exc).__name__ if isinstance(exc, BaseException) else None,
         error=redact(str(exc)) if exc is not None else None,
     )
+
+
+def on_invalid_share(summaries: list[str], dag_id: str, run_id: str | None) -> list[str]:
+    """Alert that a run's invalid share passed its threshold (validate went on); never raises."""
+    channels = settings.alert_channels()
+    if not summaries or not channels.enabled:
+        return []
+    lines = tuple(redact(s) for s in summaries)
+    return send(Alert(kind="invalid_share", dag_id=dag_id, run_id=run_id, lines=lines), channels)
 
 
 def health_alert(

@@ -213,7 +213,12 @@ def validate(entity: str, extracts: Mapping[str, dict[str, Any]]) -> dict[str, A
 
     with run_context(entity) as ctx:
         started = time.perf_counter()
-        return _with_requests(stage(ctx, extracts), ctx, started)
+        manifest = stage(ctx, extracts)
+        if manifest.get("alerts"):
+            from d365sync.airflow.alerts import on_invalid_share
+
+            on_invalid_share(manifest["alerts"], airflow_context()["ti"].dag_id, ctx.run_id)
+        return _with_requests(manifest, ctx, started)
 
 
 def transform(entity: str, validated: dict[str, Any]) -> dict[str, Any]:

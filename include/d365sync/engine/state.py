@@ -43,6 +43,7 @@ from d365sync.engine.pii import mask_fields
 T = TypeVar("T")
 DEFAULT_CHUNK = 1000
 DEFAULT_URL = "sqlite:///sync_state.db"
+ACTIVE = ("pending", "replay")  # dead-letter statuses still waiting for a retry
 
 
 class StateError(RuntimeError):
@@ -555,18 +556,49 @@ class StateStore:
         backoff: timedelta = timedelta(minutes=5),
         max_backoff: timedelta = timedelta(hours=24),
     ) -> int:
-        """Queue failed records; a record failing again counts an attempt and backs off exponentially."""
+        """Queue failed records; a record failing again counts an attempt and backs off exponentially.
+
+        A record has one active letter: the newest failure. Failing at another stage than its
+        pending letter supersedes that letter (status ``superseded``); the new letter keeps the
+        old payload's rows of the sides the new failure did not read, so the record's other
+        side is still re-read when it is retried.
+        """
         now = _now(now)
         count = 0
         for chunk in chunks(failures, self.chunk_size):
             with self.engine.begin() as conn:
-                attempts = self._attempts(conn, entity, stage, [f.record_key for f in chunk])
+                keys = [f.record_key for f in chunk]
+                attempts = self._attempts(conn, entity, stage, keys)
+                older = self._supersede(conn, entity, stage, keys, now)
                 for failure in chunk:
                     tries = attempts.get(failure.record_key, 0) + 1
                     delay = min(backoff * 2 ** (tries - 1), max_backoff)
+                    failure = _with_older_sides(failure, older.get(failure.record_key, []))
                     self._upsert_dead_letter(conn, entity, stage, run_id, failure, tries, now, now + delay)
                 count += len(chunk)
         return count
+
+    def active_dead_letters(self, entity: str, limit: int = 50_000) -> list[DeadLetter]:
+        """Every pending or replay-requested letter of an entity (due or not), oldest first."""
+        d = t.dead_letter
+        query = select(d).where(d.c.entity == entity, d.c.status.in_(ACTIVE))
+        with self.engine.connect() as conn:
+            return [_dead(row) for row in conn.execute(query.order_by(d.c.id).limit(limit)).mappings()]
+
+    def _supersede(
+        self, conn: Connection, entity: str, stage: str, keys: list[str], now: datetime
+    ) -> dict[str, list[Any]]:
+        """Close the active letters of ``keys`` at other stages; returns their payloads by key."""
+        d = t.dead_letter
+        where = and_(
+            d.c.entity == entity, d.c.stage != stage, d.c.status.in_(ACTIVE), d.c.record_key.in_(keys)
+        )
+        found: dict[str, list[Any]] = {}
+        for key, payload in conn.execute(select(d.c.record_key, d.c.payload_json).where(where)):
+            found.setdefault(key, []).append(decode(payload))
+        if found:
+            conn.execute(update(d).where(where).values(status="superseded", resolved_at=now))
+        return found
 
     def due_dead_letters(
         self, entity: str, now: datetime | None = None, limit: int = 10_000
@@ -606,7 +638,7 @@ class StateStore:
             with self.engine.begin() as conn:
                 result = conn.execute(
                     update(d)
-                    .where(where, d.c.status.in_(("pending", "replay")))
+                    .where(where, d.c.status.in_(ACTIVE))
                     .values(status="resolved", resolved_at=_now())
                 )
                 count += result.rowcount
@@ -617,7 +649,7 @@ class StateStore:
         query = select(d.c.record_key, d.c.attempts).where(
             d.c.entity == entity,
             d.c.stage == stage,
-            d.c.status.in_(("pending", "replay")),
+            d.c.status.in_(ACTIVE),
             d.c.record_key.in_(keys),
         )
         return {key: attempts for key, attempts in conn.execute(query)}
@@ -892,6 +924,21 @@ def _review(row: Mapping[str, Any]) -> Review:
         decode(row["chosen_json"]),
         row["comment"],
     )
+
+
+def _with_older_sides(failure: Failure, older: list[Any]) -> Failure:
+    """The failure's payload plus the rows of sides only a superseded letter had read."""
+    payload = failure.payload if isinstance(failure.payload, dict) else None
+    if payload is None or not older:
+        return failure
+    rows = list(payload.get("rows", []))
+    sides = {r.get("side") for r in rows}
+    for old in older:
+        for row in (old or {}).get("rows", []) if isinstance(old, dict) else []:
+            if row.get("side") not in sides:
+                rows.append(row)
+                sides.add(row.get("side"))
+    return Failure(failure.record_key, failure.error, {**payload, "rows": rows})
 
 
 def _dead(row: Mapping[str, Any]) -> DeadLetter:

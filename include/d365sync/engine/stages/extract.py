@@ -7,32 +7,47 @@
   the merge's base comparison does the diff (unchanged rows are echoes and write nothing), and
   stored keys no longer present become deletes.
 
-Rows that earlier runs could not finish are re-injected here, so every later stage treats them
-like extracted rows: due dead letters (with backoff) and parked children whose parent is now
-synced. They are written first, so a fresher extracted row of the same key wins in resolve.
+Records that earlier runs could not finish (dead letters, parked children) are retried here by
+reading them again from the source (see :class:`_Pending`), after the changes, so every later
+stage treats them like extracted rows and a key is never extracted twice on one side.
 
-Each file entry: ``{"key", "row", "deleted", "id", "replay", "repair"}``; ``row`` uses the side's
-read names. Manifest: ``{"side", "files", "rows", "deletes", "replayed", "watermark"}``.
+Each file entry: ``{"key", "row", "deleted", "id", "replay", "repair", "retry"}``; ``row`` uses the
+side's read names. Manifest: ``{"side", "files", "rows", "deletes", "replayed", "watermark",
+"full_load"}``; ``full_load`` is true when this side was read whole for want of a watermark.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from d365sync.engine.stages.context import Manifest, RunContext, Side, aware, chunked, norm_key, now
+from d365sync.engine.stages.context import (
+    SIDES,
+    Manifest,
+    RunContext,
+    Side,
+    aware,
+    chunked,
+    norm_key,
+    now,
+)
+
+KEY_QUERY_CHUNK = 20  # `key eq … or …` terms per Dataverse query (URL length)
 
 
 def extract(ctx: RunContext, side: Side) -> Manifest:
     """Read one side's changes into ``extract/<side>/NNNNN.parquet`` and stage its watermark."""
-    entries = _replays(ctx, side)
+    pending = _Pending.load(ctx, side)
+    full = ctx.window is None and ctx.store.watermark(ctx.entity, side) is None
     if side == "dynamics":
         changes, watermark = _dynamics_changes(ctx)
     else:
         changes, watermark = _erp_changes(ctx)
-    manifest = _write(ctx, side, [entries, changes])
+    manifest = _write(ctx, side, [pending.mark(changes), pending.reread()])
     mark = watermark()
+    manifest["full_load"] = full or bool(mark.get("full_resync"))
     manifest["watermark"] = {k: _plain(v) for k, v in mark.items()}
     if not ctx.dry_run:
         ctx.store.stage_watermark(
@@ -49,33 +64,118 @@ def _write(ctx: RunContext, side: Side, streams: list[Iterable[dict[str, Any]]])
             files.append(ctx.staging.write(f"extract/{side}/{len(files):05d}.parquet", chunk))
             counts["rows"] += len(chunk)
             counts["deletes"] += sum(1 for e in chunk if e["deleted"])
-            counts["replayed"] += sum(1 for e in chunk if e["replay"])
+            counts["replayed"] += sum(1 for e in chunk if e["retry"])
     return {"side": side, "files": files, **counts}
 
 
 def _entry(key: Any, row: dict[str, Any], *, deleted: bool = False, id_: str | None = None) -> dict[str, Any]:
-    return {"key": norm_key(key), "row": row, "deleted": deleted, "id": id_, "replay": None, "repair": False}
+    return {
+        "key": norm_key(key),
+        "row": row,
+        "deleted": deleted,
+        "id": id_,
+        "replay": None,  # markers of the dead letters / parked children this row may finish
+        "repair": False,  # a reconcile repair: the merge compares this side with the base by value
+        "retry": False,  # re-read for a retry, not changed at the source since: no invalid share
+    }
 
 
-# ----------------------------------------------------------------------------- replays
-def _replays(ctx: RunContext, side: Side) -> list[dict[str, Any]]:
-    """Due dead letters and ready parked children of this side, as extract entries."""
-    out: list[dict[str, Any]] = []
-    for letter in ctx.store.due_dead_letters(ctx.entity):
-        out += _replay_rows(side, letter.payload, ["dead_letter", letter.stage, letter.record_key])
-    for child in ctx.store.ready_children(ctx.entity):
-        out += _replay_rows(side, child.payload, ["parked", child.id, child.record_key])
-    return out
+# ------------------------------------------------------------------------------ retries
+@dataclass
+class _Pending:
+    """The records earlier runs could not finish (dead letters, parked children) on one side.
 
+    A retry never re-injects the stored payload: that copy is stale once the source moves on.
+    A fresh extract of a pending key carries the markers of its letters, so it resolves them
+    when it goes through (the fresher version supersedes the older one); a due key that did not
+    change is re-read from the source as it is now (``retry``). A due key the source no longer
+    has comes back as a delete: its current state is "gone".
+    """
 
-def _replay_rows(side: Side, payload: Any, marker: list[Any]) -> list[dict[str, Any]]:
-    """A reconcile repair (``payload["repair"]``: sides found current) flags its rows ``repair``."""
-    payload = payload if isinstance(payload, dict) else {}
-    rows, repair = payload.get("rows", []), side in payload.get("repair", ())
-    key = marker[2]
-    return [
-        {**_entry(key, r["row"]), "replay": marker, "repair": repair} for r in rows if r.get("side") == side
-    ]
+    ctx: RunContext
+    side: Side
+    markers: dict[str, list[list[Any]]] = field(default_factory=dict)
+    due: dict[str, bool] = field(default_factory=dict)  # key → re-read it as a repair
+    ids: dict[str, str] = field(default_factory=dict)  # key → Dataverse GUID from the payload
+    seen: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, ctx: RunContext, side: Side) -> _Pending:
+        pending = cls(ctx, side)
+        due = {letter.id for letter in ctx.store.due_dead_letters(ctx.entity)}
+        for letter in ctx.store.active_dead_letters(ctx.entity):
+            marker = ["dead_letter", letter.stage, letter.record_key]
+            pending.add(letter.record_key, letter.payload, marker, letter.id in due)
+        ready = {child.id for child in ctx.store.ready_children(ctx.entity)}
+        for child in ctx.store.parked_children(ctx.entity):
+            pending.add(
+                child.record_key, child.payload, ["parked", child.id, child.record_key], child.id in ready
+            )
+        return pending
+
+    def add(self, key: str, payload: Any, marker: list[Any], due: bool) -> None:
+        payload = payload if isinstance(payload, dict) else {}
+        rows = {r.get("side"): r.get("row") or {} for r in payload.get("rows", [])}
+        if self.side not in rows:
+            return
+        self.markers.setdefault(key, []).append([*marker, sorted(s for s in rows if s in SIDES)])
+        if self.side == "dynamics" and (guid := rows["dynamics"].get(self.ctx.spec.dynamics_select[0])):
+            self.ids[key] = str(guid).lower()
+        if due:
+            self.due[key] = self.due.get(key, False) or self.side in payload.get("repair", ())
+
+    def mark(self, entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Fresh entries of pending keys carry their markers."""
+        for entry in entries:
+            key = entry["key"]
+            if key in self.markers:
+                self.seen.add(key)
+                entry["replay"] = self.markers[key]
+            yield entry
+
+    def reread(self) -> Iterator[dict[str, Any]]:
+        """Due keys that did not change: their current source rows (a delete when gone)."""
+        keys = [k for k in self.due if k not in self.seen]
+        if not keys:
+            return
+        found: set[str] = set()
+        for key, row in self._current(keys):
+            found.add(key)
+            yield self._retry(_entry(key, row, id_=self.ids.get(key)), key)
+        for key in keys:
+            if key not in found:
+                yield self._retry(_entry(key, {}, deleted=True, id_=self.ids.get(key)), key)
+
+    def _retry(self, entry: dict[str, Any], key: str) -> dict[str, Any]:
+        return {**entry, "replay": self.markers[key], "repair": self.due[key], "retry": True}
+
+    def _current(self, keys: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        spec, wanted = self.ctx.spec, set(keys)
+        if self.side == "erp":
+            column = str(spec.fields[spec.key].erp)
+            for chunk in self.ctx.erp.read_keys(spec.erp_table_spec(), column, keys, self.ctx.chunk_size):
+                for row in chunk:
+                    if (key := norm_key(row.get(column))) in wanted:
+                        yield key, row
+            return
+        yield from self._current_dynamics(keys)
+
+    def _current_dynamics(self, keys: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        from d365sync.dynamics.odata import literal
+
+        spec = self.ctx.spec
+        primary, key_attr = spec.dynamics_select[0], spec.dynamics.key
+        by_id = {self.ids[k]: k for k in keys if k in self.ids}
+        by_key = [k for k in keys if k not in self.ids]
+        clauses = [f"{primary} eq {guid}" for guid in by_id] + [f"{key_attr} eq {literal(k)}" for k in by_key]
+        for part in chunked(clauses, KEY_QUERY_CHUNK):
+            rows = self.ctx.dynamics.iter_rows(
+                spec.dynamics.entity_set, spec.dynamics_select, filter=" or ".join(part)
+            )
+            for row in rows:
+                key = by_id.get(str(row.get(primary) or "").lower()) or norm_key(row.get(key_attr))
+                if key in self.due:
+                    yield key, row
 
 
 # ---------------------------------------------------------------------------- Dynamics

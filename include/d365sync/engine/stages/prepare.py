@@ -16,6 +16,7 @@ the same bucket, so resolve can meet the two sides of every key holding one buck
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -35,6 +36,7 @@ from d365sync.engine.transforms import MissingParent, TransformError
 from d365sync.spec import EntityLookup
 
 MAX_SAMPLES = 50
+log = logging.getLogger(__name__)
 
 
 class RunValidationFailed(RuntimeError):
@@ -47,21 +49,26 @@ class RunValidationFailed(RuntimeError):
 
 # ----------------------------------------------------------------------------- validate
 def validate(ctx: RunContext, extracts: Mapping[str, Manifest]) -> Manifest:
-    """Run each side's expectations chunk by chunk; quarantine failing rows; fail past the threshold."""
-    out: Manifest = {"files": {}, "rows": {}, "quarantined": {}, "held": [], "samples": []}
+    """Run each side's expectations chunk by chunk; quarantine failing rows; judge the invalid share.
+
+    ``rows`` / ``quarantined`` count fresh rows only: a retried row (re-read for a dead letter)
+    is judged like a fresh one but never weighs on the entity's share.
+    """
+    out: Manifest = {"files": {}, "rows": {}, "quarantined": {}, "held": [], "samples": [], "alerts": []}
     for side in SIDES:
         files, rows, bad = [], 0, 0
         batches = _batched(ctx.staging.iter(extracts[side]["files"]), ctx.validation_batch)
         for i, entries in enumerate(batches):
             kept, quarantined = _validate_chunk(ctx, side, entries)
             files.append(ctx.staging.write(f"valid/{side}/{i:05d}.parquet", kept))
-            rows, bad = rows + sum(1 for e in entries if not e["deleted"]), bad + len(quarantined)
+            rows += sum(1 for e in entries if not e["deleted"] and not e.get("retry"))
+            bad += sum(1 for e, _ in quarantined if not e.get("retry"))
             _quarantine(ctx, side, quarantined, out)
         out["files"][side], out["rows"][side], out["quarantined"][side] = files, rows, bad
     held, out["held"] = out.pop("held"), []
     if held:  # a file, not the manifest: manifests travel through XCom and must stay small
         out["held"] = [ctx.staging.write("held/validate.parquet", [{"key": k} for k in held])]
-    _check_threshold(ctx, out)
+    _check_threshold(ctx, out, {s: bool(extracts[s].get("full_load")) for s in SIDES})
     return out
 
 
@@ -114,16 +121,26 @@ def _quarantine(
     out["samples"] += [{"side": side, "key": e["key"], "reason": r} for e, r in quarantined[:room]]
 
 
-def _check_threshold(ctx: RunContext, out: Manifest) -> None:
-    threshold = ctx.spec.validation.invalid_share_threshold
+def _check_threshold(ctx: RunContext, out: Manifest, full_load: Mapping[str, bool]) -> None:
+    """Past the threshold over enough fresh rows: an alert in the manifest; on a full load of a
+    spec with ``stop_on_full_load`` the run fails (a systemic cause). The rows are dead letters
+    either way, so the other records of the run keep flowing."""
+    rules = ctx.spec.validation
     for side in SIDES:
         rows, bad = out["rows"][side], out["quarantined"][side]
-        if rows and bad / rows > threshold:
-            summary = (
-                f"{ctx.entity}/{side}: {bad} of {rows} rows invalid ({bad / rows:.2%}, "
-                f"threshold {threshold:.2%}); e.g. {[s['reason'] for s in out['samples'][:3]]}"
+        if rows < rules.min_rows or bad / rows <= rules.invalid_share_threshold:
+            continue
+        examples = [s["reason"] for s in out["samples"][:3]]
+        summary = (
+            f"{ctx.entity}/{side}: {bad} of {rows} rows invalid ({bad / rows:.2%}, "
+            f"threshold {rules.invalid_share_threshold:.2%}); e.g. {examples}"
+        )
+        if full_load[side] and rules.stop_on_full_load:
+            raise RunValidationFailed(
+                f"{summary}; stopped: full load", {"rows": out["rows"], "quarantined": out["quarantined"]}
             )
-            raise RunValidationFailed(summary, {"rows": out["rows"], "quarantined": out["quarantined"]})
+        log.warning("invalid share over threshold (rows are dead letters, the run goes on): %s", summary)
+        out["alerts"].append(summary)
 
 
 # ---------------------------------------------------------------------------- transform
@@ -231,6 +248,7 @@ def _record(
         "raw": row,
         "replay": entry["replay"],
         "repair": bool(entry.get("repair")),
+        "retry": bool(entry.get("retry")),
     }
 
 

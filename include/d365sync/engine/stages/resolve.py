@@ -61,15 +61,26 @@ def _decided(ctx: RunContext, buckets: int) -> dict[int, dict[str, list[Review]]
 
 
 def _meet(ctx: RunContext, names: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """key → side → record; a fresh extract beats a replayed row of the same key."""
+    """key → side → record; a fresh extract beats a re-read of the same key."""
     records: dict[str, dict[str, dict[str, Any]]] = {}
     for chunk in ctx.staging.iter(names):
         for record in chunk:
             sides = records.setdefault(record["key"], {})
             current = sides.get(record["side"])
-            if current is None or record["replay"] is None or current["replay"] is not None:
+            if current is None or not record["retry"] or current["retry"]:
                 sides[record["side"]] = record
     return records
+
+
+def _finished(sides: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
+    """Markers this record finishes if it goes through: those whose every side was read this run
+    (a letter holding both sides' rows is not done by a change on one side only)."""
+    present, out = set(sides), []
+    for record in sides.values():
+        for marker in record["replay"] or []:
+            if set(marker[3] if len(marker) > 3 else ()) <= present and marker not in out:
+                out.append(marker)
+    return out
 
 
 def _resolve_bucket(
@@ -92,7 +103,7 @@ def _resolve_bucket(
         if entry is not None:
             entries.append(entry)
         elif not decision.writes and not decision.base_changed:
-            summary.replays_done += [r["replay"] for r in sides.values() if r["replay"]]
+            summary.replays_done += _finished(sides)
     return entries
 
 
@@ -150,7 +161,7 @@ def _entry(
         "before": {f: old.get(f) for f in changed if f in old},
         "base": base_to_dict(decision.base),
         "raw": raw,
-        "replay": [r["replay"] for r in sides.values() if r["replay"]],
+        "replay": _finished(sides),
         "review_ids": [r.id for r in reviews],
     }
 
