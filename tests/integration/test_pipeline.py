@@ -221,9 +221,14 @@ def test_dry_run_plans_everything_and_writes_nothing(env: Env) -> None:
 
 def test_a_failed_run_leaves_watermarks_where_they_were(env: Env) -> None:
     _no_failures(env.run_all(("customers",)))
+    spec = env.specs["customers"]
+    env.specs["customers"] = spec.model_copy(
+        update={"validation": spec.validation.model_copy(update={"min_rows": 10})}
+    )
+    env.store.reset_watermark("customers", "erp")  # an operator's full re-read: a full load again
     marks = {s: env.store.watermark("customers", s) for s in ("dynamics", "erp")}
     env.erp.execute(["UPDATE CUST_MASTER SET CUST_EMAIL_ID = 'broken@@mail' WHERE CUST_NO LIKE 'C%'"])
-    with pytest.raises(RunValidationFailed, match="customers/erp"):
+    with pytest.raises(RunValidationFailed, match="customers/erp.*stopped: full load"):
         env.run("customers", run_id="invalid")
     assert {s: env.store.watermark("customers", s) for s in ("dynamics", "erp")} == marks
     assert env.store.run_report("invalid", "customers").status == "failed"  # type: ignore[union-attr]
