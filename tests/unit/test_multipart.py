@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import pytest
 
@@ -379,7 +378,8 @@ def test_fuzz_only_batch_format_error_escapes() -> None:
     assert outcomes["ok"] > 0 and outcomes["error"] > 0
 
 
-def test_thousand_part_batch_is_fast() -> None:
+def test_thousand_part_batch_round_trips() -> None:
+    """Correctness at $batch's 1,000-part limit; its speed is measured in benchmarks, not asserted."""
     items: list[BatchItem] = [
         BatchPart(
             method="PATCH",
@@ -390,7 +390,6 @@ def test_thousand_part_batch_is_fast() -> None:
         )
         for i in range(1000)
     ]
-    started = time.perf_counter()
     content_type, body = build_batch_request(items)
     parsed = parse_batch_request(content_type, body)
     responses: list[BatchItem] = [
@@ -399,10 +398,8 @@ def test_thousand_part_batch_is_fast() -> None:
     ]
     response_ct, response_body = build_batch_response(responses)
     parsed_responses = parse_batch_response(response_ct, response_body)
-    elapsed = time.perf_counter() - started
     assert parsed == items
     assert parsed_responses == responses
-    assert elapsed < 0.1, f"1000-part build+parse both ways took {elapsed * 1000:.1f} ms"
 
 
 def test_sdk_shaped_request_with_trailing_headers_and_no_body() -> None:
