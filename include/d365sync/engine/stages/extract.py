@@ -125,10 +125,12 @@ class _Pending:
             self.due[key] = self.due.get(key, False) or self.side in payload.get("repair", ())
 
     def mark(self, entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Fresh entries of pending keys carry their markers."""
+        """Fresh entries of pending keys carry their markers (matched by GUID too: a Dataverse row
+        queued before it had a key is the same record once it has one)."""
+        by_guid = {guid: key for key, guid in self.ids.items()}
         for entry in entries:
-            key = entry["key"]
-            if key in self.markers:
+            key = entry["key"] if entry["key"] in self.markers else by_guid.get(entry["id"] or "")
+            if key is not None:
                 self.seen.add(key)
                 entry["replay"] = self.markers[key]
             yield entry

@@ -112,11 +112,11 @@ def _quarantine(
     ctx: RunContext, side: Side, quarantined: list[tuple[dict[str, Any], str]], out: Manifest
 ) -> None:
     failures = [
-        Failure(str(e["key"]), f"validation: {reason}", replay_payload({side: e["row"]}))
+        Failure(str(e["key"] or e["id"] or "?"), f"validation: {reason}", replay_payload({side: e["row"]}))
         for e, reason in quarantined
     ]
     ctx.dead_letter("validate", failures)
-    out["held"] += [e["key"] for e, _ in quarantined]
+    out["held"] += [e["key"] for e, _ in quarantined if e["key"]]
     room = MAX_SAMPLES - len(out["samples"])
     out["samples"] += [{"side": side, "key": e["key"], "reason": r} for e, r in quarantined[:room]]
 
@@ -294,7 +294,7 @@ class _Errors:
         self.samples: list[dict[str, Any]] = []
 
     def add(self, side: Side, entry: Mapping[str, Any], exc: TransformError) -> None:
-        key = norm_key(exc.key) or entry["key"] or "?"
+        key = norm_key(exc.key) or entry["key"] or entry["id"] or "?"
         payload = replay_payload({side: entry["row"]})
         self.held.add(key)
         disposition = exc.disposition
