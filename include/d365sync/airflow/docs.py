@@ -86,7 +86,9 @@ def entity_doc_md(spec: EntitySpec, upstream: Sequence[str] = ()) -> str:
         f"* **Creates**: to ERP {spec.creates.to_erp}, to Dynamics {spec.creates.to_dynamics}; "
         f"**deletes**: to ERP {spec.deletes.to_erp}, to Dynamics {spec.deletes.to_dynamics}",
         f"* **Validation**: {len(spec.validation.dynamics)} Dynamics / {len(spec.validation.erp)} ERP "
-        f"expectations; the run fails above {spec.validation.invalid_share_threshold:.0%} invalid rows",
+        f"expectations; bad rows wait as dead letters; over {spec.validation.invalid_share_threshold:.0%} "
+        f"invalid of at least {spec.validation.min_rows} fresh rows a run alerts "
+        f"({'and a full load stops' if spec.validation.stop_on_full_load else 'and goes on'})",
     ]
     if upstream:
         names = ", ".join(f"`{u}`" for u in upstream)
