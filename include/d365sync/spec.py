@@ -62,6 +62,7 @@ PolicyName = Literal["owner_wins", "last_write_wins", "version", "manual_review"
 NonOwnerChange = Literal["revert", "report"]
 DeletePolicy = Literal["deactivate", "delete", "ignore"]
 SIDES: tuple[Side, Side] = ("dynamics", "erp")
+STATE_COLUMNS = frozenset({"statecode", "statuscode"})  # Dataverse keeps them consistent with each other
 DEFAULTS_FILE = "_defaults.yaml"
 CRON = re.compile(r"^(@(hourly|daily|weekly|monthly|yearly|once|continuous)|(\S+\s+){4}\S+)$")
 
@@ -544,7 +545,7 @@ class EntitySpec(Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> EntitySpec:
-        for check in (self._check_key, self._check_detection, self._check_bijections):
+        for check in (self._check_key, self._check_detection, self._check_bijections, self._check_state):
             check()
         return self
 
@@ -570,6 +571,23 @@ class EntitySpec(Model):
                         f"field {f.name!r} is owned by both sides, so value map {name!r} must be "
                         f"bijective: true (collisions: {vmap.collisions() or 'none'})"
                     )
+
+    def _check_state(self) -> None:
+        """statecode and statuscode move together in Dataverse: one owner for both.
+
+        A status reason belongs to one state, so writing statuscode moves statecode (and a state
+        change resets statuscode). Fields of different owners on the pair would let one side's
+        value drag the state the other side owns.
+        """
+        coupled = [f for f in self.fields.values() if f.dynamics in STATE_COLUMNS]
+        owners = {f.owner for f in coupled}
+        if len(owners) > 1:
+            shown = ", ".join(f"field {f.name!r} (owner {f.owner}) maps {f.dynamics}" for f in coupled)
+            raise ValueError(
+                f"{shown}: Dataverse moves statecode and statuscode together, so one side's value would "
+                "change the state the other side owns; give them one owner, or map the other side's "
+                "status to a column of its own (a custom choice column)"
+            )
 
     _source: Path | None = PrivateAttr(None)
     _catalog: Catalog | None = PrivateAttr(None)

@@ -293,6 +293,24 @@ def test_grouping_needs_a_key_prefix(entity_dir: Path) -> None:
     assert "erp.key: grouping needs a prefix of the key of CUST_MASTER" in error_of(entity_dir, doc)
 
 
+def test_a_status_reason_may_not_drag_a_state_the_other_side_owns(entity_dir: Path) -> None:
+    """Issue 10: the ERP's ship status as statuscode moved the Dynamics-owned statecode."""
+    doc = yaml.safe_load((ENTITIES / "orders.yaml").read_text(encoding="utf-8"))
+    doc["value_maps"]["ship_status"] = {"map": {"N": 1, "P": 100002, "S": 100001}}
+    doc["fields"]["fulfilment"]["dynamics"] = "statuscode"
+    doc["examples"] = {}
+    with pytest.raises(SpecError) as err:
+        load_entity(write(entity_dir, doc, "orders"))
+    message = str(err.value)
+    assert "orders.yaml: entity orders: field 'status' (owner dynamics) maps statecode, " in message
+    assert (
+        "field 'fulfilment' (owner erp) maps statuscode: Dataverse moves statecode and statuscode" in message
+    )
+    # one owner for both is fine (the order state and its reason both from Dynamics)
+    doc["fields"]["fulfilment"]["owner"] = "dynamics"
+    assert load_entity(write(entity_dir, doc, "orders")).fields["fulfilment"].dynamics == "statuscode"
+
+
 # -- defaults ---------------------------------------------------------------------------------
 def test_deep_merge_replaces_a_different_union_variant() -> None:
     base = {"change_detection": {"mode": "cursor", "column": "LAST_UPD", "overlap_seconds": 300}, "x": 1}
@@ -337,7 +355,8 @@ def test_merge_fields_expose_exact_values() -> None:
     total = {m.name: m for m in specs["invoices"].merge_fields()}["total"]
     assert (total.owner, total.policy, total.winner) == ("erp", "manual_review", "erp")
     fulfilment = {m.name: m for m in specs["orders"].merge_fields()}["fulfilment"]
-    assert fulfilment.on_non_owner_change == "report"
+    assert (fulfilment.owner, fulfilment.on_non_owner_change) == ("erp", "revert")
+    assert specs["orders"].fields["fulfilment"].dynamics == "new_shipstatus"
 
 
 def test_merge_rules_build_the_merge_modules_types() -> None:

@@ -38,7 +38,11 @@ from d365sync.sandbox.dataverse.schema import (
     Table,
 )
 
-_SCHEMA_NAMES = {"transactioncurrency": "TransactionCurrency", "salesorder": "SalesOrder"}
+_SCHEMA_NAMES = {
+    "transactioncurrency": "TransactionCurrency",
+    "salesorder": "SalesOrder",
+    "new_shipstatus": "new_ShipStatus",
+}
 _METADATA_TYPES = {
     AttrType.UNIQUEIDENTIFIER: "UniqueIdentifierAttributeMetadata",
     AttrType.STRING: "StringAttributeMetadata",
@@ -109,7 +113,7 @@ def attribute_definition(table: Table, column: Column) -> dict[str, Any]:
         "IsValidForCreate": not column.readonly,
         "IsValidForUpdate": not column.readonly and column.name != table.primary_id,
         "IsValidForRead": True,
-        "IsCustomAttribute": False,
+        "IsCustomAttribute": column.custom,
         "RequiredLevel": {
             "Value": required,
             "CanBeChanged": True,

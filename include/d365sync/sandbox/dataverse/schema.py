@@ -83,6 +83,7 @@ class Column:
     readonly: bool = False
     min_value: float | None = None
     max_value: float | None = None
+    custom: bool = False
 
     @property
     def is_lookup(self) -> bool:
@@ -189,6 +190,7 @@ def _table(
 
 
 S = AttrType
+SHIP_STATUS_OPTIONS = (100000000, 100000001, 100000002)  # not shipped, partially shipped, shipped
 _CURRENCY = Column("transactioncurrencyid", S.LOOKUP, targets=("transactioncurrency",))
 
 TABLES: dict[str, Table] = {
@@ -281,6 +283,10 @@ TABLES: dict[str, Table] = {
                 Column("totaltax", S.MONEY, min_value=0, max_value=100000000000000),
                 Column("datefulfilled", S.DATETIME),
                 _CURRENCY,
+                # A custom choice column, as an integration adds it (default publisher prefix new_,
+                # option values from 100000000): the ERP's ship status. It is not statuscode, whose
+                # values belong to a state and move statecode with them.
+                Column("new_shipstatus", S.PICKLIST, options=SHIP_STATUS_OPTIONS, custom=True),
             ),
             keys=(AlternateKey("ordernumber_key", ("ordernumber",)),),
             states={0: (1, 2), 1: (3,), 2: (4,), 3: (100001, 100002), 4: (100003,)},
@@ -343,6 +349,21 @@ def sql_column(col: Column) -> str:
 def type_column(col: Column) -> str:
     """The SQLite column holding a polymorphic lookup's target table."""
     return f"{col.name}__type"
+
+
+def missing_columns(table: Table, present: set[str]) -> list[str]:
+    """ALTER statements adding the columns a database made by an older schema lacks.
+
+    Like a column added to a live environment: existing rows read it as null.
+    """
+    statements = []
+    for col in table.columns:
+        names = [col.name] + ([type_column(col)] if col.is_polymorphic else [])
+        for name in names:
+            if name not in present:
+                kind = "TEXT" if col.is_lookup else SQL_TYPES[col.type]
+                statements.append(f'ALTER TABLE "{table.logical_name}" ADD COLUMN "{name}" {kind}')
+    return statements
 
 
 def ddl(table: Table) -> list[str]:

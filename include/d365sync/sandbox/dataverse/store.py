@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from d365sync.sandbox.dataverse.schema import TABLES, Table, ddl
+from d365sync.sandbox.dataverse.schema import TABLES, Table, ddl, missing_columns
 
 DB_FILE = "dataverse.sqlite3"
 
@@ -46,6 +46,9 @@ class Store:
             self._conn.execute(statement)
         for table in TABLES.values():
             for statement in ddl(table):
+                self._conn.execute(statement)
+            present = {r[1] for r in self._conn.execute(f'PRAGMA table_info("{table.logical_name}")')}
+            for statement in missing_columns(table, present):  # a data dir from an older schema
                 self._conn.execute(statement)
         self._version = self._recover_version()
 
