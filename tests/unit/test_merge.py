@@ -197,6 +197,35 @@ def test_open_review_item_no_longer_parked_when_both_sides_are_back_at_base() ->
     assert decision.conflicts == []
 
 
+def test_open_review_item_refreshed_without_inventing_the_value_of_a_side_not_extracted() -> None:
+    decision = merge(d=dyn(note="D2"), under_review={"note"})
+    (conflict,) = decision.conflicts
+    assert (conflict.base, conflict.dynamics, conflict.erp, conflict.unseen) == ("n", "D2", None, ("erp",))
+
+
+def test_first_sync_review_has_no_base_value_stays_parked_and_takes_the_decision() -> None:
+    first = merge_record(
+        CUSTOMERS,
+        RecordInput("m", SideRecord({"name": "A", "note": "D"}), SideRecord({"name": "A", "note": "E"})),
+    )
+    (conflict,) = first.conflicts
+    assert (conflict.base, conflict.dynamics, conflict.erp, conflict.unseen) == (None, "D", "E", ())
+    assert first.base.values == {"name": "A"}  # no base value for the parked field, no placeholder
+
+    # the next run sees Dynamics only: still parked, nothing written, nothing invented
+    again = merge_record(
+        CUSTOMERS,
+        RecordInput("m", SideRecord({"name": "A", "note": "D"}), None, first.base, under_review={"note"}),
+    )
+    (conflict,) = again.conflicts
+    assert (conflict.base, conflict.dynamics, conflict.erp, conflict.unseen) == (None, "D", None, ("erp",))
+    assert again.writes == [] and again.base.values == {"name": "A"}
+
+    decided = merge_record(CUSTOMERS, RecordInput("m", None, None, again.base, decided={"note": "E"}))
+    assert decided.dynamics.fields == {"note": "E"} and decided.erp.fields == {"note": "E"}
+    assert decided.base.values == {"name": "A", "note": "E"} and decided.conflicts == []
+
+
 # --- version policy -------------------------------------------------------------------------
 
 

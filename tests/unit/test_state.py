@@ -220,6 +220,19 @@ def test_review_lifecycle_open_decide_apply(store: StateStore) -> None:
     assert len(store.reviews("invoices")) == 1
 
 
+def test_review_refresh_keeps_the_value_of_a_side_the_run_did_not_see(store: StateStore) -> None:
+    store.open_reviews("customers", "r1", [ReviewItem("C1", "city", None, "Paris", "Lyon", "first sync")])
+    refresh = ReviewItem("C1", "city", None, "Nice", None, "awaiting review decision", unseen=("erp",))
+    store.open_reviews("customers", "r2", [refresh])
+    (review,) = store.reviews("customers")
+    assert (review.base, review.dynamics, review.erp, review.reason) == (
+        None,
+        "Nice",
+        "Lyon",
+        "awaiting review decision",
+    )
+
+
 def test_review_closed_when_the_conflict_went_away(store: StateStore) -> None:
     store.open_reviews("invoices", "r1", [ReviewItem("INV1", "amount", 1, 2, 3)])
     (review,) = store.reviews("invoices")

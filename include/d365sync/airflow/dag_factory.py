@@ -23,7 +23,8 @@ Per entity DAG ``sync_<entity>``:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -141,6 +142,52 @@ def deadline_for(spec: EntitySpec, dag_id: str) -> DeadlineAlert:
     )
 
 
+class EntityDAG(DAG):
+    """An entity DAG: a plain :class:`DAG` whose ``test()`` also works with its deadline alert.
+
+    ``DAG.test()`` (``airflow dags test``, :mod:`.runner`) schedules a copy of the DAG made by
+    an in-memory serialize/deserialize round trip. Only writing the DAG to the metadata DB
+    (``SerializedDagModel.write_dag``) replaces each deadline alert definition by the id of its
+    ``deadline_alert`` row, so that copy's ``deadline`` holds encoded alerts (dicts). When the run
+    succeeds, ``DagRun.update_state`` passes them to ``DeadlineAlert.get_by_id`` to prune the
+    run's deadlines, and the UUID bind fails: ``AttributeError: 'dict' object has no attribute
+    'hex'``, exit 1 after every task succeeded (Airflow 3.3.2; apache/airflow#73428, fix proposed
+    in #73430). The scheduler reads the DAG from the DB (ids), so it never takes this path.
+    While ``test()`` runs, and only then, an encoded alert is read directly, as the upstream fix
+    does: the run's deadline is created and pruned as under the scheduler.
+    """
+
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        with _encoded_deadline_alerts_readable():
+            return super().test(*args, **kwargs)
+
+
+@contextmanager
+def _encoded_deadline_alerts_readable() -> Iterator[None]:
+    """Let ``DeadlineAlert.get_by_id`` take an encoded alert (a dict) as well as an id."""
+    from unittest import mock
+
+    from airflow.models.deadline_alert import DeadlineAlert as DeadlineAlertModel
+    from airflow.serialization.definitions.deadline import DeadlineAlertFields as F
+    from airflow.serialization.enums import Encoding
+
+    by_id = DeadlineAlertModel.get_by_id
+
+    def get_by_id(alert: Any, **kwargs: Any) -> DeadlineAlertModel:
+        if not isinstance(alert, Mapping):
+            return by_id(alert, **kwargs)
+        data = alert.get(Encoding.VAR, alert)
+        return DeadlineAlertModel(
+            name=data.get(F.NAME),
+            reference=data[F.REFERENCE],
+            interval=data[F.INTERVAL],
+            callback_def=data[F.CALLBACK],
+        )
+
+    with mock.patch.object(DeadlineAlertModel, "get_by_id", get_by_id):
+        yield
+
+
 def default_args() -> dict[str, Any]:
     r = settings.retries()
     return {
@@ -169,7 +216,7 @@ def build_entity_dag(spec: EntitySpec) -> DAG:
     → commit_state → report``; every body is one call into :mod:`d365sync.airflow.tasks`."""
     entity, dag_id = spec.name, dag_id_for(spec.name)
     pool = settings.dynamics_pool()[0]
-    with DAG(
+    with EntityDAG(
         dag_id=dag_id,
         schedule=schedule_for(spec),
         start_date=START,

@@ -39,7 +39,11 @@ Semantics, in the order they apply (the reason strings in the output say which o
   while the sides disagree and either still differs from the base, so a parked conflict never resolves itself
   behind the reviewer's back (a version conflict would: once the other side's change is
   synced, it has no longer "moved"). A decision (``RecordInput.decided``) overrides everything
-  for its field.
+  for its field. A parked field keeps its old base value; parked on a first sync it has none,
+  so the base simply has no entry for it (never a placeholder): later runs compare each side
+  with "no value", which keeps the field parked until the decision sets the value everywhere.
+  A side not extracted is *not* at base for a parked field (it differed when the field was
+  parked), so the refreshed review item marks it ``unseen`` instead of inventing its value.
 """
 
 from __future__ import annotations
@@ -229,13 +233,19 @@ class FieldDecision:
 
 @dataclass(frozen=True, slots=True)
 class Conflict:
-    """A field parked for manual review; the base keeps its old value until a decision."""
+    """A field parked for manual review; the base keeps its old value until a decision.
+
+    ``unseen`` names the sides not extracted on this run: their current value is unknown (given
+    as None here), so the review queue keeps the value it already holds for them. ``base`` is
+    None when the field has no base value yet (parked on a first sync).
+    """
 
     field: str
     base: Any
     dynamics: Any
     erp: Any
     reason: str
+    unseen: tuple[Side, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,7 +476,7 @@ def _merge_fields(
             if rule.name in decided:
                 continue
             if rule.name in record.under_review and d != e:
-                out.conflicts.append(Conflict(rule.name, _plain(b), d, e, "awaiting review decision"))
+                out.conflicts.append(_conflict(rule.name, b, d, e, "awaiting review decision", dyn, erp))
             else:
                 _resolve(rule, b, d, e, ctx, out, new_values, writes)
         _apply_decided(rules, decided, base.values, dyn, erp, out, new_values, writes)
@@ -535,12 +545,32 @@ def _resolve(
     else:
         winner, reason = _one_changed(rule, "dynamics" if d != b else "erp", b, ctx)
     if winner is None:
-        out.conflicts.append(Conflict(rule.name, _plain(b), d, e, reason))
+        out.conflicts.append(_conflict(rule.name, b, d, e, reason, ctx.dyn, ctx.erp))
     elif winner == "report":
         side: Side = "dynamics" if d != b else "erp"
         out.reports.append(Report(rule.name, side, reason))
     else:
         _take(rule.name, winner, d if winner == "dynamics" else e, d, e, out, new_values, writes, reason)
+
+
+def _conflict(
+    name: str, b: Any, d: Any, e: Any, reason: str, dyn: SideRecord | None, erp: SideRecord | None
+) -> Conflict:
+    """A parked field as the review queue stores it: real values only, never the sentinel.
+
+    A side that was not extracted stands in with the base value (or the sentinel, when there is
+    no base value) only for change detection; what it really holds is unknown, so it is
+    reported as ``unseen`` with None.
+    """
+    unseen = tuple(side for side, rec in zip(SIDES, (dyn, erp), strict=True) if rec is None)
+    return Conflict(
+        name,
+        _plain(b),
+        None if dyn is None else _plain(d),
+        None if erp is None else _plain(e),
+        reason,
+        unseen,
+    )
 
 
 def _take(

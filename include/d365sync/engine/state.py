@@ -31,7 +31,7 @@ from decimal import Decimal
 from itertools import islice
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, event, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -134,7 +134,11 @@ class Watermark:
 
 @dataclass(frozen=True, slots=True)
 class ReviewItem:
-    """A field parked for manual review, as the merge reported it."""
+    """A field parked for manual review, as the merge reported it.
+
+    ``unseen`` names the sides whose value this run did not see (not extracted): refreshing an
+    open item keeps the value it holds for them.
+    """
 
     record_key: str
     field: str
@@ -142,6 +146,7 @@ class ReviewItem:
     dynamics: Any
     erp: Any
     reason: str = ""
+    unseen: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,15 +472,15 @@ class StateStore:
     # --- review queue ---------------------------------------------------------------------------
 
     def open_reviews(self, entity: str, run_id: str, items: Iterable[ReviewItem]) -> int:
-        """Park fields for review; an already open item for the same field is refreshed, not doubled."""
+        """Park fields for review; an already open item for the same field is refreshed, not doubled.
+
+        A side the item names as ``unseen`` keeps its stored value (SQL NULL in the new row).
+        """
         stmt = self._insert(t.review)
+        set_: dict[str, Any] = {k: stmt.excluded[k] for k in ("base_json", "reason", "updated_at")}
+        set_ |= {k: func.coalesce(stmt.excluded[k], t.review.c[k]) for k in ("dynamics_json", "erp_json")}
         stmt = stmt.on_conflict_do_update(
-            index_elements=["entity", "record_key", "field"],
-            index_where=t.ACTIVE_REVIEW,
-            set_={
-                k: stmt.excluded[k]
-                for k in ("base_json", "dynamics_json", "erp_json", "reason", "updated_at")
-            },
+            index_elements=["entity", "record_key", "field"], index_where=t.ACTIVE_REVIEW, set_=set_
         )
         count = 0
         for chunk in chunks(items, self.chunk_size):
@@ -901,8 +906,8 @@ def _review_row(entity: str, run_id: str, item: ReviewItem, now: datetime) -> di
     row = {"entity": entity, "record_key": item.record_key, "field": item.field, "reason": item.reason}
     row |= {
         "base_json": encode(item.base),
-        "dynamics_json": encode(item.dynamics),
-        "erp_json": encode(item.erp),
+        "dynamics_json": None if "dynamics" in item.unseen else encode(item.dynamics),
+        "erp_json": None if "erp" in item.unseen else encode(item.erp),
     }
     row |= {"status": "open", "opened_run_id": run_id, "opened_at": now, "updated_at": now}
     return row

@@ -245,7 +245,7 @@ class _Summary:
         t["echoes"] += any(d.reason.startswith("echo") for d in decision.decisions)
         for c in decision.conflicts:
             t["conflicts"] += 1
-            self.reviews.append(ReviewItem(key, c.field, c.base, c.dynamics, c.erp, c.reason))
+            self.reviews.append(ReviewItem(key, c.field, c.base, c.dynamics, c.erp, c.reason, c.unseen))
             self._sample("conflicts", {"key": key, "field": c.field, "reason": c.reason})
         for d in decision.decisions:
             if d.winner in ("dynamics", "erp", "review") and d.reason.startswith(("both changed", "review")):
