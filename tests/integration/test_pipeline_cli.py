@@ -8,12 +8,30 @@ from pathlib import Path
 import pytest
 
 from d365sync.cli import main
+from d365sync.sandbox.dataverse.process import DataverseSandbox
 from tests.integration.pipeline_env import Env
 from tests.sandbox_fixtures import SandboxFactory
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:module 'sre_(constants|parse)' is deprecated:DeprecationWarning"
 )
+
+
+def _connections(sandbox: DataverseSandbox, folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Point ``d365sync sync`` at the sandbox, the ERP and the state store of ``Env.create(…, folder)``
+    through AIRFLOW_CONN_*; returns the ``--staging`` arguments."""
+    dynamics = {
+        "conn_type": "dynamics",
+        "host": sandbox.base_url,
+        "login": sandbox.client_id,
+        "password": sandbox.client_secret,
+        "extra": {"tenant_id": sandbox.tenant, "authority_host": sandbox.base_url},
+    }
+    erp = {"conn_type": "erp_odbc", "schema": str(folder / "erp.db"), "extra": {"driver": "SQLite3"}}
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(dynamics))
+    monkeypatch.setenv("AIRFLOW_CONN_ERP_DEFAULT", json.dumps(erp))
+    monkeypatch.setenv("AIRFLOW_CONN_SYNC_STATE_DEFAULT", f"sqlite:///{folder / 'state.db'}")
+    return ["--staging", str(folder / "staging")]
 
 
 def test_sync_cli_reads_airflow_connections_dry_runs_then_syncs(
@@ -24,18 +42,7 @@ def test_sync_cli_reads_airflow_connections_dry_runs_then_syncs(
 ) -> None:
     sandbox = dataverse_sandbox_factory(seed=10)
     Env.create(sandbox, tmp_path, rows=20).close()
-    dynamics = {
-        "conn_type": "dynamics",
-        "host": sandbox.base_url,
-        "login": sandbox.client_id,
-        "password": sandbox.client_secret,
-        "extra": {"tenant_id": sandbox.tenant, "authority_host": sandbox.base_url},
-    }
-    erp = {"conn_type": "erp_odbc", "schema": str(tmp_path / "erp.db"), "extra": {"driver": "SQLite3"}}
-    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(dynamics))
-    monkeypatch.setenv("AIRFLOW_CONN_ERP_DEFAULT", json.dumps(erp))
-    monkeypatch.setenv("AIRFLOW_CONN_SYNC_STATE_DEFAULT", f"sqlite:///{tmp_path / 'state.db'}")
-    staging = ["--staging", str(tmp_path / "staging")]
+    staging = _connections(sandbox, tmp_path, monkeypatch)
 
     assert main(["sync", "customers", "--dry-run", *staging]) == 0
     out = capsys.readouterr().out
@@ -58,3 +65,36 @@ def test_sync_cli_names_an_unreachable_system(
     assert main(["sync", "customers"]) == 2
     err = capsys.readouterr().err
     assert "Dynamics 365 is unreachable" in err and "127.0.0.1" in err and "s3cret" not in err
+
+
+def test_sync_all_runs_products_before_inventory_so_a_new_item_arrives_with_its_stock(
+    dataverse_sandbox_factory: SandboxFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sandbox = dataverse_sandbox_factory(seed=5)
+    env = Env.create(sandbox, tmp_path, rows=10)
+    staging = _connections(sandbox, tmp_path, monkeypatch)
+    try:
+        assert main(["sync", "--all", *staging]) == 0
+        out = capsys.readouterr().out
+        assert out.index("== products") < out.index("== inventory")
+
+        item = "ITMNEW000001"
+        env.erp.execute(
+            [
+                "INSERT INTO ITEM_MASTER (ITEM_NO, DESCR, UNIT_PRICE, CURR_CODE, LAST_UPD) VALUES "
+                f"('{item}', 'New valve', 12.5, 'EURO', strftime('%Y-%m-%d %H:%M:%S','now') || '.000')",
+                f"INSERT INTO ITEM_STOCK (ITEM_NO, WHSE, QTY_ON_HAND) VALUES ('{item}', 'W01', 10.5)",
+                f"INSERT INTO ITEM_STOCK (ITEM_NO, WHSE, QTY_ON_HAND) VALUES ('{item}', 'W02', 2.25)",
+            ]
+        )
+        assert main(["sync", "--all", *staging]) == 0  # one run: the product is created with its stock
+
+        products = env.dynamics_rows(
+            "products", ["productnumber", "name", "quantityonhand"], f"productnumber eq '{item}'"
+        )
+        assert [(p["name"], p["quantityonhand"]) for p in products] == [("New valve", 12.75)]
+    finally:
+        env.close()
