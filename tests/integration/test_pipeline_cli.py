@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from d365sync.cli import main
+from d365sync.engine.stages.context import Window
 from d365sync.sandbox.dataverse.process import DataverseSandbox
 from tests.integration.pipeline_env import Env
 from tests.sandbox_fixtures import SandboxFactory
@@ -96,5 +98,53 @@ def test_sync_all_runs_products_before_inventory_so_a_new_item_arrives_with_its_
             "products", ["productnumber", "name", "quantityonhand"], f"productnumber eq '{item}'"
         )
         assert [(p["name"], p["quantityonhand"]) for p in products] == [("New valve", 12.75)]
+    finally:
+        env.close()
+
+
+def test_a_hard_delete_during_an_expired_token_is_found_by_the_full_resync(
+    dataverse_sandbox_factory: SandboxFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sandbox = dataverse_sandbox_factory(seed=5)
+    env = Env.create(sandbox, tmp_path, rows=10)
+    staging = _connections(sandbox, tmp_path, monkeypatch)
+
+    def inactive() -> set[str]:
+        return {r[0].strip() for r in env.erp_rows("SELECT CUST_NO FROM CUST_MASTER WHERE STATUS <> 'A'")}
+
+    try:
+        assert main(["sync", "customers", *staging]) == 0
+        capsys.readouterr()
+        number = "C000000002"
+        (account,) = env.dynamics_rows("accounts", ["accountid"], f"accountnumber eq '{number}'")
+        assert env.erp_rows("SELECT STATUS FROM CUST_MASTER WHERE CUST_NO = ?", number) == [("A",)]
+        before = inactive()
+
+        # hard-deleted in Dataverse while the change-tracking token ages past its retention
+        env.dynamics.delete("accounts", account["accountid"])
+        sandbox.set_knobs(retention_seconds=0)
+        # a backfill window is no full read: what it does not list is merely unchanged there
+        window = Window(datetime.now(UTC) - timedelta(days=1), datetime.now(UTC) + timedelta(hours=1))
+        env.run("customers", window=window)
+        assert inactive() == before
+
+        assert main(["sync", "customers", *staging]) == 0  # the token expired: a full resync
+        assert capsys.readouterr().out.count("erp: deactivate 1") == 1
+        # customers.yaml: deletes.to_erp = deactivate → CUST_MASTER.STATUS = 'I'
+        assert env.erp_rows("SELECT STATUS FROM CUST_MASTER WHERE CUST_NO = ?", number) == [("I",)]
+        assert inactive() == before | {number}
+        stored = env.store.load_base("customers", "erp", [number])[number]
+        assert stored.base is not None and stored.base.deleted_on is not None  # no second delete
+
+        sandbox.set_knobs(retention_seconds=7 * 24 * 3600)
+        env.sandbox.reset_counters()
+        fingerprint = env.erp_fingerprint()
+        assert main(["sync", "customers", *staging]) == 0
+        out = capsys.readouterr().out
+        assert "dynamics: nothing" in out and "erp: nothing" in out
+        assert env.write_requests() == 0 and env.erp_fingerprint() == fingerprint
     finally:
         env.close()
