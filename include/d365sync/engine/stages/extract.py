@@ -155,7 +155,7 @@ def _erp_snapshot(ctx: RunContext) -> tuple[Iterator[dict[str, Any]], Any]:
         for chunk in ctx.erp.iter_rows(table, chunk_size=ctx.chunk_size):
             for row in chunk:
                 key = norm_key(row.get(key_column))
-                seen.add(key)
+                seen.add(key or "")
                 yield _entry(key, row)
         if ctx.spec.deletes.to_dynamics != "ignore":
             yield from _vanished(ctx, "erp", seen)
