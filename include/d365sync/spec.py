@@ -15,6 +15,10 @@ Loading does three things, in order, and reports every problem as ``file: entity
 3. compile each field's transform chains once (:class:`EntityPlan`), so the per-record path
    calls prebuilt functions and never resolves a name.
 
+:func:`load_entities` then checks the files together: entity lookups name loaded entities, and
+the dependencies between entities (:func:`dependencies`: lookups, and records another entity
+creates) have no cycle. :func:`dependency_order` is the one parents-first order every runner uses.
+
 This module is imported by DAG files at parse time: it imports only pydantic, yaml and the
 stdlib at module level; schema catalogs and the ERP client's spec types load lazily.
 """
@@ -879,6 +883,8 @@ def load_entities(directory: Path | str, catalog: Catalog | None = None) -> dict
         except SpecError as exc:
             issues.extend(exc.issues)
     issues.extend(_cross_check(specs))
+    if not issues:
+        issues.extend(_cycle_issues(specs))
     if issues:
         raise SpecError(issues)
     return specs
@@ -901,6 +907,89 @@ def _cross_check(specs: Mapping[str, EntitySpec]) -> Iterator[str]:
                     spec.name,
                     f"{where}: {lk.entity} syncs {target.dynamics.table}, not {lk.dynamics_table}",
                 )
+
+
+# --------------------------------------------------------------------------- dependencies
+def dependencies(spec: EntitySpec, specs: Mapping[str, EntitySpec]) -> dict[str, str]:
+    """The entities that must sync before ``spec``, each with the reason it waits for them.
+
+    Both come from fields every spec already has, so no file declares an order by hand:
+
+    * an entity lookup: ``orders`` resolves its customer through the ``customers`` key map;
+    * a shared table: an entity that does not create records on a side (``creates``) only
+      updates what another entity syncing the same table there creates — ``inventory`` sets
+      ``product.quantityonhand`` on the Dynamics products that ``products`` creates.
+
+    A lookup of an entity that is not in ``specs`` is a :class:`SpecError` naming the file.
+    """
+    found: dict[str, str] = {}
+    unknown = []
+    for name, lk in spec.lookups.items():
+        if not isinstance(lk, EntityLookup):
+            continue
+        if lk.entity not in specs:
+            unknown.append(
+                _issue(
+                    spec.source, spec.name, f"lookups.{name}: no entity {lk.entity!r} (have {sorted(specs)})"
+                )
+            )
+        elif lk.entity != spec.name:
+            found.setdefault(lk.entity, f"lookups.{name} resolves {lk.entity} records through its key map")
+    if unknown:
+        raise SpecError(unknown)
+    for other in sorted(specs.values(), key=lambda o: o.name):
+        if other.name == spec.name:
+            continue
+        for side in SIDES:
+            table = getattr(spec, side).table
+            mine, theirs = (getattr(s.creates, f"to_{side}") for s in (spec, other))
+            if not mine and theirs and getattr(other, side).table == table:
+                reason = f"{other.name} creates the {side} {table} records {spec.name} only updates"
+                found.setdefault(other.name, reason)
+    return found
+
+
+def dependency_order(specs: Mapping[str, EntitySpec]) -> list[str]:
+    """Entity names, every one after its :func:`dependencies`; alphabetical among equals.
+
+    The one order for every runner: ``d365sync sync --all``, ``make sync`` and the Airflow
+    wiring (:mod:`d365sync.airflow.dag_factory`), the reconcile DAG and the test helpers.
+    A cycle is a :class:`SpecError` naming the files and why each waits for the next.
+    """
+    graph = {name: dependencies(spec, specs) for name, spec in specs.items()}
+    if issues := list(_cycle_issues(specs, graph)):
+        raise SpecError(issues)
+    done: list[str] = []
+    pending = sorted(graph)
+    while pending:
+        ready = next(n for n in pending if all(d in done for d in graph[n]))
+        done.append(ready)
+        pending.remove(ready)
+    return done
+
+
+def _cycle_issues(
+    specs: Mapping[str, EntitySpec], graph: Mapping[str, Mapping[str, str]] | None = None
+) -> Iterator[str]:
+    """One issue for the first dependency cycle found (none when the graph is acyclic)."""
+    from graphlib import CycleError, TopologicalSorter
+    from itertools import pairwise
+
+    if graph is None:
+        try:
+            graph = {name: dependencies(spec, specs) for name, spec in specs.items()}
+        except SpecError as exc:
+            yield from exc.issues
+            return
+    try:
+        TopologicalSorter({n: sorted(deps) for n, deps in sorted(graph.items())}).prepare()
+    except CycleError as exc:
+        cycle = list(exc.args[1])  # [a, b, …, a]: each node must sync before the next one
+        steps = [
+            f"{specs[a].source.name} waits for {specs[b].source.name} ({graph[a][b]})"
+            for b, a in pairwise(cycle)
+        ]
+        yield "entities depend on each other in a cycle: " + "; ".join(steps)
 
 
 # ------------------------------------------------------------------------ catalog checks

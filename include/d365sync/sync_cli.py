@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping
-from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,8 @@ def run_sync(args: argparse.Namespace) -> int:
 
 
 def _selected(args: argparse.Namespace, specs: Mapping[str, Any]) -> list[str]:
+    from d365sync.spec import dependency_order
+
     if args.all:
         return dependency_order(specs)
     if not args.entity:
@@ -64,19 +65,6 @@ def _selected(args: argparse.Namespace, specs: Mapping[str, Any]) -> list[str]:
     if args.entity not in specs:
         raise SystemExit(f"error: no entity {args.entity!r} (have {', '.join(sorted(specs))})")
     return [args.entity]
-
-
-def dependency_order(specs: Mapping[str, Any]) -> list[str]:
-    """Parents before children (orders after customers), otherwise alphabetical."""
-    from d365sync.spec import EntityLookup
-
-    graph = {
-        name: {
-            lk.entity for lk in spec.lookups.values() if isinstance(lk, EntityLookup) and lk.entity in specs
-        }
-        for name, spec in sorted(specs.items())
-    }
-    return list(TopologicalSorter(graph).static_order())
 
 
 def _run_all(args: argparse.Namespace, specs: Mapping[str, Any], names: list[str], *clients: Any) -> int:

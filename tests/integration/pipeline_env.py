@@ -14,10 +14,10 @@ from d365sync.engine.state import StateStore
 from d365sync.erp import ErpClient
 from d365sync.sandbox.dataverse.process import DataverseSandbox
 from d365sync.sandbox.erp.seeder import DirtyRates, init_sandbox
-from d365sync.spec import EntitySpec, load_entities
+from d365sync.spec import EntitySpec, dependency_order, load_entities
 
 ENTITIES = Path(__file__).resolve().parents[2] / "include" / "entities"
-ORDER = ("customers", "products", "inventory", "orders", "invoices")
+ORDER = tuple(dependency_order(load_entities(ENTITIES)))  # the runners' order: parents first
 EXTRA_CURRENCIES = ("CHF", "JPY", "SEK", "CAD")  # the ERP uses them; the sandbox seeds USD/EUR/GBP
 
 

@@ -10,7 +10,6 @@ from d365sync.engine import connections as c
 from d365sync.engine.pipeline import Plan
 from d365sync.engine.stages.context import aware, bucket_of, norm_key
 from d365sync.engine.staging import Staging
-from d365sync.sync_cli import dependency_order
 
 
 def test_staging_round_trips_values_exactly(tmp_path: Path) -> None:
@@ -66,13 +65,6 @@ def test_sandbox_defaults_when_nothing_is_configured() -> None:
     assert dyn.environment_url == c.SANDBOX_URL and dyn.authority_host == c.SANDBOX_URL
     assert c.erp_conn_str(None).endswith("var/demo/erp.db;")
     assert c.state_url(None)[0].endswith("var/demo/state.db")
-
-
-def test_dependency_order_puts_parents_first() -> None:
-    from d365sync.spec import load_entities
-
-    order = dependency_order(load_entities(Path(__file__).resolve().parents[2] / "include" / "entities"))
-    assert order.index("customers") < order.index("orders") < order.index("invoices")
 
 
 def test_plan_renders_every_section() -> None:

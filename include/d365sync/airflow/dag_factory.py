@@ -46,7 +46,7 @@ from d365sync.airflow import alerts, settings
 from d365sync.airflow.docs import entity_doc_md
 from d365sync.airflow.retry import SyncRetryPolicy
 from d365sync.airflow.run_state import record_failed_run
-from d365sync.spec import EntityLookup, EntitySpec, load_entities
+from d365sync.spec import EntitySpec, dependencies, dependency_order, load_entities
 
 ENTITIES_DIR = Path(__file__).resolve().parents[2] / "entities"
 DAG_PREFIX = "sync_"
@@ -67,34 +67,16 @@ def load_specs(directory: str | None = None) -> dict[str, EntitySpec]:
 
 
 def upstream_of(spec: EntitySpec, specs: Mapping[str, EntitySpec] | None = None) -> list[str]:
-    """Entities that must sync first: those looked up through their key maps (orders → customers),
-    and those that create the records this one only updates in a shared table (products creates
-    the Dynamics products whose quantity inventory sets)."""
-    found = {lk.entity for lk in spec.lookups.values() if isinstance(lk, EntityLookup)}
-    for other in (specs or load_specs()).values():
-        creates_for_me = (
-            not spec.creates.to_dynamics
-            and other.creates.to_dynamics
-            and other.dynamics.table == spec.dynamics.table
-        ) or (not spec.creates.to_erp and other.creates.to_erp and other.erp.table == spec.erp.table)
-        if creates_for_me:
-            found.add(other.name)
-    return sorted(found - {spec.name})
+    """Entities that must sync first (:func:`d365sync.spec.dependencies`): those looked up through
+    their key maps (orders → customers), and those that create the records this one only updates
+    in a shared table (products creates the Dynamics products whose quantity inventory sets)."""
+    return sorted(dependencies(spec, specs or load_specs()))
 
 
 def entity_order(specs: Mapping[str, EntitySpec]) -> list[str]:
-    """Entity names in dependency order (parents first), alphabetical among equals."""
-    done: list[str] = []
-    pending = dict(sorted(specs.items()))
-    while pending:
-        ready = [
-            n for n, s in pending.items() if all(u in done or u not in specs for u in upstream_of(s, specs))
-        ]
-        if not ready:
-            raise ValueError(f"entity lookups form a cycle: {sorted(pending)}")
-        done.append(ready[0])
-        del pending[ready[0]]
-    return done
+    """Entity names in dependency order (parents first), alphabetical among equals: the spec
+    layer's :func:`d365sync.spec.dependency_order`, the one order every runner uses."""
+    return dependency_order(specs)
 
 
 def dag_id_for(entity: str) -> str:

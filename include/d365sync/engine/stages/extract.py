@@ -1,7 +1,8 @@
 """Extract: read what changed on one side into chunk files; stage (never commit) the watermark.
 
 * Dynamics: the change feed from the committed delta token (a full read the first time or when
-  the token expired), or, in a backfill, the ``modifiedon`` window ``[start, end)``.
+  the token expired), or, in a backfill, the ``modifiedon`` window ``[start, end)``. A full
+  read shows no deletes, so key-mapped records it did not return become deletes (as below).
 * ERP: the cursor column from the committed cursor minus the overlap window, or the backfill's
   cursor window; tables without a trustworthy timestamp (``mode: snapshot``) are read whole and
   the merge's base comparison does the diff (unchanged rows are echoes and write nothing), and
@@ -191,14 +192,22 @@ def _dynamics_changes(ctx: RunContext) -> tuple[Iterator[dict[str, Any]], Any]:
         entries = (_entry(r.get(key), r, id_=str(r.get(select[0]) or "").lower() or None) for r in rows)
         return entries, lambda: {"value": end, "token": None}
     mark = ctx.store.watermark(ctx.entity, "dynamics")
-    feed = client.iter_changes(entity_set, select, mark.token if mark else None, id_attribute=select[0])
+    token = mark.token if mark else None
+    feed = client.iter_changes(entity_set, select, token, id_attribute=select[0])
+    seen = _Seen()
 
     def changes() -> Iterator[dict[str, Any]]:
         for change in feed:
             if change.kind == "delete":
                 yield _entry(None, {}, deleted=True, id_=str(change.id).lower())
             else:
-                yield _entry(change.row.get(key), change.row, id_=(change.id or "").lower() or None)
+                entry = _entry(change.row.get(key), change.row, id_=(change.id or "").lower() or None)
+                seen.add(entry["key"], entry["id"])
+                yield entry
+        # A full read (no token yet, or the token expired) lists every row but no deletes: a
+        # record the key map pairs with a Dynamics row that is no longer there was deleted.
+        if (token is None or feed.full_resync) and ctx.spec.deletes.to_erp != "ignore":
+            yield from _vanished(ctx, "dynamics", seen)
 
     return changes(), lambda: {"value": started, "token": feed.delta_token, "full_resync": feed.full_resync}
 
@@ -241,7 +250,7 @@ def _overlap(spec: Any) -> Any:
 def _erp_snapshot(ctx: RunContext) -> tuple[Iterator[dict[str, Any]], Any]:
     """Whole table in key order; stored keys that are gone become deletes (unless ignored)."""
     table, key_column = ctx.spec.erp_table_spec(), ctx.spec.fields[ctx.spec.key].erp
-    seen: set[str] = set()
+    seen = _Seen()
     started = now()
 
     def rows() -> Iterator[dict[str, Any]]:
@@ -251,17 +260,44 @@ def _erp_snapshot(ctx: RunContext) -> tuple[Iterator[dict[str, Any]], Any]:
                 seen.add(key or "")
                 yield _entry(key, row)
         if ctx.spec.deletes.to_dynamics != "ignore":
-            yield from _vanished(ctx, seen)
+            yield from _vanished(ctx, "erp", seen)
 
     return rows(), lambda: {"value": started, "token": None}
 
 
-def _vanished(ctx: RunContext, seen: set[str]) -> Iterator[dict[str, Any]]:
+# ------------------------------------------------------------------------ full reads
+class _Seen:
+    """Keys (and Dynamics ids) a full read of one side returned."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.ids: set[str] = set()
+
+    def add(self, key: str | None, id_: str | None = None) -> None:
+        if key is not None:
+            self.keys.add(key)
+        if id_ is not None:
+            self.ids.add(id_)
+
+
+def _vanished(ctx: RunContext, side: Side, seen: _Seen) -> Iterator[dict[str, Any]]:
+    """After a full read of ``side``: key map records that were synced there, are not deleted
+    yet and were not read, as delete entries (the merge applies the entity's delete policy).
+
+    ERP records are known by key. Dynamics records need a stored GUID and count as present
+    when either their GUID or their key was read (a row re-created under the same key is not
+    a delete). Only called after full reads: a delta or a backfill window lists only what
+    changed, so a record absent from it is merely unchanged.
+    """
     for records in ctx.store.iter_base(ctx.entity):
         for stored in records:
-            base = stored.base
-            if stored.erp_key not in seen and base is not None and base.deleted_on is None:
-                yield _entry(stored.erp_key, {}, deleted=True)
+            base, key = stored.base, stored.erp_key
+            if base is None or base.deleted_on is not None or key is None or key in seen.keys:
+                continue
+            if side == "erp":
+                yield _entry(key, {}, deleted=True)
+            elif stored.dynamics_id is not None and stored.dynamics_id not in seen.ids:
+                yield _entry(key, {}, deleted=True, id_=stored.dynamics_id)
 
 
 def _plain(value: Any) -> Any:
