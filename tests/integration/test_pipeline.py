@@ -228,7 +228,7 @@ def test_a_failed_run_leaves_watermarks_where_they_were(env: Env) -> None:
     env.store.reset_watermark("customers", "erp")  # an operator's full re-read: a full load again
     marks = {s: env.store.watermark("customers", s) for s in ("dynamics", "erp")}
     env.erp.execute(["UPDATE CUST_MASTER SET CUST_EMAIL_ID = 'broken@@mail' WHERE CUST_NO LIKE 'C%'"])
-    with pytest.raises(RunValidationFailed, match="customers/erp.*stopped: full load"):
+    with pytest.raises(RunValidationFailed, match=r"customers/erp.*stopped: full load"):
         env.run("customers", run_id="invalid")
     assert {s: env.store.watermark("customers", s) for s in ("dynamics", "erp")} == marks
     assert env.store.run_report("invalid", "customers").status == "failed"  # type: ignore[union-attr]
