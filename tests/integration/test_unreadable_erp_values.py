@@ -50,6 +50,7 @@ def test_unreadable_values_become_dead_letters_the_rest_syncs_and_a_fix_at_the_s
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
 ) -> None:
     sandbox = dataverse_sandbox_factory(seed=10)
     Env.create(sandbox, tmp_path, rows=200).close()  # 200 customers, ~70 invoices, all valid
@@ -73,6 +74,7 @@ def test_unreadable_values_become_dead_letters_the_rest_syncs_and_a_fix_at_the_s
     monkeypatch.setenv("AIRFLOW_CONN_SYNC_STATE_DEFAULT", f"sqlite:///{tmp_path / 'state.db'}")
     sync = ["sync", "--all", "--staging", str(tmp_path / "staging")]
     dynamics = dynamics_client(sandbox)
+    request.addfinalizer(dynamics.close)
 
     def accounts() -> dict[str, Any]:
         return {
@@ -132,7 +134,6 @@ def test_unreadable_values_become_dead_letters_the_rest_syncs_and_a_fix_at_the_s
     _erp(tmp_path, "UPDATE INV_HEADER SET INV_DATE = '20230229' WHERE INV_NO = ?", invoice)
     drift = _reconcile_invoices(tmp_path, dynamics)
     assert invoice not in {d["key"] for d in drift}
-    dynamics.close()
 
     pending = set(_letters(tmp_path, "customers")) | set(_letters(tmp_path, "invoices"))
     if pending:

@@ -21,7 +21,7 @@ STAMP = dt.datetime(2024, 5, 1, 12, 0, 0)
 
 
 def invoice(no: str, date: str, gross: object = "119.00") -> tuple[object, ...]:
-    """A raw INV_HEADER row as the driver returns it (CHAR padded, DECIMAL as text on SQLite)."""
+    """A raw INV_HEADER row as the SQLite driver returns it (DECIMAL as text)."""
     return (f"{no}", "S000000001", "C000000042", date, "100.00", "19.00", gross, "EURO", "Y", STAMP)
 
 
