@@ -26,10 +26,11 @@ from d365sync.erp import (
     ErpSpecError,
     ExtractCursor,
     RetryPolicy,
+    Row,
     TableSpec,
 )
 from d365sync.sandbox.erp.seeder import init_sandbox
-from d365sync.sandbox.erp.tables import CUST_MASTER, ITEM_STOCK, SO_HEADER
+from d365sync.sandbox.erp.tables import CUST_MASTER, INV_HEADER, ITEM_STOCK, SO_HEADER
 
 DIALECTS = [
     pytest.param("sqlite", id="sqlite"),
@@ -413,3 +414,82 @@ def test_lost_connection_mid_load(client: ErpClient, conn_str: str, retry: bool)
     cm, key = q(client, "CUST_MASTER"), q(client, "CUST_NO")
     assert client.scalar(f"SELECT COUNT(*) FROM {cm} WHERE {key} LIKE 'U%'") == 1000
     assert client.scalar(f"SELECT COUNT(DISTINCT {key}) FROM {cm}") == 1300
+
+
+# -- unreadable legacy values (issue 10) -----------------------------------------------------
+def _invoices(client: ErpClient, since: ExtractCursor | None) -> tuple[list[Row], ExtractCursor]:
+    stream = client.extract_changes(INV_HEADER, since, overlap=dt.timedelta(seconds=5), chunk_size=16)
+    return [row for chunk in stream for row in chunk], stream.cursor
+
+
+def test_bad_char8_date_is_a_row_error_the_cursor_moves_past_until_fixed_at_the_source(
+    client: ErpClient, other: pyodbc.Connection
+) -> None:
+    """One invoice with INV_DATE '20231399' must not abort the read of all the others."""
+    rows, cursor = _invoices(client, None)
+    assert len(rows) > 40 and not any(r.errors for r in rows)
+    bad, garbled = rows[7]["INV_NO"], rows[30]["INV_NO"]
+    inv, date, key = (q(client, n) for n in ("INV_HEADER", "INV_DATE", "INV_NO"))
+    other.execute(f"UPDATE {inv} SET {date} = ? WHERE {key} = ?", "20231399", bad)
+    other.execute(f"UPDATE {inv} SET {date} = ? WHERE {key} = ?", "31.12.23", garbled)
+
+    snapshot = all_rows(client, INV_HEADER)  # iter_rows: the whole table, no exception
+    assert len(snapshot) == len(rows)
+    flagged = {r["INV_NO"]: r for r in snapshot if r.errors}
+    assert set(flagged) == {bad, garbled}
+    assert flagged[bad]["INV_DATE"] == "20231399" and isinstance(flagged[bad]["GROSS_AMOUNT"], Decimal)
+    assert [(e.table, e.key, e.column, e.rule, e.message, e.value) for e in flagged[bad].errors] == [
+        ("INV_HEADER", (bad,), "INV_DATE", "CHAR(8) date YYYYMMDD", "month must be in 1..12", "20231399")
+    ]
+    assert flagged[garbled].errors[0].message == "not 8 digits YYYYMMDD"
+
+    changed, cursor = _invoices(client, cursor)  # the two updates, delivered once, with their errors
+    assert sorted((r["INV_NO"], bool(r.errors)) for r in changed) == sorted([(bad, True), (garbled, True)])
+    assert _invoices(client, cursor)[0] == []  # the watermark moved past them: not re-read forever
+
+    other.execute(f"UPDATE {inv} SET {date} = ? WHERE {key} = ?", "20231231", bad)  # fixed at the source
+    fixed, _ = _invoices(client, cursor)
+    assert [(r["INV_NO"], r["INV_DATE"], r.errors) for r in fixed] == [(bad, dt.date(2023, 12, 31), ())]
+
+
+def test_text_in_a_decimal_column_is_a_row_error_where_the_database_stores_it(
+    client: ErpClient, other: pyodbc.Connection
+) -> None:
+    """SQLite keeps '', 'abc' and 'N/A' in a DECIMAL column; PostgreSQL and MariaDB refuse them."""
+    keys = [r["CUST_NO"] for r in all_rows(client, CUST_MASTER)[:3]]
+    cm, limit, key = q(client, "CUST_MASTER"), q(client, "CREDIT_LIMIT"), q(client, "CUST_NO")
+    texts = ["N/A", "", "abc"]
+    if client.dialect.name != "sqlite":
+        for text, customer in zip(texts, keys, strict=True):
+            with pytest.raises(pyodbc.Error):
+                other.execute(f"UPDATE {cm} SET {limit} = ? WHERE {key} = ?", text, customer)
+        assert not any(r.errors for r in all_rows(client, CUST_MASTER))
+        return
+    for text, customer in zip(texts, keys, strict=True):
+        other.execute(f"UPDATE {cm} SET {limit} = ? WHERE {key} = ?", text, customer)
+    rows, _ = extract(client, None)
+    assert len(rows) == 300
+    flagged = [
+        (r["CUST_NO"], r["CREDIT_LIMIT"], [(e.column, e.message) for e in r.errors]) for r in rows if r.errors
+    ]
+    assert sorted(flagged) == sorted(
+        (customer, text, [("CREDIT_LIMIT", "not a number")])
+        for text, customer in zip(texts, keys, strict=True)
+    )
+
+
+@pytest.mark.parametrize("conn_str", DIALECTS[:1], indirect=True)  # the others refuse the text
+def test_unreadable_cursor_value_is_a_row_error_outside_the_watermark(
+    client: ErpClient, other: pyodbc.Connection
+) -> None:
+    """SQLite keeps any text in a TIMESTAMP column; its ODBC driver returns None for it."""
+    _, cursor = extract(client, None)
+    stray = all_rows(client, CUST_MASTER)[4]["CUST_NO"]
+    cm, stamp, key = q(client, "CUST_MASTER"), q(client, "LAST_UPD"), q(client, "CUST_NO")
+    other.execute(f"UPDATE {cm} SET {stamp} = 'garbage' WHERE {key} = ?", stray)
+
+    rows, after = extract(client, cursor)
+    assert [(r["CUST_NO"], [(e.column, e.rule, e.message) for e in r.errors]) for r in rows] == [
+        (stray, [("LAST_UPD", "TIMESTAMP", "the driver returned no value for it")])
+    ]
+    assert after.value == cursor.value  # it can be placed neither before nor after the watermark

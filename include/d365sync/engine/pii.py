@@ -28,6 +28,11 @@ def mask_value(field: str, value: Any) -> Any:
     return value
 
 
+def personal_field(field: str) -> bool:
+    """Whether a field's name says it holds an e-mail or a phone number."""
+    return bool(_EMAIL_FIELD.search(field) or _PHONE_FIELD.search(field))
+
+
 def mask_email(value: str) -> str:
     """Keep the first letter of the local part and of the domain, and the top-level domain."""
     local, _, domain = value.strip().rpartition("@")

@@ -59,12 +59,25 @@ def dynamics_records(ctx: RunContext) -> Iterator[tuple[str, dict[str, Any], dic
     yield from _canonical(ctx, "dynamics", (r for r in rows if r.get("statecode", 0) == 0))
 
 
-def erp_records(ctx: RunContext) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """(key, canonical record, raw row) of every ERP row (grouped entities aggregated)."""
+def erp_records(ctx: RunContext) -> Iterator[tuple[str, dict[str, Any] | None, dict[str, Any]]]:
+    """(key, canonical record, raw row) of every ERP row (grouped entities aggregated).
+
+    A record with a value the ERP client could not convert (``Row.errors``; the sync
+    dead-letters it) comes with record None: it cannot be compared, and is no drift.
+    """
     plan, table = ctx.spec.plan, ctx.spec.erp_table_spec()
     status, inactive = table.status_column, table.inactive_status
+    key_column = ctx.spec.fields[ctx.spec.key].erp or ""
     for chunk in ctx.erp.iter_rows(table, chunk_size=ctx.chunk_size):
-        rows = [r for r in chunk if not status or inactive is None or r.get(status) != inactive]
+        bad = {r.get(key_column) for r in chunk if getattr(r, "errors", ())}
+        for raw in sorted(bad, key=str):
+            if key := norm_key(raw):
+                yield key, None, {}
+        rows = [
+            r
+            for r in chunk
+            if r.get(key_column) not in bad and (not status or inactive is None or r.get(status) != inactive)
+        ]
         yield from _canonical(ctx, "erp", plan.group(rows))
 
 
@@ -94,6 +107,8 @@ def compare(ctx: RunContext) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
         bases = ctx.store.load_base(ctx.entity, "erp", [k for k, _, _ in chunk])
         for key, record, raw in chunk:
             theirs = seen.pop(key, None)
+            if record is None:
+                continue
             item = _differs(key, field_hashes(record, fields), theirs, bases.get(key), fields)
             if item:
                 drift.append(item)

@@ -7,6 +7,7 @@ Typical use::
     for chunk in stream:
         stage(chunk)
     store(stream.cursor)          # only after the downstream load committed
+    # a row whose value cannot be converted is still delivered: row.errors names the column
     result = client.upsert(CUSTOMERS, rows)   # LoadResult with failures and conflicts
 """
 
@@ -22,8 +23,17 @@ from d365sync.erp.errors import (
     ErpSpecError,
     Key,
     RowFailure,
+    UnreadableValue,
 )
-from d365sync.erp.reading import ChangeStream, ExtractCursor, SnapshotChunk, SnapshotDiff, digest
+from d365sync.erp.reading import (
+    ChangeStream,
+    ExtractCursor,
+    Row,
+    RowReader,
+    SnapshotChunk,
+    SnapshotDiff,
+    digest,
+)
 from d365sync.erp.retry import NO_RETRY, RetryPolicy, is_transient
 from d365sync.erp.spec import Column, ColumnType, TableSpec
 from d365sync.erp.writing import Conflict, LoadResult
@@ -45,10 +55,13 @@ __all__ = [
     "Key",
     "LoadResult",
     "RetryPolicy",
+    "Row",
     "RowFailure",
+    "RowReader",
     "SnapshotChunk",
     "SnapshotDiff",
     "TableSpec",
+    "UnreadableValue",
     "detect_dialect",
     "dialect_for",
     "digest",

@@ -4,6 +4,10 @@ Legacy quirks handled here and nowhere else: CHAR padding (stripped on read, pad
 database on write), dates kept as CHAR(8) ``YYYYMMDD`` (blank or ``00000000`` means none) and
 DECIMAL values, which are never allowed to round silently: a value that does not fit the
 column's precision and scale is rejected with the limit named.
+
+A read converter raises ``ValueError`` for a value its column cannot hold (``'20231399'``,
+``'N/A'`` in a DECIMAL column on SQLite), with a message that never repeats the value; the
+reader (``reading.RowReader``) turns it into a per-row ``UnreadableValue``.
 """
 
 from __future__ import annotations
@@ -50,12 +54,19 @@ def _decimal_reader(scale: int) -> Converter:
     def read(value: Any) -> Decimal | None:
         if value is None:
             return None
-        number = (
-            value
-            if isinstance(value, Decimal)
-            else Decimal(repr(value) if isinstance(value, float) else str(value))
-        )
-        return number.quantize(quantum)
+        if isinstance(value, Decimal):
+            number = value
+        else:
+            try:
+                number = Decimal(repr(value) if isinstance(value, float) else str(value))
+            except InvalidOperation:  # '', 'N/A': text in a DECIMAL column (SQLite stores it)
+                raise ValueError("not a number") from None
+        if not number.is_finite():
+            raise ValueError("not a finite number")
+        try:
+            return number.quantize(quantum)
+        except InvalidOperation:
+            raise ValueError("too many digits for a decimal") from None
 
     return read
 
@@ -68,18 +79,26 @@ def parse_date8(value: Any) -> dt.date | None:
     if text in _NO_DATE:
         return None
     if len(text) != 8 or not text.isdigit():
-        raise ValueError(f"{text!r} is not a CHAR(8) date YYYYMMDD")
+        raise ValueError("not 8 digits YYYYMMDD")  # messages never repeat the value (PII)
     return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
 
 
 def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError("not an integer") from None
 
 
 def _timestamp_or_none(value: Any) -> dt.datetime | None:
     if value is None or isinstance(value, dt.datetime):
         return value
-    return dt.datetime.fromisoformat(str(value))
+    try:
+        return dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError("not a timestamp") from None
 
 
 # -- writing -------------------------------------------------------------------------------

@@ -31,7 +31,12 @@ class ErpConnectionError(ErpError):
 
 
 class ErpDataError(ErpError):
-    """A value read from the ERP cannot be converted (e.g. a CHAR(8) date that is no date)."""
+    """A value read from the ERP cannot be converted (e.g. a CHAR(8) date that is no date).
+
+    The client's reads no longer raise it: one such value must not abort a whole extract, so
+    it is reported on its row instead (:class:`UnreadableValue` in ``Row.errors``). Kept, with
+    the same message shape, for callers that want to stop on such a row themselves.
+    """
 
     def __init__(self, table: str, key: Key, column: str, message: str) -> None:
         self.table, self.key, self.column = table, key, column
@@ -54,6 +59,41 @@ class RowFailure:
     def __str__(self) -> str:
         where = f" column {self.column}" if self.column else ""
         return f"{self.table} key={format_key(self.key)}{where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class UnreadableValue:
+    """One value read from the ERP that its column's type cannot hold.
+
+    The row is still delivered (see ``reading.Row``), with this value kept as the driver
+    returned it (usually text), so the caller can dead-letter the row instead of losing it or
+    aborting the read. ``rule`` is the column's declared type (``CHAR(8) date YYYYMMDD``,
+    ``DECIMAL(15,2)``); ``message`` never repeats ``value``, which may need masking.
+    """
+
+    table: str
+    key: Key
+    column: str
+    rule: str
+    message: str
+    value: Any
+
+    def __str__(self) -> str:
+        return f"{self.table} key={format_key(self.key)} column {self.column} ({self.rule}): {self.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"table", "key", "column", "rule", "message", "value"}``, key as text."""
+        value = (
+            self.value if self.value is None or isinstance(self.value, str | int | float) else str(self.value)
+        )
+        return {
+            "table": self.table,
+            "key": format_key(self.key),
+            "column": self.column,
+            "rule": self.rule,
+            "message": self.message,
+            "value": value,
+        }
 
 
 class RowRejected(ValueError):

@@ -7,6 +7,13 @@ again from the same position.
 
 The client holds no sync state: the caller passes the previous :class:`ExtractCursor` or the
 previous snapshot hashes in and gets the new ones back, to store only after its load commits.
+
+A value that cannot be converted (a CHAR(8) date ``'20231399'``, ``'N/A'`` stored in a DECIMAL
+column by SQLite) never aborts a read: its row is delivered like any other, the value kept as
+read, and :attr:`Row.errors` says which column failed which rule. A change stream delivers such
+a row once and moves its watermark past it (a bad row is neither re-read forever nor blocking),
+so the caller must dead-letter it, not drop it; fixing it at the source (which re-stamps the
+cursor column) delivers the corrected row.
 """
 
 from __future__ import annotations
@@ -21,12 +28,12 @@ from typing import Any
 import pyodbc
 
 from d365sync.erp.convert import read_converter
-from d365sync.erp.errors import CursorNotReady, ErpDataError, Key
+from d365sync.erp.errors import CursorNotReady, Key, UnreadableValue
 from d365sync.erp.session import Session
-from d365sync.erp.spec import Column, TableSpec
+from d365sync.erp.spec import Column, ColumnType, TableSpec
 
-Row = dict[str, Any]
 CursorValue = dt.datetime | int
+_TYPED = (ColumnType.DECIMAL, ColumnType.DATE8, ColumnType.INTEGER, ColumnType.TIMESTAMP)
 
 
 @dataclass(frozen=True)
@@ -49,29 +56,85 @@ class ExtractCursor:
         return cls(value=value, seen=frozenset(data.get("seen", ())))
 
 
+class Row(dict[str, Any]):
+    """One row as read: column name → value, and :attr:`errors`, the values that could not be read.
+
+    A value its column's type cannot hold (a CHAR(8) date ``'20231399'``, ``'N/A'`` in a DECIMAL
+    column on SQLite) does not abort the read: it stays in the row as the driver returned it
+    (text) and is described in ``errors``. Such a row is the caller's to dead-letter, never to
+    load. ``errors`` is empty for every good row; the mapping compares like a plain dict.
+    """
+
+    __slots__ = ("errors",)
+
+    def __init__(self, items: Any = (), errors: Sequence[UnreadableValue] = ()) -> None:
+        super().__init__(items)
+        self.errors: tuple[UnreadableValue, ...] = tuple(errors)
+
+
+class Values(list[Any]):
+    """The values of one driver row in column order, converted where possible; see :attr:`errors`."""
+
+    __slots__ = ("errors",)
+
+    def __init__(self, items: Any = (), errors: Sequence[UnreadableValue] = ()) -> None:
+        super().__init__(items)
+        self.errors: list[UnreadableValue] = list(errors)
+
+
 class RowReader:
-    """Turns driver rows of one table into converted dicts, keys and stable digests."""
+    """Turns driver rows of one table into converted dicts, keys and stable digests.
+
+    Conversion is per value: one that fails leaves the raw value in place and becomes an
+    :class:`UnreadableValue` in ``errors`` (of :meth:`values`, then of the :class:`Row`
+    :meth:`as_dict` makes); the other rows, and the row's other values, are unaffected. Key
+    columns are converted first, so every error names the row's key (the raw key text when
+    the key itself cannot be converted).
+    """
 
     def __init__(self, spec: TableSpec, columns: Sequence[Column]) -> None:
         self.spec = spec
+        self.columns = tuple(columns)
         self.names = tuple(c.name for c in columns)
-        self._convert = [(i, f) for i, c in enumerate(columns) if (f := read_converter(c)) is not None]
         self._key_idx = [self.names.index(k) for k in spec.key]
+        convert = [(i, f) for i, c in enumerate(columns) if (f := read_converter(c)) is not None]
+        self._convert = sorted(convert, key=lambda item: item[0] not in self._key_idx)
 
-    def values(self, raw: Sequence[Any]) -> list[Any]:
-        values = list(raw)
+    def values(self, raw: Sequence[Any]) -> Values:
+        values = Values(raw)
         for i, convert in self._convert:
             try:
                 values[i] = convert(values[i])
-            except (ValueError, ArithmeticError) as exc:
-                raise ErpDataError(self.spec.name, self.key(raw), self.names[i], str(exc)) from exc
+            except (ValueError, ArithmeticError, TypeError) as exc:
+                values.errors.append(self._unreadable(values, i, exc))
         return values
+
+    def check(self, row: Mapping[str, Any]) -> list[UnreadableValue]:
+        """The unreadable values of a row read earlier (a dead letter's copy) and kept as text.
+
+        A typed column (DECIMAL, DATE8, INTEGER, TIMESTAMP) holds text only when its value could
+        not be converted: such values are converted again to name the problem.
+        """
+        values = [row.get(n) for n in self.names]
+        errors = []
+        for i, convert in self._convert:
+            if self.columns[i].type in _TYPED and isinstance(values[i], str):
+                try:
+                    convert(values[i])
+                except (ValueError, ArithmeticError, TypeError) as exc:
+                    errors.append(self._unreadable(values, i, exc))
+        return errors
+
+    def _unreadable(self, values: Sequence[Any], i: int, exc: Exception) -> UnreadableValue:
+        col = self.columns[i]
+        message = str(exc) or type(exc).__name__
+        return UnreadableValue(self.spec.name, self.key(values), col.name, col.limit, message, values[i])
 
     def key(self, values: Sequence[Any]) -> Key:
         return tuple(_strip(values[i]) for i in self._key_idx)
 
     def as_dict(self, values: Sequence[Any]) -> Row:
-        return dict(zip(self.names, values, strict=True))
+        return Row(zip(self.names, values, strict=True), getattr(values, "errors", ()))
 
 
 def digest(values: Sequence[Any]) -> str:
@@ -159,10 +222,11 @@ class ChangeStream:
             chunk: list[Row] = []
             for raw in page:
                 values = self._reader.values(raw)
-                self._track(window, values)
-                if self._delivered_before(values):
-                    self.rows_skipped += 1
-                    continue
+                if self._cursor_readable(values):
+                    self._track(window, values)
+                    if self._delivered_before(values):
+                        self.rows_skipped += 1
+                        continue
                 chunk.append(self._reader.as_dict(values))
             self.rows_read += len(page)
             if chunk:
@@ -185,6 +249,22 @@ class ChangeStream:
         if isinstance(value, dt.datetime):
             return value - (overlap if isinstance(overlap, dt.timedelta) else dt.timedelta(0))
         return value - (overlap if isinstance(overlap, int) else 0)
+
+    def _cursor_readable(self, values: Values) -> bool:
+        """False (and an error on the row) when the row's cursor value cannot be read.
+
+        The query only returns rows whose cursor column is not NULL, so a None here is a value
+        the driver could not convert. Such a row cannot be placed against the watermark: it is
+        delivered with its error and moves neither the watermark nor ``seen``.
+        """
+        column, errors = self._spec.cursor_column or "", values.errors
+        if values[self._cursor_idx] is None and not any(e.column == column for e in errors):
+            spec = self._spec.column(column)
+            message = "the driver returned no value for it"
+            errors.append(
+                UnreadableValue(self._spec.name, self._reader.key(values), column, spec.limit, message, None)
+            )
+        return not any(e.column == column for e in errors)
 
     def _track(self, window: deque[tuple[CursorValue, list[Any]]], values: list[Any]) -> None:
         """Keep only rows within ``overlap`` of the newest value: the next cursor's ``seen``."""
@@ -247,7 +327,7 @@ class SnapshotDiff:
             yield chunk
         self._deletes = [key for key in self._previous if key not in seen]
 
-    def _classify(self, values: list[Any], chunk: SnapshotChunk) -> None:
+    def _classify(self, values: Values, chunk: SnapshotChunk) -> None:
         key, row_hash = self._reader.key(values), digest(values)
         chunk.hashes[key] = row_hash
         before = self._previous.get(key)

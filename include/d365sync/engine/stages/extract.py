@@ -228,7 +228,7 @@ def _erp_changes(ctx: RunContext) -> tuple[Iterator[dict[str, Any]], Any]:
         since = ExtractCursor.from_dict(json.loads(mark.token)) if mark and mark.token else None
         until, overlap = None, _overlap(spec)
     stream = ctx.erp.extract_changes(table, since, overlap=overlap, until=until, chunk_size=ctx.chunk_size)
-    rows = (_entry(r.get(key_column), r) for chunk in stream for r in chunk)
+    rows = (_erp_entry(r.get(key_column), r) for chunk in stream for r in chunk)
 
     def watermark() -> dict[str, Any]:
         cursor = stream.cursor
@@ -238,6 +238,19 @@ def _erp_changes(ctx: RunContext) -> tuple[Iterator[dict[str, Any]], Any]:
         return {"value": value, "token": json.dumps(cursor.to_dict())}
 
     return rows, watermark
+
+
+def _erp_entry(key: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """An ERP row's entry, with ``error``: None, or the values the ERP client could not convert.
+
+    ``error`` lists ``erp.UnreadableValue.as_dict()``: ``{"table", "key", "column", "rule",
+    "message", "value"}`` per value (a CHAR(8) date ``'20231399'``, ``'N/A'`` in a DECIMAL
+    column), ``value`` as read. Such a row keeps those values as read; validate dead-letters it
+    before any expectation runs, never loads it, while the rest of the extract flows and the
+    cursor moves past it. Entries made elsewhere (replays, Dataverse rows) have no ``error``.
+    """
+    errors = [problem.as_dict() for problem in getattr(row, "errors", ())]
+    return {**_entry(key, row), "error": errors or None}
 
 
 def _overlap(spec: Any) -> Any:
@@ -258,7 +271,7 @@ def _erp_snapshot(ctx: RunContext) -> tuple[Iterator[dict[str, Any]], Any]:
             for row in chunk:
                 key = norm_key(row.get(key_column))
                 seen.add(key or "")
-                yield _entry(key, row)
+                yield _erp_entry(key, row)
         if ctx.spec.deletes.to_dynamics != "ignore":
             yield from _vanished(ctx, "erp", seen)
 

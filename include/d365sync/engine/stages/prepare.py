@@ -1,7 +1,9 @@
 """Validate and transform: extracted rows → checked rows → canonical records in key buckets.
 
 Nothing is silently dropped. A row failing an expectation goes to the dead-letter queue (stage
-``validate``) with the failing rule; a row a transform refuses goes where its
+``validate``) with the failing rule, and so does, before any expectation runs, an ERP row holding
+a value the ERP client could not convert (the extract entry's ``error``: table, key, column,
+rule, value); a row a transform refuses goes where its
 :class:`TransformError` disposition says: ``quarantine`` → dead letter (stage ``transform``),
 ``manual_review`` → review queue (and a dead letter, so it is retried), ``park`` → parked
 children, retried automatically once the parent is synced. A record with any such problem on
@@ -21,6 +23,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from d365sync.engine.pii import mask_value, personal_field
 from d365sync.engine.stages.context import (
     SIDES,
     Manifest,
@@ -87,13 +90,48 @@ def _batched(chunks: Iterable[list[dict[str, Any]]], size: int) -> Iterator[list
 def _validate_chunk(
     ctx: RunContext, side: Side, entries: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    unread = _unreadable(ctx, side, entries)
+    quarantined = [(e, unread[id(e)]) for e in entries if id(e) in unread]
+    entries = [e for e in entries if id(e) not in unread]  # never shown to the validator
     live = [e for e in entries if not e["deleted"]]
     if not live or not getattr(ctx.spec.validation, side):
-        return entries, []
+        return entries, quarantined
     result = _run_validator(ctx, side, [e["row"] for e in live])
     failed = {id(q.row): q.reason for q in result.quarantined}
     kept = [e for e in entries if e["deleted"] or id(e["row"]) not in failed]
-    return kept, [(e, failed[id(e["row"])]) for e in live if id(e["row"]) in failed]
+    return kept, quarantined + [(e, failed[id(e["row"])]) for e in live if id(e["row"]) in failed]
+
+
+def _unreadable(ctx: RunContext, side: Side, entries: list[dict[str, Any]]) -> dict[int, str]:
+    """Reasons by ``id(entry)`` for rows holding values the ERP client could not convert.
+
+    A fresh extract marks them (the entry's ``error``). An ERP entry made elsewhere (a dead
+    letter's or a parked child's row read again) is checked here, so a retry of such a row is
+    quarantined again until the value is fixed at the source, never loaded. The reason names
+    table, key, column, rule and the value (masked when the column holds personal data).
+    """
+    reasons: dict[int, str] = {}
+    reader = None
+    for entry in entries:
+        if entry["deleted"]:
+            continue
+        error = entry.get("error")
+        if "error" not in entry and side == "erp":
+            if reader is None:
+                from d365sync.erp import RowReader
+
+                table = ctx.spec.erp_table_spec()
+                reader = RowReader(table, table.columns)
+            error = [problem.as_dict() for problem in reader.check(entry["row"])]
+        if error:
+            reasons[id(entry)] = "; ".join(map(_unreadable_reason, error))
+    return reasons
+
+
+def _unreadable_reason(p: Mapping[str, Any]) -> str:
+    value = mask_value(p["column"], p["value"]) if personal_field(p["column"]) else p["value"]
+    where = f"{p['table']} key={p['key']} column {p['column']}"
+    return f"{where}: unreadable {p['rule']}: {p['message']} (value {value!r})"
 
 
 def _run_validator(ctx: RunContext, side: Side, rows: list[dict[str, Any]]) -> Any:
