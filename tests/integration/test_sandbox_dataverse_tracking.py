@@ -89,15 +89,17 @@ def test_large_delta_is_paged(dataverse_sandbox_factory):
 
 
 def test_expired_delta_token_and_restart_persistence(dataverse_sandbox_factory):
-    sandbox = dataverse_sandbox_factory(seed=5, retention_seconds=4)
+    # long enough for a restart on a loaded machine, short enough to wait out
+    sandbox = dataverse_sandbox_factory(seed=5, retention_seconds=15)
     first = _get(sandbox, "accounts?$select=name", Prefer="odata.track-changes").json()
+    issued = time.monotonic()
     _call(sandbox, "POST", "accounts", {"name": "Before restart", "accountnumber": "R-1"})
     sandbox.restart()
     assert _get(sandbox, "accounts(accountnumber='R-1')").json()["name"] == "Before restart"
     delta = _get(sandbox, first["@odata.deltaLink"], Prefer="odata.track-changes")
     assert delta.status_code == 200
     assert [v["name"] for v in delta.json()["value"]] == ["Before restart"]
-    time.sleep(5)
+    time.sleep(max(0.0, issued + 16 - time.monotonic()))
     expired = _get(sandbox, first["@odata.deltaLink"], Prefer="odata.track-changes")
     assert expired.status_code == 400
     assert expired.json()["error"]["message"] == (
