@@ -184,9 +184,12 @@ def test_reconcile_repairs_of_inventory_go_through_a_green_run(env: Env) -> None
     )
     summary = reconcile(ctx, env.staging / "drift")
     assert summary["repairs_queued"] >= 1
+    stock = env.erp_rows("SELECT SUM(QTY_ON_HAND) FROM ITEM_STOCK WHERE ITEM_NO = ?", number)[0][0]
+    (letter,) = [d for d in env.store.dead_letters("inventory", status="replay") if d.record_key == number]
+    (erp_row,) = [r["row"] for r in letter.payload["rows"] if r["side"] == "erp"]
+    assert float(erp_row["QTY_ON_HAND"]) == pytest.approx(float(stock))  # summed: the entity's shape
 
     env.run("inventory")  # green: the repair is the entity's own shape, judged like a fresh row
     restored = env.dynamics_rows("products", ["quantityonhand"], f"productnumber eq '{number}'")
-    stock = env.erp_rows("SELECT SUM(QTY_ON_HAND) FROM ITEM_STOCK WHERE ITEM_NO = ?", number)[0][0]
     assert float(restored[0]["quantityonhand"]) == pytest.approx(float(stock))
     assert _pending(env, "inventory") == {}

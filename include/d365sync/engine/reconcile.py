@@ -94,7 +94,17 @@ def _canonical(
             continue  # invalid rows are the validator's business, not drift
         key = norm_key(record.get(ctx.spec.key))
         if key:
-            yield key, record, dict(row)
+            yield key, record, _own_shape(ctx, side, record, row)
+
+
+def _own_shape(
+    ctx: RunContext, side: str, record: Mapping[str, Any], row: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The row a repair letter shows: an aggregated ERP record (inventory) as one row per key with
+    its aggregated values (the quantity summed over warehouses), never per-warehouse lists."""
+    if side != "erp" or not ctx.spec.erp.grouped:
+        return dict(row)
+    return {f.erp: record.get(f.name) for f in ctx.spec.fields.values() if f.erp and f.name in record}
 
 
 def compare(ctx: RunContext) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
