@@ -25,6 +25,7 @@ import pyodbc
 from airflow.providers.odbc.hooks.odbc import OdbcHook
 
 from d365sync.erp.client import DEFAULT_CHUNK, ErpClient
+from d365sync.erp.connstr import connection_string
 from d365sync.erp.retry import RetryPolicy
 
 CLIENT_EXTRAS = ("dialect", "chunk_size", "fast_executemany", "retry_attempts", "retry_base_delay")
@@ -59,26 +60,26 @@ class ErpOdbcHook(OdbcHook):
 
     @property
     def odbc_connection_string(self) -> str:
-        """As OdbcHook builds it, minus the client options."""
+        """As OdbcHook builds it, minus the client options, with every value ODBC-quoted.
+
+        OdbcHook concatenates values as they are, so a password holding ``;`` injects
+        attributes (``PWD=x;SERVER=evil``); :func:`connection_string` braces such values.
+        """
         if not self._conn_str:
             conn = self.connection
-            parts = [
-                f"DRIVER={{{self.driver}}}" if self.driver else "",
-                f"DSN={self.dsn}" if self.dsn else "",
+            attributes: list[tuple[str, Any]] = [
+                ("DRIVER", self.driver),
+                ("DSN", self.dsn),
+                ("SERVER", conn.host),
+                ("DATABASE", self.database),
+                ("UID", conn.login),
+                ("PWD", conn.password),
+                ("PORT", conn.port or None),
             ]
-            parts += [
-                f"SERVER={conn.host}" if conn.host else "",
-                f"DATABASE={self.database}" if self.database else "",
+            attributes += [
+                (k, v) for k, v in self.connection_extra.items() if k.lower() not in _NOT_IN_CONN_STR
             ]
-            parts += [
-                f"UID={conn.login}" if conn.login else "",
-                f"PWD={conn.password}" if conn.password else "",
-            ]
-            parts += [f"PORT={conn.port}" if conn.port else ""]
-            parts += [
-                f"{k}={v}" for k, v in self.connection_extra.items() if k.lower() not in _NOT_IN_CONN_STR
-            ]
-            self._conn_str = "".join(f"{p};" for p in parts if p)
+            self._conn_str = connection_string(attributes)
         return self._conn_str
 
     def option(self, name: str, default: Any = None) -> Any:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 DYNAMICS_CONN = "dynamics_default"
 ERP_CONN = "erp_default"
@@ -106,9 +106,20 @@ def _from_uri(conn_id: str, raw: str) -> Conn:
         unquote(parts.username or ""),
         unquote(parts.password or ""),
         unquote(parts.path[1:] if parts.path.startswith("/") else parts.path),
-        parts.port,
+        _port(conn_id, parts),
         extra,
     )
+
+
+def _port(conn_id: str, parts: SplitResult) -> int | None:
+    """The URI's port; the error never repeats the netloc, which holds the password."""
+    try:
+        return parts.port
+    except ValueError:
+        raise ConnectionConfigError(
+            f"AIRFLOW_CONN_{conn_id.upper()}: the URI's port is not a number; "
+            "URL-encode special characters in the login and password (%40 for @, %2F for /, %23 for #)"
+        ) from None
 
 
 def describe(conn: Conn | None) -> str:
@@ -161,19 +172,30 @@ def _environment_url(conn: Conn) -> str:
 
 # ------------------------------------------------------------------------------------ ERP
 def erp_conn_str(conn: Conn | None) -> str:
-    """The ODBC connection string the ErpOdbcHook would build; the sandbox SQLite file if unset."""
+    """The ODBC connection string the ErpOdbcHook would build; the sandbox SQLite file if unset.
+
+    Every value is quoted by the ODBC rules (:mod:`d365sync.erp.connstr`): a password holding
+    ``;`` stays one ``PWD`` value instead of injecting attributes such as ``SERVER=``.
+    """
+    from d365sync.erp.connstr import connection_string
+
     if conn is None:
-        return f"DRIVER={{SQLite3}};Database={Path(SANDBOX_ERP_DB).resolve()};"
+        return connection_string([("DRIVER", "SQLite3"), ("Database", Path(SANDBOX_ERP_DB).resolve())])
     driver = str(conn.option("driver") or "").strip("{} ")
-    parts = [
-        f"DRIVER={{{driver}}}" if driver else "",
-        f"DSN={conn.option('dsn')}" if conn.option("dsn") else "",
+    attributes: list[tuple[str, Any]] = [
+        ("DRIVER", driver),
+        ("DSN", conn.option("dsn")),
+        ("SERVER", conn.host),
+        ("DATABASE", conn.schema),
+        ("UID", conn.login),
+        ("PWD", conn.password),
+        ("PORT", conn.port or None),
     ]
-    parts += [f"SERVER={conn.host}" if conn.host else "", f"DATABASE={conn.schema}" if conn.schema else ""]
-    parts += [f"UID={conn.login}" if conn.login else "", f"PWD={conn.password}" if conn.password else ""]
-    parts += [f"PORT={conn.port}" if conn.port else ""]
-    parts += [f"{k}={v}" for k, v in conn.extra.items() if k.lower() not in _NOT_IN_CONN_STR]
-    return "".join(f"{p};" for p in parts if p)
+    attributes += [(k, v) for k, v in conn.extra.items() if k.lower() not in _NOT_IN_CONN_STR]
+    try:
+        return connection_string(attributes)
+    except ValueError as exc:
+        raise ConnectionConfigError(f"{conn.conn_id}: {exc}") from None
 
 
 def erp_client(conn: Conn | None) -> Any:
@@ -208,9 +230,19 @@ def state_url(conn: Conn | None) -> tuple[str, str | None]:
     if kind == "sqlite":
         return f"sqlite:///{conn.host or conn.schema}", None
     if kind in ("postgres", "postgresql"):
-        auth = f"{conn.login}:{conn.password}@" if conn.password else (f"{conn.login}@" if conn.login else "")
-        port = f":{conn.port}" if conn.port else ""
-        return f"postgresql+psycopg2://{auth}{conn.host}{port}/{conn.schema}", schema
+        from sqlalchemy.engine import URL
+
+        # URL.create quotes every part: a password with ``@ # / :`` stays the password (a
+        # concatenated URL would make part of it the host, and the driver's error would show it).
+        url = URL.create(
+            "postgresql+psycopg2",
+            username=conn.login or None,
+            password=conn.password or None,
+            host=conn.host or None,
+            port=conn.port,
+            database=conn.schema or None,
+        )
+        return url.render_as_string(hide_password=False), schema
     raise ConnectionConfigError(
         f"{conn.conn_id}: unsupported state store type {conn.conn_type!r} (sqlite, postgres)"
     )
