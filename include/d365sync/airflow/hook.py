@@ -2,9 +2,11 @@
 
 Connection fields: host = environment URL, login = client (application) id, password = client
 secret. Extras: ``tenant_id`` (required), ``authority_host``, ``api_version``, ``ca_bundle``,
-``page_size``, ``batch_size``, ``max_concurrency``. Precedence, highest first: constructor
-arguments, then connection extras (plain ``tenant_id`` or the legacy ``extra__dynamics__tenant_id``
-form), then :class:`~d365sync.dynamics.DynamicsConfig` defaults.
+``page_size``, ``batch_size``, ``max_concurrency``, ``plain_http_hosts`` (comma-separated hosts
+besides loopback allowed over plain ``http://``: a sandbox on a private network, never Entra).
+Precedence, highest first: constructor arguments, then connection extras (plain ``tenant_id`` or
+the legacy ``extra__dynamics__tenant_id`` form), then :class:`~d365sync.dynamics.DynamicsConfig`
+defaults.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from airflow.sdk import BaseHook
 from d365sync.dynamics import DynamicsClient, DynamicsConfig, DynamicsError
 
 _INT_FIELDS = ("page_size", "batch_size", "max_concurrency")
-_STR_FIELDS = ("tenant_id", "authority_host", "api_version", "ca_bundle")
+_STR_FIELDS = ("tenant_id", "authority_host", "api_version", "ca_bundle", "plain_http_hosts")
 
 
 class DynamicsWebApiHook(BaseHook):
@@ -99,6 +101,8 @@ def _settings(extras: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
             value = extras.get(name, extras.get(f"extra__dynamics__{name}"))
         if value in (None, ""):
             continue
+        if isinstance(value, list | tuple):  # plain_http_hosts given as a JSON list
+            value = ",".join(map(str, value))
         merged[name] = int(value) if name in _INT_FIELDS else str(value)
     return merged
 

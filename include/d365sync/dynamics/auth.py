@@ -18,7 +18,7 @@ from typing import Any
 import msal
 import requests
 
-from d365sync.dynamics.config import DynamicsConfig
+from d365sync.dynamics.config import DynamicsConfig, plain_http_allowed
 from d365sync.dynamics.counters import Counters
 from d365sync.dynamics.errors import DynamicsAuthError
 
@@ -132,6 +132,12 @@ class PlainHttpTokenClient:
     """
 
     def __init__(self, config: DynamicsConfig, session: requests.Session) -> None:
+        if not plain_http_allowed(config.authority, config.plain_http_hosts):
+            # DynamicsConfig already refuses this; checked again where the secret is posted.
+            raise DynamicsAuthError(
+                "authority_host must be an https:// URL: plain http:// is accepted only for a "
+                "loopback host or a host listed in plain_http_hosts"
+            )
         self._config = config
         self._session = session
 

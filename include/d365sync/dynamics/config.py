@@ -6,6 +6,7 @@ that names the field, instead of a confusing HTTP error minutes into a run.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -57,10 +58,17 @@ class DynamicsConfig:
     token_refresh_skew: float = 300.0  # refresh when less than this many seconds are left
     adaptive_recovery: int = 20  # successes needed before the limiter grows by one slot
     retry: RetrySettings = field(default_factory=RetrySettings)
+    # Host names besides loopback that may be reached over plain http:// (a sandbox on a private
+    # container network, such as ``dataverse`` in docker-compose; "a, b" is accepted too).
+    plain_http_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "environment_url", _normalise_url(self.environment_url, "environment_url"))
-        object.__setattr__(self, "authority_host", _normalise_url(self.authority_host, "authority_host"))
+        raw = self.plain_http_hosts  # a connection extra may give "a, b"
+        items = raw.split(",") if isinstance(raw, str) else raw
+        hosts = tuple(h.strip().lower() for h in items if h.strip())
+        object.__setattr__(self, "plain_http_hosts", hosts)
+        for name in ("environment_url", "authority_host"):
+            object.__setattr__(self, name, _normalise_url(getattr(self, name), name, hosts))
         for name in ("tenant_id", "client_id", "client_secret"):
             _require(bool(getattr(self, name)), f"{name} is required")
         _require(self.api_version.startswith("v"), "api_version must look like 'v9.2'")
@@ -92,10 +100,30 @@ class DynamicsConfig:
         return (self.connect_timeout, self.read_timeout)
 
 
-def _normalise_url(value: str, name: str) -> str:
+def _normalise_url(value: str, name: str, plain_http_hosts: tuple[str, ...] = ()) -> str:
     parts = urlsplit(value or "")
     _require(parts.scheme in {"http", "https"} and bool(parts.netloc), f"{name} must be an http(s) URL")
+    _require(
+        parts.scheme == "https" or plain_http_allowed(value, plain_http_hosts),
+        f"{name} must be an https:// URL: plain http:// would send the client secret and tokens "
+        "in clear; it is accepted only for a loopback host (127.0.0.1, ::1, localhost) or a host "
+        "listed in plain_http_hosts",
+    )
     return value.rstrip("/")
+
+
+def plain_http_allowed(url: str, plain_http_hosts: tuple[str, ...] = ()) -> bool:
+    """Whether ``url`` may be used without TLS: loopback, or a host the deployment listed."""
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    if host == "localhost" or host in plain_http_hosts:
+        return bool(host)
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _require(condition: bool, message: str) -> None:

@@ -148,7 +148,9 @@ def dynamics_config(conn: Conn | None) -> Any:
             client_secret=DEFAULT_CLIENT_SECRET,
             authority_host=SANDBOX_URL,
         )
-    settings = {k: conn.option(k) for k in ("authority_host", "api_version") if conn.option(k)}
+    settings = {
+        k: conn.option(k) for k in ("authority_host", "api_version", "plain_http_hosts") if conn.option(k)
+    }
     settings |= {
         k: int(conn.option(k)) for k in ("page_size", "batch_size", "max_concurrency") if conn.option(k)
     }
