@@ -244,7 +244,10 @@ def test_missing_inverse_asks_for_the_other_direction(entity_dir: Path) -> None:
     assert "field 'city': from_erp: transform 'aggregate' has no inverse" in error_of(entity_dir, doc)
 
 
-def test_custom_transform_import_failure_names_the_field(entity_dir: Path) -> None:
+def test_custom_transform_import_failure_names_the_field(
+    entity_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("D365SYNC_TRANSFORM_MODULES", "nowhere")
     doc = variant(fields__city__from_erp=[{"custom": {"function": "nowhere.mod:fix"}}])
     assert "field 'city': cannot import custom transform 'nowhere.mod:fix'" in error_of(entity_dir, doc)
 

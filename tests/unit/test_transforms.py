@@ -294,6 +294,13 @@ def unshout(value: str, suffix: str = "!") -> str:
     return value.removesuffix(suffix).lower()
 
 
+@pytest.fixture
+def allow_this_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Custom transforms come only from declared modules: declare this one (and a missing one)."""
+    monkeypatch.setenv(t.TRANSFORM_MODULES_ENV, f"{__name__}, no_such_mod")
+
+
+@pytest.mark.usefixtures("allow_this_module")
 def test_custom_escape_hatch() -> None:
     step = {
         "custom": {"function": f"{__name__}:shout", "inverse": f"{__name__}:unshout", "args": {"suffix": "?"}}
@@ -302,6 +309,7 @@ def test_custom_escape_hatch() -> None:
     assert back([step], "HI?") == "hi"
 
 
+@pytest.mark.usefixtures("allow_this_module")
 def test_custom_import_failure_is_a_spec_error() -> None:
     with pytest.raises(TransformSpecError, match="cannot import custom transform 'no_such_mod:fn'"):
         run([{"custom": {"function": "no_such_mod:fn"}}], 1)
@@ -309,15 +317,32 @@ def test_custom_import_failure_is_a_spec_error() -> None:
         run([{"custom": {"function": "not a path"}}], 1)
 
 
+@pytest.mark.usefixtures("allow_this_module")
 def test_custom_without_inverse_cannot_be_inverted() -> None:
     with pytest.raises(TransformSpecError, match="'custom' has no inverse"):
         invert_chain([("custom", {"function": f"{__name__}:shout"})])
 
 
+@pytest.mark.usefixtures("allow_this_module")
 def test_custom_function_errors_become_transform_errors() -> None:
     with pytest.raises(TransformError) as err:
         run([{"custom": {"function": f"{__name__}:shout"}}], 5)
     assert err.value.rule == "custom"
+
+
+@pytest.mark.usefixtures("allow_this_module")
+def test_custom_functions_come_only_from_allowed_modules() -> None:
+    with pytest.raises(TransformSpecError, match="'os:system' is not from an allowed module"):
+        run([{"custom": {"function": "os:system"}}], "echo pwned")
+    # a prefix matches whole module names only
+    with pytest.raises(TransformSpecError, match="not from an allowed module"):
+        run([{"custom": {"function": f"{__name__}x:shout"}}], "hi")
+    # an allowed module passes on only what it defines, not what it imports
+    with pytest.raises(TransformSpecError, match="is defined in 'decimal', not in an allowed module"):
+        run([{"custom": {"function": f"{__name__}:Decimal"}}], "1")
+    # the built-in module's import helper cannot be turned into an importer of anything
+    with pytest.raises(TransformError, match="'os:system' is not from an allowed module"):
+        run([{"custom": {"function": "d365sync.engine.transforms:import_function"}}], "os:system")
 
 
 def test_unknown_transform_lists_the_known_ones() -> None:

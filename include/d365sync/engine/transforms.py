@@ -28,7 +28,18 @@ inverse: the canonical value is the normalised one. ``aggregate`` has none.
 Escape hatch
 ------------
 Exactly one: ``{custom: {function: "package.module:function", inverse: "...", args: {...}}}``.
-The function is imported at spec load and called as ``function(value, **args)``.
+The function is imported at spec load and called as ``function(value, **args)``. It runs on
+every ERP or Dynamics value, so only modules the deployment declares may provide it (anything
+else, ``os:system`` say, is a spec error before any import):
+
+* ``d365sync.engine.transforms`` (this module), always;
+* the modules of the ``d365sync.transforms`` entry-point group of installed distributions
+  (``[project.entry-points."d365sync.transforms"] acme = "acme_sync.transforms"``);
+* the comma-separated module prefixes in ``D365SYNC_TRANSFORM_MODULES`` (``acme_sync.transforms,
+  acme_common``): a prefix allows the module and its submodules.
+
+The function must also be *defined* in an allowed module (its ``__module__``), so an allowed
+module that merely imports ``os.system`` does not pass it on.
 
 Errors
 ------
@@ -40,6 +51,8 @@ a *disposition* telling the pipeline what to do with the row: ``quarantine``,
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -620,7 +633,9 @@ DOTTED = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 class CustomArgs(Args):
     function: str = Field(
-        pattern=DOTTED.pattern, description="'package.module:function', called as f(value, **args)."
+        pattern=DOTTED.pattern,
+        description="'package.module:function', called as f(value, **args); the module must be "
+        "declared (d365sync.transforms entry points or D365SYNC_TRANSFORM_MODULES).",
     )
     inverse: str | None = Field(
         None, pattern=DOTTED.pattern, description="The function for the way back, if any."
@@ -653,15 +668,49 @@ def _custom(args: CustomArgs, env: BuildEnv) -> Fn:
 
 
 # ---------------------------------------------------------------------------------- helpers
+TRANSFORM_MODULES_ENV = "D365SYNC_TRANSFORM_MODULES"
+TRANSFORM_ENTRY_POINTS = "d365sync.transforms"
+BUILTIN_TRANSFORM_MODULES = (__name__,)
+
+
+def allowed_transform_modules() -> tuple[str, ...]:
+    """Module prefixes custom transforms may come from: built in, entry points, environment."""
+    declared = [ep.module for ep in importlib.metadata.entry_points(group=TRANSFORM_ENTRY_POINTS)]
+    configured = os.environ.get(TRANSFORM_MODULES_ENV, "").split(",")
+    prefixes = (*BUILTIN_TRANSFORM_MODULES, *declared, *configured)
+    return tuple(dict.fromkeys(p.strip() for p in prefixes if p.strip()))
+
+
+def _module_allowed(module: str, prefixes: Sequence[str]) -> bool:
+    return any(module == p or module.startswith(f"{p}.") for p in prefixes)
+
+
 def import_function(path: str) -> Callable[..., Any]:
-    """Import ``package.module:function`` once, at spec load; failures are spec errors."""
+    """Import ``package.module:function`` once, at spec load; failures are spec errors.
+
+    Only from the declared modules (:func:`allowed_transform_modules`), checked before the
+    import, so a spec can neither run a module's import-time code nor name ``os:system``.
+    """
     module_name, _, attr = path.partition(":")
+    prefixes = allowed_transform_modules()
+    if not DOTTED.match(path) or not _module_allowed(module_name, prefixes):
+        raise TransformSpecError(
+            f"custom transform {path!r} is not from an allowed module (allowed: "
+            f"{', '.join(prefixes)}; declare more in the {TRANSFORM_ENTRY_POINTS!r} entry-point "
+            f"group or in {TRANSFORM_MODULES_ENV})"
+        )
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise TransformSpecError(f"cannot import custom transform {path!r}: {exc}") from None
     if not callable(fn):
         raise TransformSpecError(f"custom transform {path!r} is not callable")
+    defined_in = getattr(fn, "__module__", None)
+    if not isinstance(defined_in, str) or not _module_allowed(defined_in, prefixes):
+        raise TransformSpecError(
+            f"custom transform {path!r} is defined in {defined_in!r}, not in an allowed module "
+            f"(allowed: {', '.join(prefixes)})"
+        )
     return fn
 
 
