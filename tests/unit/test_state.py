@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -92,6 +93,29 @@ def test_old_database_is_upgraded_with_its_data(tmp_path: Path) -> None:
             assert upgraded.dead_letters("customers")[0].payload == {"x": 1}
     finally:
         engine.dispose()
+
+
+def test_processes_opening_a_fresh_database_at_once_migrate_it_once(tmp_path: Path) -> None:
+    # Every task of a DAG's first run opens the store at the same moment (seen in the demo:
+    # "table sync_record already exists", "duplicate column name" on the losers).
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    barrier, errors = threading.Barrier(6), []
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            StateStore.open(url).close()
+        except Exception as exc:  # collected and asserted below
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    with StateStore.open(url) as opened:
+        assert opened.schema_version() == migrations.HEAD
 
 
 def test_upgrade_is_idempotent(store: StateStore) -> None:
