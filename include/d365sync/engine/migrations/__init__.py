@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from sqlalchemy import Column, Connection, Engine, Integer, MetaData, String, Table, exc, func, select, text
 
-from d365sync.engine.migrations import v001_initial, v002_dead_letter_payload
+from d365sync.engine.migrations import v001_initial, v002_dead_letter_payload, v003_record_first_seen
 from d365sync.engine.migrations.types import UtcDateTime
 
 
@@ -34,6 +34,7 @@ class Migration(NamedTuple):
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, v001_initial.NAME, v001_initial.upgrade),
     Migration(2, v002_dead_letter_payload.NAME, v002_dead_letter_payload.upgrade),
+    Migration(3, v003_record_first_seen.NAME, v003_record_first_seen.upgrade),
 )
 HEAD = MIGRATIONS[-1].version
 
