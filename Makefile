@@ -7,7 +7,9 @@ UV := .uv/bin/uv
 VENV := .venv
 DEMO_DIR ?= var/demo
 DEMO_PORT ?= 8765
+AIRFLOW_PORT ?= 8080
 DEMO_ROWS ?= 5000
+DEMO_ENV = DEMO_PORT=$(DEMO_PORT) AIRFLOW_PORT=$(AIRFLOW_PORT) DEMO_ROWS=$(DEMO_ROWS)
 
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON := $(PYTHON)
@@ -35,17 +37,21 @@ test: system-deps venv lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The full stack (scripts/demo.sh): Dataverse sandbox, SQLite ERP via ODBC, connections, the
-# dynamics_api pool, `airflow standalone` with AIRFLOW_HOME=var/airflow, entity DAGs unpaused.
+# dynamics_api pool, `airflow standalone` with AIRFLOW_HOME=var/airflow, entity DAGs unpaused,
+# users admin / operator / viewer. Ports: make demo DEMO_PORT=8765 AIRFLOW_PORT=8080
 demo: system-deps venv
-	@DEMO_PORT=$(DEMO_PORT) DEMO_ROWS=$(DEMO_ROWS) bash scripts/demo.sh start
+	@$(DEMO_ENV) bash scripts/demo.sh start
 
-# Stops what `make demo` started, by the pids in var/demo/pids.
+# Stops everything `make demo` (or `make sync`) started, by the pids in var/demo/pids; exit 0
+# also when nothing runs.
 stop:
 	@bash scripts/demo.sh stop
 
-# Every entity DAG once, in-process (dag.test()), parents first; prints the summary table.
+# Every entity DAG once, parents first; prints the summary table. Demo up: manual runs through
+# its REST API, run by its scheduler. Demo down: dag.test() with its own AIRFLOW_HOME
+# (var/demo/airflow-sync). Never touches the running demo's metadata DB.
 sync: system-deps venv
-	@DEMO_PORT=$(DEMO_PORT) DEMO_ROWS=$(DEMO_ROWS) bash scripts/demo.sh sync
+	@$(DEMO_ENV) bash scripts/demo.sh sync
 
 bench: venv
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(VENV)/bin/python $$script || exit 1; done

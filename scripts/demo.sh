@@ -2,9 +2,14 @@
 # The full stack on the embedded defaults: Dataverse sandbox, SQLite ERP over ODBC, SQLite state
 # store, Airflow standalone (LocalExecutor, SQLite metadata) with AIRFLOW_HOME=var/airflow.
 #   scripts/demo.sh start   sandbox + ERP + connections + pool + airflow standalone, DAGs unpaused
-#   scripts/demo.sh stop    stop what start started, by the pids in var/demo/pids
-#   scripts/demo.sh sync    every entity DAG once in-process (dag.test()), parents first, summary table
+#   scripts/demo.sh stop    stop what start (or sync) started, by the pids in var/demo/pids
+#   scripts/demo.sh sync    every entity DAG once, parents first, summary table:
+#                           demo running  -> manual runs through its REST API, run by its scheduler
+#                           demo stopped  -> dag.test() in a separate AIRFLOW_HOME (var/demo/airflow-sync)
+#                           Never dag.test() against var/airflow/airflow.db.
 #   scripts/demo.sh env     print the environment (source it to use the airflow CLI on the demo)
+# Ports: DEMO_PORT (Dataverse sandbox, 8765), AIRFLOW_PORT (api-server and UI, 8080),
+# AIRFLOW_WORKER_LOG_PORT (8793) and AIRFLOW_TRIGGER_LOG_PORT (8794), the log servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -13,13 +18,22 @@ DEMO=${DEMO_DIR:-$REPO/var/demo}
 PIDS=$DEMO/pids
 DV_PORT=${DEMO_PORT:-8765}
 UI_PORT=${AIRFLOW_PORT:-8080}
+WORKER_LOG_PORT=${AIRFLOW_WORKER_LOG_PORT:-8793}
+TRIGGER_LOG_PORT=${AIRFLOW_TRIGGER_LOG_PORT:-8794}
 ROWS=${DEMO_ROWS:-1000}
+# user:role for SimpleAuthManager (roles viewer, user, op, admin); passwords are generated on the
+# first start into $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated
+USERS=${DEMO_USERS:-admin:admin,operator:op,viewer:viewer}
+LIVE_HOME=$REPO/var/airflow
+SYNC_HOME=$DEMO/airflow-sync
 mkdir -p "$DEMO" "$PIDS"
 
+# write_env FILE AIRFLOW_HOME: the demo's settings as a sourceable file.
 write_env() {
-    local dv="http://127.0.0.1:$DV_PORT"
-    cat > "$DEMO/airflow.env" <<ENV
-export AIRFLOW_HOME=$REPO/var/airflow
+    local file=$1 home=$2 dv="http://127.0.0.1:$DV_PORT"
+    cat > "$file" <<ENV
+export AIRFLOW_HOME=$home
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///$home/airflow.db
 export AIRFLOW__CORE__DAGS_FOLDER=$REPO/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER=$REPO/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
@@ -27,7 +41,10 @@ export AIRFLOW__CORE__PARALLELISM=4
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
 export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=30
 export AIRFLOW__API__PORT=$UI_PORT
-export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=admin:admin
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$UI_PORT/execution/
+export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=$WORKER_LOG_PORT
+export AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=$TRIGGER_LOG_PORT
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=$USERS
 export D365SYNC_STAGING_ROOT=file://$REPO/var/staging
 export AIRFLOW_CONN_DYNAMICS_DEFAULT='{"conn_type": "dynamics", "host": "$dv", "login": "51f81489-12ee-4a9e-aaae-a2591f45987d", "password": "sandbox-secret", "extra": {"tenant_id": "sandbox-tenant", "authority_host": "$dv"}}'
 export AIRFLOW_CONN_ERP_DEFAULT='{"conn_type": "erp_odbc", "schema": "$DEMO/erp.db", "extra": {"driver": "SQLite3"}}'
@@ -36,7 +53,72 @@ export PATH=$VENV/bin:\$PATH
 ENV
 }
 
-alive() { [[ -f "$PIDS/$1.pid" ]] && kill -0 "$(cat "$PIDS/$1.pid")" 2>/dev/null; }
+# expected NAME: what the command line of a recorded pid must contain (guards against pid reuse).
+expected() { case $1 in airflow) echo "airflow" ;; dataverse) echo "sandbox dataverse" ;; esac; }
+
+alive() {
+    [[ -f "$PIDS/$1.pid" ]] || return 1
+    local pid args
+    pid=$(cat "$PIDS/$1.pid")
+    kill -0 "$pid" 2>/dev/null || return 1
+    args=$(ps -o args= -p "$pid" 2>/dev/null || true)
+    [[ "$args" == *"$(expected "$1")"* ]]
+}
+
+# family PID: the pid, every process in its session (setsid), and all their descendants (a child
+# that started its own session or group is still found through its parent). One ps snapshot.
+family() {
+    ps -eo pid=,ppid=,sid= | awk -v root="$1" '
+        { pid[NR] = $1; ppid[NR] = $2; sid[NR] = $3 }
+        END {
+            keep[root] = 1
+            for (i = 1; i <= NR; i++) if (sid[i] == root) keep[pid[i]] = 1
+            do {
+                changed = 0
+                for (i = 1; i <= NR; i++)
+                    if (!(pid[i] in keep) && (ppid[i] in keep)) { keep[pid[i]] = 1; changed = 1 }
+            } while (changed)
+            for (p in keep) printf "%s ", p
+        }'
+}
+
+# running PID...: those still running (zombies, already dead but not reaped yet, do not count).
+running() {
+    [[ $# -gt 0 ]] || return 0
+    ps -o pid=,stat= -p "$(echo "$@" | tr ' ' ',')" 2>/dev/null | awk '$2 !~ /^Z/ {printf "%s ", $1}' || true
+}
+
+plural() { local n; n=$(wc -w <<< "$1"); if [[ $n == 1 ]]; then echo "1 process"; else echo "$n processes"; fi; }
+
+# stop_one NAME: TERM the process and its family, wait up to DEMO_STOP_GRACE (30) seconds, KILL
+# what is left. Never fails.
+stop_one() {
+    local name=$1 pid members left grace=${DEMO_STOP_GRACE:-30}
+    if [[ ! -f "$PIDS/$name.pid" ]]; then return 0; fi
+    pid=$(cat "$PIDS/$name.pid")
+    if ! alive "$name"; then
+        echo "$name: not running (stale pid file for $pid removed)"
+        rm -f "$PIDS/$name.pid"
+        return 0
+    fi
+    members=$(family "$pid")
+    # shellcheck disable=SC2086
+    kill -TERM $members 2>/dev/null || true
+    for _ in $(seq $((grace * 2))); do
+        [[ -z "$(running $members)" ]] && break
+        sleep 0.5
+    done
+    # shellcheck disable=SC2046  # and whatever the family started meanwhile (found by session)
+    left=$(running $(printf '%s\n' $members $(family "$pid") | sort -u))
+    if [[ -n "$left" ]]; then
+        # shellcheck disable=SC2086
+        kill -KILL $left 2>/dev/null || true
+        echo "stopped $name (pid $pid): $(plural "$members"), $(plural "$left") killed after ${grace} s"
+    else
+        echo "stopped $name (pid $pid): $(plural "$members")"
+    fi
+    rm -f "$PIDS/$name.pid"
+}
 
 start_sandbox() {
     if alive dataverse; then echo "dataverse sandbox already running (pid $(cat "$PIDS/dataverse.pid"))"; return; fi
@@ -44,7 +126,7 @@ start_sandbox() {
         --data "$DEMO/dataverse" --seed 200 > "$DEMO/dataverse.log" 2>&1 &
     echo $! > "$PIDS/dataverse.pid"
     for _ in $(seq 90); do grep -q '^ready ' "$DEMO/dataverse.log" 2>/dev/null && break; sleep 1; done
-    grep -q '^ready ' "$DEMO/dataverse.log" || { tail "$DEMO/dataverse.log"; exit 1; }
+    grep -q '^ready ' "$DEMO/dataverse.log" || { tail "$DEMO/dataverse.log"; stop_one dataverse; exit 1; }
     echo "dataverse sandbox: http://127.0.0.1:$DV_PORT (pid $(cat "$PIDS/dataverse.pid"))"
 }
 
@@ -54,18 +136,33 @@ init_erp() {
     "$VENV/bin/python" scripts/demo_tidy_erp.py "DRIVER={SQLite3};Database=$DEMO/erp.db;"
 }
 
-prepare() {
-    write_env
+migrate() {
+    mkdir -p "$AIRFLOW_HOME"
+    airflow db migrate > "$DEMO/migrate.log" 2>&1 || { tail -20 "$DEMO/migrate.log"; exit 1; }
+}
+
+# logins: one line per demo user with its role and password (generated by the api-server).
+logins() {
+    python - "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" "$USERS" <<'PY'
+import json, sys
+try:
+    passwords = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    passwords = {}
+for entry in sys.argv[2].split(","):
+    user, role = entry.split(":")
+    print(f"  {user:<10} role {role:<7} password {passwords.get(user, '(not generated yet)')}")
+PY
+}
+
+start() {
+    write_env "$DEMO/airflow.env" "$LIVE_HOME"
     # shellcheck disable=SC1091
     source "$DEMO/airflow.env"
     start_sandbox
     init_erp
-    airflow db migrate > "$DEMO/migrate.log" 2>&1 || { tail -20 "$DEMO/migrate.log"; exit 1; }
+    migrate
     airflow pools set dynamics_api 2 "Tasks that call the Dataverse Web API" > /dev/null
-}
-
-start() {
-    prepare
     if alive airflow; then echo "airflow already running (pid $(cat "$PIDS/airflow.pid"))"; else
         setsid airflow standalone > "$AIRFLOW_HOME/standalone.log" 2>&1 &
         echo $! > "$PIDS/airflow.pid"
@@ -73,38 +170,54 @@ start() {
     echo -n "waiting for Airflow on :$UI_PORT "
     for _ in $(seq 180); do
         curl -fs "http://127.0.0.1:$UI_PORT/api/v2/monitor/health" > /dev/null 2>&1 && break
+        alive airflow || { echo; tail -30 "$AIRFLOW_HOME/standalone.log"; exit 1; }
         echo -n "."; sleep 2
     done
     echo
     for dag in $(python -c 'from d365sync.airflow.dag_factory import *; print(*(dag_id_for(e) for e in entity_order(load_specs())), "reconcile")'); do
         for _ in $(seq 60); do airflow dags unpause "$dag" > /dev/null 2>&1 && break; sleep 2; done
     done
-    local pw
-    pw=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' \
-        "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" 2>/dev/null || echo "see $AIRFLOW_HOME/standalone.log")
-    echo "Airflow UI: http://127.0.0.1:$UI_PORT   login: admin / $pw"
+    echo "Airflow UI: http://127.0.0.1:$UI_PORT   logins (SimpleAuthManager):"
+    logins
+    echo "  passwords: $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
+    echo "  viewer reads with e-mails and phones masked; operator and admin decide reviews and replay dead letters"
+    echo "Dirty ERP rows become dead letters: Plugins -> D365 Sync -> Dead letters"
     echo "Dataverse sandbox: http://127.0.0.1:$DV_PORT   ERP: $DEMO/erp.db   state: $DEMO/state.db"
-    echo "CLI on the demo: source $DEMO/airflow.env      stop: make stop"
+    echo "CLI on the demo: source $DEMO/airflow.env      sync once: make sync      stop: make stop"
 }
 
 stop() {
+    local any=""
     for name in airflow dataverse; do
-        if alive "$name"; then
-            pid=$(cat "$PIDS/$name.pid")
-            # started with setsid: the session holds every process it spawned (scheduler, triggerer…)
-            members=$(ps -o pid= -s "$pid" 2>/dev/null | tr '\n' ' ')
-            kill -TERM $members 2>/dev/null || true
-            for _ in $(seq 30); do [[ -z "$(ps -o pid= -s "$pid" 2>/dev/null | tr -d ' \n')" ]] && break; sleep 1; done
-            left=$(ps -o pid= -s "$pid" 2>/dev/null | tr '\n' ' ')
-            [[ -n "${left// }" ]] && kill -KILL $left 2>/dev/null
-            echo "stopped $name (pid $pid; session members: $members)"
-        fi
-        rm -f "$PIDS/$name.pid"
+        [[ -f "$PIDS/$name.pid" ]] && any=1
+        stop_one "$name"
     done
+    [[ -n "$any" ]] || echo "nothing to stop: the demo is not running"
+    return 0
 }
 
 sync() {
-    prepare
+    if alive airflow; then
+        # The demo is up: its scheduler runs the DAGs. Its settings (port, AIRFLOW_HOME) are the
+        # ones start wrote; the runner only talks to its REST API, never to its metadata DB.
+        # shellcheck disable=SC1091
+        source "$DEMO/airflow.env"
+        echo "demo running: triggering manual runs through http://127.0.0.1:$AIRFLOW__API__PORT (scheduler runs them)"
+        python -m d365sync.airflow.runner --api "http://127.0.0.1:$AIRFLOW__API__PORT" \
+            --passwords "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" "$@"
+        return
+    fi
+    # No demo: dag.test() in-process, against a metadata DB of its own.
+    write_env "$DEMO/sync.env" "$SYNC_HOME"
+    # shellcheck disable=SC1091
+    source "$DEMO/sync.env"
+    echo "demo not running: dag.test() in-process with AIRFLOW_HOME=$AIRFLOW_HOME"
+    if ! alive dataverse; then
+        start_sandbox
+        trap 'stop_one dataverse' EXIT  # started for this sync only
+    fi
+    init_erp
+    migrate
     python -m d365sync.airflow.runner "$@"
 }
 
@@ -112,6 +225,6 @@ case "${1:-start}" in
     start) start ;;
     stop) stop ;;
     sync) shift; sync "$@" ;;
-    env) write_env; cat "$DEMO/airflow.env" ;;
+    env) write_env "$DEMO/airflow.env" "$LIVE_HOME"; cat "$DEMO/airflow.env" ;;
     *) echo "usage: $0 start|stop|sync|env" >&2; exit 2 ;;
 esac

@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from d365sync.engine import migrations
-from d365sync.engine.state import BaseRow, StateStore, make_engine
+from d365sync.engine.state import StateStore, make_engine
 from tests.conftest import SERVICES
 from tests.unit.test_state import *  # noqa: F403  (the same tests, collected again here)
-from tests.unit.test_state import GUID, base
+from tests.unit.test_state import GUID, T0, first_seen, write_v1_data
 
 pytestmark = pytest.mark.postgres
 
@@ -50,11 +50,11 @@ def test_old_postgres_schema_is_upgraded_with_its_data(pg_schema: str) -> None:
     engine = make_engine(_url(), pg_schema)
     try:
         migrations.upgrade(engine, target=1)
-        with StateStore(engine, upgrade=False) as old:
-            old.save_base("customers", [BaseRow(GUID, "C1", base(name="A"))], "r1")
+        write_v1_data(engine)
         with StateStore(engine) as upgraded:
             assert upgraded.schema_version() == migrations.HEAD
             assert upgraded.load_base("customers", "dynamics", [GUID])[GUID].base.values == {"name": "A"}
+            assert first_seen(upgraded, "C1") == T0
     finally:
         engine.dispose()
 

@@ -65,8 +65,10 @@ def _records(store: StateStore, entity: str, lags_minutes: list[int], saved: dat
         for i, m in enumerate(lags_minutes)
     ]
     store.save_base(entity, rows, "run-lag")
+    seen = saved - timedelta(days=60)  # known long before these changes: lag counts from the change
     with store.engine.begin() as conn:
-        conn.execute(update(t.record).where(t.record.c.entity == entity).values(updated_at=saved))
+        where = t.record.c.entity == entity
+        conn.execute(update(t.record).where(where).values(updated_at=saved, first_seen_at=seen))
 
 
 def _seed(store: StateStore) -> None:
@@ -190,6 +192,44 @@ def test_empty_store_gives_an_empty_report(store: StateStore) -> None:
     report = health.build_health(store, now=NOW)
     assert report.entities == {} and report.top_failures == []
     assert "no data" in health.charts(report)["records"]
+
+
+def _landed(store: StateStore, run_id: str, key: str, changed: datetime, saved: datetime) -> None:
+    """Save one customer in ``run_id`` (through the store) and pin its save time."""
+    row = BaseRow(None, key, Base({"k": key}, erp_modified=changed))
+    store.save_base("customers", [row], run_id)
+    with store.engine.begin() as conn:
+        conn.execute(update(t.record).where(t.record.c.erp_key == key).values(updated_at=saved))
+
+
+def test_lag_never_counts_from_before_the_sync_could_see_the_record(store: StateStore) -> None:
+    first, second = NOW - timedelta(hours=2), NOW - timedelta(hours=1)
+    years_ago = NOW - timedelta(days=365 * 4)
+    # run 1, the initial load: a legacy row whose LAST_UPD is years old lands 3 minutes in
+    _run(store, "r1", "customers", 2, "success", {}, minutes=4)
+    _landed(store, "r1", "LEGACY", years_ago, first + timedelta(minutes=3))
+    lags = health._lags(store, "customers", NOW - timedelta(days=1))
+    assert lags == [180.0]  # the run's 3 minutes, not 4 years
+
+    # run 2: a record created 20 minutes after run 1 started waited for run 2: lag from creation;
+    # a row that appeared after run 1 with a back-dated LAST_UPD: lag from run 1's start at most;
+    # an update of the legacy row 10 minutes before run 2: lag from the update
+    _run(store, "r2", "customers", 1, "success", {}, minutes=5)
+    _landed(store, "r2", "NEW", first + timedelta(minutes=20), second + timedelta(minutes=2))
+    _landed(store, "r2", "BACKDATED", years_ago, second + timedelta(minutes=2))
+    _landed(store, "r2", "LEGACY", second - timedelta(minutes=10), second + timedelta(minutes=2))
+    lags = sorted(health._lags(store, "customers", NOW - timedelta(days=1)))
+    assert lags == [12 * 60.0, (60 - 20 + 2) * 60.0, 62 * 60.0]
+    report = health.build_health(store, now=NOW)
+    assert report.entities["customers"].lag_max_s == 62 * 60
+
+
+def test_visibility_floor_is_the_previous_run_or_the_first_sight() -> None:
+    starts = [NOW - timedelta(hours=h) for h in (3, 2, 1)]
+    assert health.visibility_floor(None, starts) is None
+    assert health.visibility_floor(starts[0], starts) == starts[0]  # first run: first sight
+    assert health.visibility_floor(starts[2], starts) == starts[1]  # later: the run before
+    assert health.visibility_floor(NOW - timedelta(days=9), starts) == NOW - timedelta(days=9)
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import Engine, inspect, select
 
 from d365sync.engine import migrations
 from d365sync.engine.merge import Base, EntityRules, FieldRule, RecordInput, SideRecord, merge_record
-from d365sync.engine.migrations import schema
+from d365sync.engine.migrations import schema, v001_initial
 from d365sync.engine.pii import mask_value
 from d365sync.engine.state import (
     AuditEntry,
@@ -30,6 +31,7 @@ from d365sync.engine.state import (
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+HOUR = timedelta(hours=1)
 GUID = "0f8fad5b-d9cb-469f-a165-70867728950e"
 
 
@@ -79,19 +81,84 @@ def test_new_database_is_at_head_with_the_head_schema(store: StateStore) -> None
         assert columns == set(table.columns.keys()), table.name
 
 
+def write_v1_data(engine: Engine) -> None:
+    """A record and a run as a version-1 store wrote them (the frozen v1 tables, not today's code)."""
+    with engine.begin() as conn:
+        conn.execute(
+            v001_initial.run.insert(),
+            [
+                {"run_id": "r0", "entity": "customers", "status": "success", "started_at": T0},
+                {"run_id": "r1", "entity": "customers", "status": "success", "started_at": T0 + HOUR},
+            ],
+        )
+        conn.execute(
+            v001_initial.record.insert(),
+            {
+                "entity": "customers",
+                "dynamics_id": GUID,
+                "erp_key": "C1",
+                "status": "synced",
+                "base_json": encode({"name": "A"}),
+                "dynamics_modified": T0 - timedelta(days=3000),
+                "run_id": "r1",
+                "updated_at": T0 + HOUR,
+            },
+        )
+
+
 def test_old_database_is_upgraded_with_its_data(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
     try:
         assert migrations.upgrade(engine, target=1) == 1
-        with StateStore(engine, upgrade=False) as old:
-            old.save_base("customers", [BaseRow(GUID, "C1", base(name="A"))], "r1")
+        write_v1_data(engine)
         with StateStore(engine) as upgraded:
-            assert upgraded.schema_version() == 2
+            assert upgraded.schema_version() == migrations.HEAD
             assert upgraded.load_base("customers", "erp", ["C1"])["C1"].base.values == {"name": "A"}
             upgraded.dead_letter("customers", "load_erp", "r2", [Failure("C1", "boom", {"x": 1})])
             assert upgraded.dead_letters("customers")[0].payload == {"x": 1}
+            # v3: a record stored before first_seen_at existed was first seen by its entity's first run
+            assert first_seen(upgraded, "C1") == T0
     finally:
         engine.dispose()
+
+
+def first_seen(store: StateStore, erp_key: str) -> datetime | None:
+    query = select(schema.record.c.first_seen_at).where(schema.record.c.erp_key == erp_key)
+    with store.engine.connect() as conn:
+        return conn.execute(query).scalar_one()
+
+
+def test_a_record_is_first_seen_by_the_run_that_first_stores_it(store: StateStore) -> None:
+    store.start_run("r1", "customers", now=T0)
+    store.reserve_keys("customers", [KeyPair(None, "C1")], "r1")
+    store.save_base("customers", [BaseRow(GUID, "C1", base(name="A"))], "r1")
+    store.start_run("r2", "customers", now=T0 + HOUR)
+    store.save_base("customers", [BaseRow(GUID, "C1", base(name="B")), BaseRow(None, "C2", base())], "r2")
+    assert first_seen(store, "C1") == T0  # reserved in r1; later saves keep it
+    assert first_seen(store, "C2") == T0 + HOUR
+
+
+def test_processes_opening_a_fresh_database_at_once_migrate_it_once(tmp_path: Path) -> None:
+    # Every task of a DAG's first run opens the store at the same moment (seen in the demo:
+    # "table sync_record already exists", "duplicate column name" on the losers).
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    barrier, errors = threading.Barrier(6), []
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            StateStore.open(url).close()
+        except Exception as exc:  # collected and asserted below
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    with StateStore.open(url) as opened:
+        assert opened.schema_version() == migrations.HEAD
 
 
 def test_upgrade_is_idempotent(store: StateStore) -> None:

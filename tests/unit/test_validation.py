@@ -7,6 +7,7 @@ e-mails, blank names, unknown currency codes, duplicate customers.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -98,6 +99,59 @@ def test_importing_the_module_loads_neither_gx_nor_pandas() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "[]"
+
+
+GX_NOISE_PROBE = """
+import json, logging, sys, warnings
+warnings.simplefilter("ignore", DeprecationWarning)  # GX's sre_* imports, see pytestmark
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append([record.name, record.levelno, record.getMessage()[:120]])
+root = logging.getLogger()
+root.setLevel(logging.DEBUG)
+root.addHandler(Keep())
+logging.getLogger("d365sync.probe").info("captured")  # the capture itself works at INFO
+from d365sync.engine.validation import ValidationFailed, validate
+from d365sync.spec import load_entity
+spec = load_entity(sys.argv[1])
+rows = [{"CUST_NO": f"C{i}", "CUST_NAME": "", "CUST_EMAIL_ID": "bad", "CURR_CODE": "EURO",
+         "CREDIT_LIMIT": 1, "PAY_TERMS": "N30", "STATUS": "A"} for i in range(5)]
+try:
+    validate(spec, "erp", rows, key_column="CUST_NO", docs_dir=sys.argv[2])
+    failed = None
+except ValidationFailed as exc:
+    failed = str(exc)
+print(json.dumps({"records": records, "failed": failed}))
+"""
+
+
+def test_a_failing_validation_logs_no_gx_noise_from_import_context_or_docs(tmp_path: Path) -> None:
+    # A fresh interpreter: GX's registration noise is logged while it is first imported.
+    out = subprocess.run(
+        [sys.executable, "-c", GX_NOISE_PROBE, str(ENTITIES / "customers.yaml"), str(tmp_path / "docs")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["failed"] and "threshold" in result["failed"]
+    assert ["d365sync.probe", 20, "captured"] in result["records"]
+    noise = [r for r in result["records"] if r[0].startswith("great_expectations") and r[1] < 30]
+    assert noise == [], f"{len(noise)} GX records below WARNING, e.g. {noise[:3]}"
+    assert "Calculating Metrics" not in out.stderr  # no progress bars either
+
+
+def test_validation_in_process_logs_no_gx_records_below_warning(
+    customers: EntitySpec, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ValidationFailed):
+        validate(customers, "erp", [erp_row(i, CUST_EMAIL_ID="bad") for i in range(5)], key_column="CUST_NO")
+    noise = [
+        r for r in caplog.records if r.name.startswith("great_expectations") and r.levelno < logging.WARNING
+    ]
+    assert noise == []
 
 
 # ------------------------------------------------------------------------ each expectation

@@ -1,17 +1,28 @@
-"""Run DAGs in-process with ``dag.test()`` and print what each entity run did.
+"""Run the entity DAGs once and print what each entity run did: in-process, or through a running Airflow.
 
 ``make sync``, the DAG tests and the benchmarks use it::
 
     python -m d365sync.airflow.runner                 # every entity DAG, parents first
     python -m d365sync.airflow.runner sync_customers --conf '{"dry_run": true}'
     python -m d365sync.airflow.runner orders --logical-date 2026-11-20T00:00:00+00:00 --json
+    python -m d365sync.airflow.runner --api http://127.0.0.1:8080 --passwords FILE   # a running stack
 
-It needs a migrated metadata DB and ``AIRFLOW__CORE__DAGS_FOLDER`` pointing at the repo's
-``dags/`` (``dag.test()`` refuses DAGs it cannot find there). Runs default to
-``logical_date=None``, the way a manual trigger from the UI or API without a date arrives.
-The ``dynamics_api`` pool is created when missing. ``--json`` prints one JSON line last:
-``{"runs": [...], "warnings": [...]}`` (warnings raised during the runs, for the tests).
-Deadline alerts are dropped for these in-process runs (see :func:`main`).
+In-process (the default), each DAG runs with ``dag.test()``. That writes DAG runs and task
+states into the metadata DB of ``AIRFLOW_HOME``: it must never be the DB of a running Airflow
+(``dag.test()`` deletes runs of the same date and resets task states there). It needs a migrated
+metadata DB and ``AIRFLOW__CORE__DAGS_FOLDER`` pointing at the repo's ``dags/`` (``dag.test()``
+refuses DAGs it cannot find there). Runs default to ``logical_date=None``, the way a manual
+trigger from the UI or API without a date arrives. The ``dynamics_api`` pool is created when
+missing. Deadline alerts are dropped for these in-process runs (see :func:`main`).
+
+With ``--api``, nothing runs in this process and no metadata DB is opened: each DAG gets a manual
+run through the public REST API of the running api-server (``POST /api/v2/dags/{id}/dagRuns``,
+as the SimpleAuthManager user ``--user``), its scheduler runs it like any other run (pools,
+``max_active_runs``, the UI shows it), and the runner waits for it before triggering the next
+DAG, parents first. The report comes back from the ``report`` task's XCom.
+
+``--json`` prints one JSON line last: ``{"runs": [...], "warnings": [...]}`` (warnings raised
+during the runs, for the tests). The exit status is 0 when every run succeeded, else 1.
 """
 
 from __future__ import annotations
@@ -22,9 +33,12 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+import httpx
 
 COLUMNS = (
     ("extracted", ("extracted_dynamics", "extracted_erp")),
@@ -121,9 +135,172 @@ def table(runs: Sequence[dict[str, Any]]) -> str:
         cells = ["/".join(str(counts.get(k, 0)) for k in keys) for _, keys in COLUMNS]
         res = ", ".join(f"{k}: {v}" for k, v in (report.get("resolutions") or {}).items()) or "-"
         lines.append(
-            f"| {run['dag_id']} | {run['state']} | {run['seconds']} | " + " | ".join(cells) + f" | {res} |"
+            f"| {run['dag_id']} | {run['state']} | {run['seconds'] if run['seconds'] is not None else '-'} | "
+            + " | ".join(cells)
+            + f" | {res} |"
         )
     return "\n".join(lines)
+
+
+class ApiError(RuntimeError):
+    """The running Airflow could not be reached, refused a call, or a run did not finish in time."""
+
+
+class ApiRunner:
+    """Manual runs through the public REST API of a running api-server, one DAG at a time.
+
+    ``transport`` is for the tests (an ``httpx.MockTransport``).
+    """
+
+    FINISHED = frozenset({"success", "failed"})
+
+    def __init__(
+        self,
+        url: str,
+        user: str,
+        password: str,
+        *,
+        timeout: float = 1800,
+        poll: float = 3.0,
+        transport: httpx.BaseTransport | None = None,
+        log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.user, self.password = user, password
+        self.timeout, self.poll, self.log = timeout, poll, log
+        self.client = httpx.Client(base_url=self.url, timeout=30, transport=transport)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def wait_healthy(self, timeout: float = 360) -> None:
+        """Until the api-server answers and its metadata DB and scheduler are healthy."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            try:
+                body = self.client.get("/api/v2/monitor/health").json()
+                parts = {p: (body.get(p) or {}).get("status") for p in ("metadatabase", "scheduler")}
+                if all(v == "healthy" for v in parts.values()):
+                    return
+                last = f"health {parts}"
+            except (httpx.HTTPError, ValueError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise ApiError(f"Airflow at {self.url} is not healthy after {timeout:.0f} s ({last})")
+            time.sleep(self.poll)
+
+    def login(self) -> None:
+        """A JWT from SimpleAuthManager's ``POST /auth/token``, sent on every later call."""
+        try:
+            response = self.client.post(
+                "/auth/token", json={"username": self.user, "password": self.password}
+            )
+        except httpx.HTTPError as exc:
+            raise ApiError(f"Airflow at {self.url} not reachable: {exc}") from None
+        if response.status_code not in (200, 201):
+            raise ApiError(f"login as {self.user} refused: HTTP {response.status_code} {response.text[:200]}")
+        self.client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self.client.request(method, f"/api/v2/{path}", **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"{method} /api/v2/{path}: {type(exc).__name__}: {exc}") from None
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._call(method, path, **kwargs)
+        if response.status_code >= 300:
+            raise ApiError(f"{method} /api/v2/{path}: HTTP {response.status_code} {response.text[:300]}")
+        return response.json()
+
+    def wait_parsed(self, dag_id: str) -> dict[str, Any]:
+        """The DAG as the API knows it, once the dag-processor has parsed it."""
+        deadline = time.monotonic() + 300
+        while True:
+            response = self._call("GET", f"dags/{dag_id}")
+            if response.status_code == 200:
+                return dict(response.json())
+            if response.status_code != 404 or time.monotonic() > deadline:
+                raise ApiError(f"DAG {dag_id} unknown to Airflow: HTTP {response.status_code}")
+            time.sleep(self.poll)
+
+    def run(self, dag_id: str, conf: dict[str, Any] | None) -> dict[str, Any]:
+        """Trigger one manual run, wait until it finished, and collect its tasks and report."""
+        dag = self.wait_parsed(dag_id)
+        if dag.get("is_paused"):
+            self.log(f"{dag_id}: paused in Airflow, not triggered (unpause it to run it)")
+            return {"dag_id": dag_id, "run_id": None, "state": "paused", "seconds": 0, "tasks": {}}
+        body = {"logical_date": None, "conf": conf or {}, "note": "make sync"}
+        run = self._json("POST", f"dags/{dag_id}/dagRuns", json=body)
+        run_id = run["dag_run_id"]
+        self.log(f"{dag_id}: triggered {run_id} ({run.get('state')})")
+        deadline = time.monotonic() + self.timeout
+        state = run.get("state")
+        while state not in self.FINISHED:
+            if time.monotonic() > deadline:
+                raise ApiError(f"{dag_id} run {run_id} still {state} after {self.timeout:.0f} s")
+            time.sleep(self.poll)
+            try:
+                run = self._json("GET", f"dags/{dag_id}/dagRuns/{run_id}")
+            except ApiError as exc:  # a busy or restarting api-server: ask again until the deadline
+                self.log(f"{dag_id}: {exc}")
+                continue
+            if run.get("state") != state:
+                state = run.get("state")
+                self.log(f"{dag_id}: {run_id} {state}")
+        tis = self._json("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 100})
+        return {
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "state": str(state),
+            "seconds": _seconds(run.get("start_date"), run.get("end_date")),
+            "tasks": {ti["task_id"]: str(ti.get("state")) for ti in tis.get("task_instances", [])},
+            "report": self.report(dag_id, run_id),
+        }
+
+    def report(self, dag_id: str, run_id: str) -> Any:
+        """The ``report`` task's return value; None when it did not run."""
+        path = f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/report/xcomEntries/return_value"
+        response = self._call("GET", path)
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 300:
+            raise ApiError(f"GET {path}: HTTP {response.status_code} {response.text[:300]}")
+        value = response.json().get("value")
+        if isinstance(value, str):  # the raw stored JSON
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None
+        return value
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 3)
+
+
+def run_via_api(
+    args: argparse.Namespace, transport: httpx.BaseTransport | None = None
+) -> list[dict[str, Any]]:
+    """Every requested DAG once through the running api-server, one after the other."""
+    if not args.passwords:
+        raise SystemExit("--api needs --passwords (the SimpleAuthManager passwords file)")
+    passwords = json.loads(Path(args.passwords).read_text(encoding="utf-8"))
+    if args.user not in passwords:
+        raise SystemExit(f"no password for user {args.user!r} in {args.passwords}")
+    conf = json.loads(args.conf) if args.conf else None
+    runner = ApiRunner(
+        args.api, args.user, passwords[args.user], timeout=args.timeout, poll=args.poll, transport=transport
+    )
+    try:
+        runner.wait_healthy()
+        runner.login()
+        return [runner.run(dag_id, conf) for dag_id in resolve_dag_ids(args.dags)]
+    finally:
+        runner.close()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -136,11 +313,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--conf", help="run conf / params as JSON")
     parser.add_argument("--logical-date", help="ISO date-time (default: none, like a manual trigger)")
     parser.add_argument("--json", action="store_true", help="print one JSON line at the end")
+    parser.add_argument(
+        "--api", metavar="URL", help="trigger the runs through this running api-server instead of dag.test()"
+    )
+    parser.add_argument("--passwords", help="with --api: the SimpleAuthManager passwords JSON file")
+    parser.add_argument("--user", default="admin", help="with --api: the user that triggers (admin)")
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="with --api: seconds to wait for each run (1800)"
+    )
+    parser.add_argument("--poll", type=float, default=3.0, help="with --api: seconds between polls (3)")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, transport: httpx.BaseTransport | None = None) -> int:
     args = parse_args(argv)
+    if args.api:
+        if args.logical_date:
+            raise SystemExit("--logical-date is for in-process runs; --api triggers manual runs")
+        try:
+            runs = run_via_api(args, transport)
+        except ApiError as exc:
+            print(f"make sync: {exc}", file=sys.stderr)
+            return 1
+        return finish(runs, [], args.json)
     # Airflow 3.3.2's dag.test() round-trips the DAG through serialization, which leaves
     # dag.deadline as dicts; DagRun.update_state then calls DeadlineAlertModel.get_by_id(dict)
     # when the run succeeds and crashes ("'dict' object has no attribute 'hex'"). The scheduler
@@ -156,10 +351,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [run_one(dags[d], logical, conf) for d in resolve_dag_ids(args.dags)]
     seen = {(str(w.category.__name__), str(w.message), w.filename) for w in caught}
     found = [{"category": c, "message": m[:500], "filename": f} for c, m, f in sorted(seen)]
-    if args.json:
+    return finish(runs, found, args.json)
+
+
+def finish(runs: Sequence[dict[str, Any]], found: list[dict[str, str]], as_json: bool) -> int:
+    """Print the runs (table, plus the tasks of runs that did not succeed, or JSON); the exit status."""
+    if as_json:
         print(json.dumps({"runs": runs, "warnings": found}, default=str))
     else:
         print(table(runs))
+        for run in runs:
+            if run["state"] != "success":
+                bad = {t: s for t, s in (run.get("tasks") or {}).items() if s != "success"}
+                print(f"{run['dag_id']} {run['state']}: {bad or 'no task ran'} (run {run['run_id']})")
     return 0 if all(r["state"] == "success" for r in runs) else 1
 
 

@@ -13,7 +13,14 @@ Figures, per entity, over the last ``days``:
   extracted rows of both sides;
 * **error rate**: (quarantined + failed loads) / extracted rows, per run and over the window;
 * **lag**: for records saved in the window, the time from the newest source change
-  (``dynamics_modified``/``erp_modified`` of the base) to the save (``updated_at``): p50, p95, max;
+  (``dynamics_modified``/``erp_modified`` of the base) to the save (``updated_at``): p50, p95, max.
+  Never measured from before the sync could see the record: the change time is raised to the
+  record's *visibility floor* — the start of the entity's last run before the run that first
+  stored it (``first_seen_at``): that run looked at the source and the record was not in it yet;
+  the first run itself when there was none. An initial load of legacy rows whose ``LAST_UPD`` is
+  years old so shows the run's duration, a record created between two runs the time from its
+  creation (its wait for the next run included), and an update of a known record the time from
+  the update;
 * **quarantines, conflicts, review items, API requests, throttles**: run counts ``quarantined``,
   ``conflicts``, ``review``, ``dataverse_requests``, ``dataverse_throttles`` (or ``throttles``);
 * **open reviews over time**: items open at the end of each day; **stale**: open longer than
@@ -31,6 +38,7 @@ import html
 import json
 import math
 import re
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -203,18 +211,36 @@ def _fill_runs(health: EntityHealth, runs: Sequence[RunPoint]) -> None:
 def _lags(store: StateStore, entity: str, since: datetime) -> list[float]:
     r = t.record
     query = (
-        select(r.c.updated_at, r.c.dynamics_modified, r.c.erp_modified)
+        select(r.c.updated_at, r.c.dynamics_modified, r.c.erp_modified, r.c.first_seen_at)
         .where(r.c.entity == entity, r.c.status == "synced", r.c.updated_at >= since)
         .order_by(r.c.updated_at.desc())
         .limit(LAG_SAMPLE)
     )
+    starts = select(t.run.c.started_at).where(t.run.c.entity == entity).order_by(t.run.c.started_at)
     lags: list[float] = []
     with store.engine.connect() as conn:
-        for saved, dyn, erp in conn.execute(query):
+        runs = list(conn.execute(starts).scalars())
+        for saved, dyn, erp, first_seen in conn.execute(query):
             changed = max((m for m in (dyn, erp) if m is not None), default=None)
-            if changed is not None and changed <= saved:
-                lags.append((saved - changed).total_seconds())
+            floor = visibility_floor(first_seen, runs)
+            start = max((m for m in (changed, floor) if m is not None), default=None)
+            if start is not None and start <= saved:
+                lags.append((saved - start).total_seconds())
     return lags
+
+
+def visibility_floor(first_seen: datetime | None, run_starts: Sequence[datetime]) -> datetime | None:
+    """The earliest time the sync can be blamed for not having a record yet.
+
+    ``first_seen`` is the start of the run that first stored the record. The entity's run before
+    it (``run_starts`` sorted) read the source without the record, so the record became visible
+    after that run started; with no earlier run, the record predates the sync and was first seen
+    by ``first_seen``'s run.
+    """
+    if first_seen is None:
+        return None
+    before = bisect_left(run_starts, first_seen)
+    return run_starts[before - 1] if before else first_seen
 
 
 def _fill_lag(health: EntityHealth, lags: list[float]) -> None:

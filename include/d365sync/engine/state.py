@@ -359,12 +359,14 @@ class StateStore:
         rows = list({(_guid(d), e): (_guid(d), e, b) for d, e, b in rows}.values())
         existing = self._existing(conn, entity, rows)
         now = _now()
+        seen: datetime | None = None
         inserts, updates = [], []
         for dyn_id, erp_key, base in rows:
             match = _match(existing, dyn_id, erp_key)
             values = _record_values(entity, dyn_id, erp_key, base, run_id, now)
             if match is None:
-                inserts.append(values)
+                seen = seen or self._run_started(conn, entity, run_id) or now
+                inserts.append(values | {"first_seen_at": min(seen, now)})
             elif base is not None or match["status"] == "pending":
                 updates.append({**_fill_keys(values, match), "_id": match["id"]})
         if inserts:
@@ -373,6 +375,12 @@ class StateStore:
             cols = {c: bindparam(c) for c in updates[0] if c != "_id"}
             conn.execute(update(t.record).where(t.record.c.id == bindparam("_id")).values(cols), updates)
         return len(inserts) + len(updates)
+
+    @staticmethod
+    def _run_started(conn: Connection, entity: str, run_id: str) -> datetime | None:
+        """When the run that sees a record for the first time started (its extract followed)."""
+        where = and_(t.run.c.run_id == run_id, t.run.c.entity == entity)
+        return conn.execute(select(t.run.c.started_at).where(where)).scalar_one_or_none()
 
     def _existing(
         self, conn: Connection, entity: str, rows: list[tuple[str | None, str | None, Base | None]]

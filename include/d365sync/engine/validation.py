@@ -42,6 +42,7 @@ GX and pandas are imported inside the functions: DAG files import the engine at 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -66,6 +67,7 @@ _META_INDEX: Final = "d365sync_index"
 _DOCS_SITE: Final = "d365sync"
 _MAX_SET_ITEMS: Final = 8
 _FULL_KEYS: Final = ("unexpected_list", "unexpected_index_list", "unexpected_index_query")
+_GX_LOGGER: Final = "great_expectations"
 
 
 # ----------------------------------------------------------------------------- results
@@ -338,10 +340,33 @@ def _number(value: Any) -> Any:
         return math.nan
 
 
+def quiet_gx() -> None:
+    """Keep Great Expectations' own chatter out of task logs: its loggers at WARNING.
+
+    On first import GX logs one INFO line per public API it registers
+    (``great_expectations._docs_decorators``, ~210 lines) and DEBUG lines per expectation and
+    datasource type; creating a context logs INFO again (``data_context.types.base`` sets
+    its own logger to INFO at import, so the parent's level alone does not cover it). In an Airflow
+    task log that buried a validation error under 200+ lines. Warnings and errors still pass.
+    ``D365SYNC_GX_LOG_LEVEL`` (e.g. ``DEBUG``) lets them through when debugging GX itself.
+    Called before the first ``import great_expectations`` and again after (idempotent, cheap).
+    """
+    level = logging.getLevelName(os.environ.get("D365SYNC_GX_LOG_LEVEL", "WARNING").upper())
+    level = level if isinstance(level, int) else logging.WARNING
+    logging.getLogger(_GX_LOGGER).setLevel(level)
+    for name, child in list(logging.Logger.manager.loggerDict.items()):
+        ours = name.startswith(_GX_LOGGER + ".") and isinstance(child, logging.Logger)
+        if ours and logging.NOTSET < child.level < level:
+            child.setLevel(level)
+
+
 def _context(docs_dir: Path | str | None) -> Any:
-    """Ephemeral context, progress bars off; a filesystem docs site in ``docs_dir`` when asked."""
+    """Ephemeral context, GX logging quiet, progress bars off; a filesystem docs site when asked."""
+    quiet_gx()  # before the import: the registration noise is logged while importing
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    quiet_gx()  # after it: modules that set their own logger's level at import
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)

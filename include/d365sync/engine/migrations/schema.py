@@ -29,6 +29,8 @@ record = Table(
     Column("deleted_on", String(16)),
     Column("run_id", String(250)),
     Column("updated_at", UtcDateTime, nullable=False),
+    #: start of the run that first stored the record: lag is never measured from before it
+    Column("first_seen_at", UtcDateTime),
     UniqueConstraint("entity", "dynamics_id", name="uq_sync_record_dynamics"),
     UniqueConstraint("entity", "erp_key", name="uq_sync_record_erp"),
 )
