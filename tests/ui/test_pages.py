@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import parse_qs, urlsplit
@@ -15,6 +16,13 @@ from tests.ui.test_access import READS, _url
 
 def _flash(response: object) -> dict[str, list[str]]:
     return parse_qs(urlsplit(response.headers["location"]).query)  # type: ignore[attr-defined]
+
+
+def _shown(ui: Env, response: object) -> str:
+    """The banner texts of the page an action redirects to (as the browser would show them)."""
+    page = ui.client.get(response.headers["location"])  # type: ignore[attr-defined]
+    assert page.status_code == 200, page.text
+    return " | ".join(re.findall(r'<p class="flash [a-z]+" role="\w+">(.*?)</p>', page.text))
 
 
 def _post(ui: Env, role: str, path: str, form: dict[str, object]) -> object:
@@ -59,7 +67,8 @@ def test_audit_log_is_masked_even_for_admins(ui: Env) -> None:
 
 def test_decide_take_erp_stores_user_time_and_comment(ui: Env) -> None:
     response = _post(ui, "op", "/reviews/1/decide", {"choice": "erp", "comment": "ERP is master"})
-    assert response.status_code == 303 and "decided" in _flash(response)["msg"][0]
+    assert response.status_code == 303 and _flash(response)["msg"] == ["decided"]
+    assert _shown(ui, response) == "Review 1 decided (erp)."
     (decided,) = ui.store.decided_reviews("customers")
     assert (decided.id, decided.chosen, decided.decided_by, decided.comment) == (
         1,
@@ -79,14 +88,14 @@ def test_decide_entered_value_keeps_the_type(ui: Env) -> None:
 
 def test_decide_bad_value_is_an_error_not_a_decision(ui: Env) -> None:
     response = _post(ui, "op", "/reviews/3/decide", {"choice": "value", "value": "lots"})
-    assert "not a valid int" in _flash(response)["error"][0]
+    assert "not a valid int" in _shown(ui, response)
     assert ui.store.decided_reviews("customers") == []
 
 
 def test_decide_twice_reports_not_open(ui: Env) -> None:
     _post(ui, "op", "/reviews/2/decide", {"choice": "dynamics"})
     again = _post(ui, "op", "/reviews/2/decide", {"choice": "erp"})
-    assert "not open" in _flash(again)["error"][0]
+    assert _shown(ui, again) == "Review 2 is not open."
 
 
 def test_bulk_decision_for_a_filtered_set(ui: Env) -> None:
@@ -97,7 +106,7 @@ def test_bulk_decision_for_a_filtered_set(ui: Env) -> None:
     ui.store.open_reviews("customers", "run-2", items)
     form = {"choice": "dynamics", "scope": "filter", "entity": "customers", "field": "creditlimit"}
     response = _post(ui, "op", "/reviews/bulk", form | {"comment": "Dynamics owns credit"})
-    assert _flash(response)["msg"][0].startswith("31 review item(s) decided")
+    assert _shown(ui, response).startswith("31 review item(s) decided")
     decided = ui.store.decided_reviews("customers")
     assert len(decided) == 31 and {d.field for d in decided} == {"creditlimit"}
     assert all(d.decided_by == "oscar" and d.comment == "Dynamics owns credit" for d in decided)
@@ -110,7 +119,7 @@ def test_bulk_decision_respects_the_limit(ui: Env) -> None:
     ui.store.open_reviews("products", "run-2", items)
     form = {"choice": "erp", "scope": "filter", "entity": "products", "comment": "bulk"}
     response = _post(ui, "op", "/reviews/bulk", form)
-    assert _flash(response)["msg"][0].startswith("500 review item(s)")
+    assert _shown(ui, response).startswith("500 review item(s)")
     assert len(ui.store.reviews("products")) == 100
 
 
@@ -131,7 +140,7 @@ def test_review_queue_is_paginated_and_filtered(ui: Env) -> None:
 
 def test_replay_triggers_the_replay_dag_as_the_caller(ui: Env) -> None:
     response = _post(ui, "op", "/dead-letters/1/replay", {})
-    assert "replay of 1 queued" in _flash(response)["msg"][0]
+    assert _shown(ui, response) == "Replay of dead letter 1 queued."
     (call,) = ui.api.calls
     assert call["path"] == "/api/v2/dags/replay_dead_letters/dagRuns"
     assert call["auth"] == f"Bearer {ui.tokens['op']}"
@@ -144,13 +153,13 @@ def test_replay_triggers_the_replay_dag_as_the_caller(ui: Env) -> None:
 def test_replay_refused_by_airflow_changes_nothing(ui: Env) -> None:
     ui.api.status = 403
     response = _post(ui, "op", "/dead-letters/1/replay", {})
-    assert "HTTP 403" in _flash(response)["error"][0]
+    assert "HTTP 403" in _shown(ui, response)
     assert [d.id for d in ui.store.dead_letters("customers")] == [1, 2]
 
 
 def test_skip_needs_a_reason_and_records_it(ui: Env) -> None:
     empty = _post(ui, "op", "/dead-letters/2/skip", {"reason": "  "})
-    assert "reason is required" in _flash(empty)["error"][0]
+    assert "reason is required" in _shown(ui, empty)
     _post(ui, "op", "/dead-letters/2/skip", {"reason": "option value retired"})
     assert [d.id for d in ui.store.dead_letters("customers", status="skipped")] == [2]
     page = ui.as_role("viewer").get(f"{PREFIX}/dead-letters?status=skipped").text
@@ -207,11 +216,14 @@ def test_dag_link_opens_the_entity_page(ui: Env) -> None:
     assert "does not sync an entity" in other
 
 
-def test_replay_defaults_to_the_api_server_that_serves_the_plugin(ui: Env) -> None:
+def test_replay_defaults_to_the_api_server_that_serves_the_plugin(
+    ui: Env, caplog: pytest.LogCaptureFixture
+) -> None:
     from d365sync.ui.airflow_api import AirflowApi
 
     ui.app.state.ctx.airflow = AirflowApi(timeout=0.5)  # no configured URL: the request's origin
-    response = _post(ui, "op", "/dead-letters/1/replay", {})
-    error = _flash(response)["error"][0]
-    assert "http://testserver/api/v2/dags/replay_dead_letters/dagRuns" in error
+    with caplog.at_level("WARNING", logger="d365sync.ui.routes"):
+        response = _post(ui, "op", "/dead-letters/1/replay", {})
+    assert _flash(response)["error"] == ["replay_unreachable"]
+    assert "http://testserver/api/v2/dags/replay_dead_letters/dagRuns" in caplog.text
     assert [d.id for d in ui.store.dead_letters("customers")] == [1, 2]

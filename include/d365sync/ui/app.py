@@ -36,6 +36,7 @@ from d365sync.ui.auth import (
     Principal,
     submitted_csrf,
 )
+from d365sync.ui.hardening import SecurityHeadersMiddleware
 from d365sync.ui.settings import UiSettings
 
 HERE = Path(__file__).resolve().parent
@@ -97,6 +98,7 @@ def create_app(
         templates=_templates(),
     )
     app.add_middleware(CsrfCookieMiddleware, cookie_path=lambda scope: scope.get("root_path") or "/")
+    app.add_middleware(SecurityHeadersMiddleware)  # added last: outermost, so every answer gets it
     app.add_exception_handler(NotAuthenticated, _not_authenticated)
     app.add_exception_handler(Forbidden, _forbidden)
     from d365sync.ui import routes

@@ -7,12 +7,13 @@ reload never repeats a decision (post/redirect/get).
 from __future__ import annotations
 
 import contextlib
+import logging
 import mimetypes
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
 from d365sync.engine import health
@@ -21,31 +22,39 @@ from d365sync.ui import present, queries
 from d365sync.ui.airflow_api import TriggerError
 from d365sync.ui.app import HERE, UiContext, ctx_of, guard, root
 from d365sync.ui.auth import Principal
+from d365sync.ui.messages import CHOICES, TYPES, banner, flash
 from d365sync.ui.queries import AuditFilter, ReviewFilter
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 User = Annotated[Principal, Depends(guard)]
 STATIC = {"style.css": HERE / "static" / "style.css"}
-CHOICES = ("dynamics", "erp", "value")
+# Ids and page numbers past what a database integer holds are a 422, not an OverflowError (500).
+MAX_ID = 2**63 - 1
+MAX_PAGE = 10**9
+RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
+PageNo = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
 
 def _page(request: Request, user: Principal, name: str, **context: Any) -> Response:
     ctx = ctx_of(request)
     nonce = getattr(request.state, "csrf_nonce", "")
+    ok, error = banner(request.query_params)
     context |= {
         "user": user,
         "reveal": user.can_reveal,
         "base": root(request),
         "csrf": ctx.csrf.token(nonce, user.name),
-        "msg": request.query_params.get("msg", ""),
-        "error": request.query_params.get("error", ""),
+        "msg": ok,
+        "error": error,
         "active": name.removesuffix(".html"),
     }
     return ctx.templates.TemplateResponse(request, name, context)
 
 
-def _back(request: Request, path: str, params: dict[str, Any], **flash: str) -> RedirectResponse:
-    query = {k: v for k, v in params.items() if v not in (None, "")} | flash
+def _back(request: Request, path: str, params: dict[str, Any], code: str, **args: object) -> RedirectResponse:
+    """Back to ``path`` with its filters and a banner code (see :mod:`d365sync.ui.messages`)."""
+    query = {k: v for k, v in params.items() if v not in (None, "")} | flash(code, **args)
     return RedirectResponse(f"{root(request)}{path}?{urlencode(query)}", status_code=303)
 
 
@@ -103,7 +112,7 @@ def reviews(
     field: str = "",
     key: str = "",
     status: str = "open",
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: PageNo = 1,
 ) -> Response:
     ctx = ctx_of(request)
     engine = ctx.store.engine
@@ -139,7 +148,7 @@ def _filters(entity: str, field: str, key: str, page: int = 1) -> dict[str, Any]
 @router.post("/reviews/{review_id}/decide")
 def decide(
     request: Request,
-    review_id: int,
+    review_id: RowId,
     user: User,
     choice: Annotated[str, Form()],
     value: Annotated[str, Form()] = "",
@@ -147,19 +156,31 @@ def decide(
     entity: Annotated[str, Form()] = "",
     field: Annotated[str, Form()] = "",
     key: Annotated[str, Form()] = "",
-    page: Annotated[int, Form()] = 1,
+    page: Annotated[int, Form(ge=1, le=MAX_PAGE)] = 1,
 ) -> RedirectResponse:
     ctx = ctx_of(request)
     back = _filters(entity, field, key, page)
     item = queries.review(ctx.store.engine, review_id)
     if item is None or item.status != "open":
-        return _back(request, "/reviews", back, error=f"review {review_id} is not open")
+        return _back(request, "/reviews", back, "not_open", id=review_id)
+    if choice not in CHOICES:
+        return _back(request, "/reviews", back, "bad_choice")
     try:
         chosen = _chosen(item, choice, value)
+    except ValueError:
+        return _back(request, "/reviews", back, "bad_value", type=_type_name(item))
+    try:
         ctx.store.decide_review(review_id, chosen, by=user.name, comment=comment.strip() or None)
-    except (ValueError, StateError) as exc:
-        return _back(request, "/reviews", back, error=str(exc))
-    return _back(request, "/reviews", back, msg=f"review {review_id} decided ({choice}) by {user.name}")
+    except StateError as exc:
+        log.warning("review %s not decided by %s: %s", review_id, user.name, exc)
+        return _back(request, "/reviews", back, "decide_failed", id=review_id)
+    return _back(request, "/reviews", back, "decided", id=review_id, choice=choice)
+
+
+def _type_name(review: Any) -> str:
+    like = next((v for v in (review.dynamics, review.erp, review.base) if v is not None), "")
+    name = type(like).__name__
+    return name if name in TYPES else "str"
 
 
 @router.post("/reviews/bulk")
@@ -182,17 +203,23 @@ def decide_bulk(
         flt = ReviewFilter(entity or None, field or None, key or None)
         targets = queries.review_ids(ctx.store.engine, flt, ctx.settings.bulk_limit)
     else:
-        targets = list(ids or [])[: ctx.settings.bulk_limit]
+        targets = [i for i in ids or [] if 1 <= i <= MAX_ID][: ctx.settings.bulk_limit]
+    if choice not in CHOICES:
+        return _back(request, "/reviews", back, "bad_choice")
     if not targets:
-        return _back(request, "/reviews", back, error="nothing selected")
+        return _back(request, "/reviews", back, "nothing_selected")
     done, failed = _decide_many(ctx, targets, choice, value, comment, user)
-    text = f"{done} review item(s) decided ({choice}) by {user.name}"
-    return _back(request, "/reviews", back, msg=text, **({"error": failed} if failed else {}))
+    if failed:
+        log.warning(
+            "bulk decision by %s: %d item(s) failed: %s", user.name, len(failed), "; ".join(failed[:5])
+        )
+        return _back(request, "/reviews", back, "bulk_failed", n=done, choice=choice, failed=len(failed))
+    return _back(request, "/reviews", back, "bulk_decided", n=done, choice=choice)
 
 
 def _decide_many(
     ctx: UiContext, ids: list[int], choice: str, value: str, comment: str, user: Principal
-) -> tuple[int, str]:
+) -> tuple[int, list[str]]:
     done, errors = 0, []
     for review_id in ids:
         item = queries.review(ctx.store.engine, review_id)
@@ -204,7 +231,7 @@ def _decide_many(
             done += 1
         except (ValueError, StateError) as exc:
             errors.append(f"{review_id}: {exc}")
-    return done, "; ".join(errors[:5])
+    return done, errors
 
 
 # --- dead letters ---------------------------------------------------------------------------
@@ -216,7 +243,7 @@ def dead_letters(
     user: User,
     entity: str = "",
     status: str = "pending",
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: PageNo = 1,
 ) -> Response:
     ctx = ctx_of(request)
     engine = ctx.store.engine
@@ -245,7 +272,7 @@ def airflow_base(request: Request) -> str:
 @router.post("/dead-letters/{dead_letter_id}/replay")
 def replay(
     request: Request,
-    dead_letter_id: int,
+    dead_letter_id: RowId,
     user: User,
     entity: Annotated[str, Form()] = "",
     status: Annotated[str, Form()] = "pending",
@@ -255,23 +282,32 @@ def replay(
     back = {"entity": entity, "status": status}
     dead = queries.dead_letter(ctx.store.engine, dead_letter_id)
     if dead is None or dead.status != "pending":
-        return _back(request, "/dead-letters", back, error=f"dead letter {dead_letter_id} is not pending")
+        return _back(request, "/dead-letters", back, "not_pending", id=dead_letter_id)
     conf = {"entity": dead.entity, "keys": [dead.record_key]}
     note = f"Replay of dead letter {dead_letter_id} requested by {user.name} from the d365sync UI"
     try:
         run = ctx.airflow.trigger(airflow_base(request), ctx.settings.replay_dag_id, conf, user.token, note)
     except TriggerError as exc:
-        return _back(request, "/dead-letters", back, error=str(exc))
+        log.warning("replay of dead letter %s by %s failed: %s", dead_letter_id, user.name, exc)
+        if not exc.status:
+            return _back(request, "/dead-letters", back, "replay_unreachable")
+        return _back(request, "/dead-letters", back, "replay_refused", http=exc.status)
     with contextlib.suppress(StateError):  # the replay run got there first: it is due either way
         ctx.store.replay_dead_letter(dead_letter_id, by=user.name)
-    text = f"replay of {dead_letter_id} queued: {run.dag_id} run {run.dag_run_id}"
-    return _back(request, "/dead-letters", back, msg=text)
+    log.info(
+        "replay of dead letter %s queued by %s: %s run %s",
+        dead_letter_id,
+        user.name,
+        run.dag_id,
+        run.dag_run_id,
+    )
+    return _back(request, "/dead-letters", back, "replay_queued", id=dead_letter_id)
 
 
 @router.post("/dead-letters/{dead_letter_id}/skip")
 def skip(
     request: Request,
-    dead_letter_id: int,
+    dead_letter_id: RowId,
     user: User,
     reason: Annotated[str, Form()] = "",
     entity: Annotated[str, Form()] = "",
@@ -280,12 +316,13 @@ def skip(
     ctx = ctx_of(request)
     back = {"entity": entity, "status": status}
     if not reason.strip():
-        return _back(request, "/dead-letters", back, error="a reason is required to skip a record")
+        return _back(request, "/dead-letters", back, "reason_required")
     try:
         ctx.store.skip_dead_letter(dead_letter_id, reason.strip(), by=user.name)
     except StateError as exc:
-        return _back(request, "/dead-letters", back, error=str(exc))
-    return _back(request, "/dead-letters", back, msg=f"dead letter {dead_letter_id} skipped by {user.name}")
+        log.warning("dead letter %s not skipped by %s: %s", dead_letter_id, user.name, exc)
+        return _back(request, "/dead-letters", back, "not_pending", id=dead_letter_id)
+    return _back(request, "/dead-letters", back, "skipped", id=dead_letter_id)
 
 
 # --- health ---------------------------------------------------------------------------------
@@ -362,7 +399,7 @@ def audit(
     key: str = "",
     since: str = "",
     until: str = "",
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: PageNo = 1,
 ) -> Response:
     ctx = ctx_of(request)
     filters = {"entity": entity, "key": key, "since": since, "until": until}

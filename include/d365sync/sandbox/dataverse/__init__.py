@@ -20,7 +20,10 @@ Web API: ``/api/data/v9.0|v9.1|v9.2/…`` — service document, ``$metadata``, `
 ``EntityDefinitions``, the tables in :mod:`.schema`, ``$batch``, and the bound actions
 ``CreateMultiple``/``UpdateMultiple``/``UpsertMultiple``.
 
-Admin (not Dataverse; no auth; for tests and benchmarks):
+Admin (not Dataverse; for tests and benchmarks). Reads need no auth. Writes (``POST``)
+need ``Content-Type: application/json`` (else 415) and either a bearer token the sandbox issued
+or an ``X-Sandbox-Admin-Secret: <client secret of an app>`` header (else 401), so a web page the
+developer visits cannot change the sandbox; :class:`.process.DataverseSandbox` sends the header:
 
 ``GET /_sandbox/health``
     ``{"status": "ok", "version": <current rowversion>, "env_url": …, "tenant": …}``
@@ -30,7 +33,7 @@ Admin (not Dataverse; no auth; for tests and benchmarks):
     ``"GET accounts"``, ``"PATCH accounts()"``, ``"POST $batch"``), ``operation_routes`` /
     ``operation_statuses``, ``token_requests``, ``token_failures``, ``tokens_issued``.
 ``POST /_sandbox/counters/reset``
-    Zero all counters.
+    Zero all counters (send ``{}`` as the body).
 ``GET /_sandbox/knobs`` / ``POST /_sandbox/knobs``
     JSON object, any subset of: ``latency_ms`` (added per API request), ``error_rate`` (0..1 share
     of injected 5xx) and ``error_status`` (default 503), ``throttle_next`` (the next N API requests

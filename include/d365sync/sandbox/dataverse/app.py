@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import logging
 import uuid
@@ -27,12 +28,23 @@ from d365sync.sandbox.dataverse.config import SandboxConfig
 from d365sync.sandbox.dataverse.errors import DataverseError
 from d365sync.sandbox.dataverse.identity import AuthError, TokenRequestError, TokenService
 from d365sync.sandbox.dataverse.limits import Counters, Knobs, ServiceProtection
-from d365sync.sandbox.dataverse.protocol import API_VERSIONS, ApiRequest, ApiResponse, parse_query
+from d365sync.sandbox.dataverse.protocol import (
+    API_VERSIONS,
+    MAX_URL_LENGTH,
+    ApiRequest,
+    ApiResponse,
+    parse_query,
+)
 from d365sync.sandbox.dataverse.service import Dataverse, route_name
 from d365sync.sandbox.dataverse.store import Store
 
 log = logging.getLogger(__name__)
 API_METHODS = ["GET", "POST", "PATCH", "PUT", "DELETE"]
+ADMIN_HEADER = "x-sandbox-admin-secret"
+"""Admin writes (``POST /_sandbox/…``) need this header holding an app's client secret, or a
+bearer token the sandbox issued, plus ``Content-Type: application/json``: a web page the
+developer visits can send neither (a cross-site form or ``text/plain`` fetch carries no custom
+header and no JSON content type without a CORS preflight, which the sandbox never grants)."""
 
 
 @dataclass
@@ -194,6 +206,30 @@ def _basic_auth(request: Request) -> tuple[str, str] | None:
     return unquote(user), unquote(password)
 
 
+def _admin_refusal(sandbox: Sandbox, request: Request) -> Response | None:
+    """Why an admin write is refused (415/401), or None when it may go ahead."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        return _dataverse_error(
+            DataverseError(
+                415,
+                errors.PAYLOAD_ERROR,
+                "Sandbox admin requests must be sent with Content-Type: application/json.",
+            )
+        )
+    secret = request.headers.get(ADMIN_HEADER, "").encode()
+    if secret and any(hmac.compare_digest(secret, u.client_secret.encode()) for u in sandbox.config.users):
+        return None
+    if request.headers.get("authorization", "").lower().startswith("bearer "):
+        try:
+            sandbox.tokens.verify(request.headers["authorization"], _base_url(request))
+            return None
+        except AuthError:
+            pass
+    message = f"Sandbox admin requests need a bearer token or the {ADMIN_HEADER} header."
+    return _dataverse_error(DataverseError(401, errors.AUTH_FAILED, message))
+
+
 def _admin_routes(app: FastAPI, sandbox: Sandbox) -> None:
     @app.get("/_sandbox/health")
     async def health() -> Response:
@@ -211,7 +247,9 @@ def _admin_routes(app: FastAPI, sandbox: Sandbox) -> None:
         return JSONResponse(sandbox.counters.snapshot(sandbox.tokens.tokens_issued))
 
     @app.post("/_sandbox/counters/reset")
-    async def reset() -> Response:
+    async def reset(request: Request) -> Response:
+        if (refusal := _admin_refusal(sandbox, request)) is not None:
+            return refusal
         sandbox.counters.reset()
         return JSONResponse({"status": "reset"})
 
@@ -221,6 +259,8 @@ def _admin_routes(app: FastAPI, sandbox: Sandbox) -> None:
 
     @app.post("/_sandbox/knobs")
     async def set_knobs(request: Request) -> Response:
+        if (refusal := _admin_refusal(sandbox, request)) is not None:
+            return refusal
         try:
             values = json.loads(await request.body() or b"{}")
             if not isinstance(values, dict):
@@ -247,6 +287,8 @@ def _api_routes(app: FastAPI, sandbox: Sandbox) -> None:
 async def _serve(sandbox: Sandbox, request: Request, version: str, path: str, base: str) -> Response:
     if version not in API_VERSIONS:
         return _dataverse_error(errors.segment_not_found(version))
+    if len(request.url.path) + len(request.url.query) + 1 > MAX_URL_LENGTH:
+        return _dataverse_error(errors.url_too_long(MAX_URL_LENGTH))
     try:
         caller = sandbox.tokens.verify(request.headers.get("authorization"), base)
     except AuthError as exc:

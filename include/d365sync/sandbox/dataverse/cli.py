@@ -25,10 +25,12 @@ from typing import Any
 import uvicorn
 
 from d365sync.sandbox.dataverse.config import (
+    CONFIG_FILE,
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
     DEFAULT_TENANT,
     build_config,
+    load_file,
 )
 
 GRACEFUL_SHUTDOWN_SECONDS = 2
@@ -129,6 +131,20 @@ class _Server(uvicorn.Server):
                     transport.abort()
 
 
+def _masked(secret: str) -> str:
+    """The secret is never printed (logs and CI output are widely readable): two chars, then *."""
+    return secret[:2] + "*" * max(len(secret) - 2, 6) if len(secret) > 8 else "*" * 8
+
+
+def _secret_source(args: argparse.Namespace) -> str:
+    """Where the operator finds the real secret."""
+    if args.client_secret:
+        return "the --client-secret you passed"
+    if "client_secret" in load_file(args.data.resolve()):
+        return f"client_secret in {args.data.resolve() / CONFIG_FILE}"
+    return "the built-in default, see DEFAULT_CLIENT_SECRET in d365sync.sandbox.dataverse.config"
+
+
 def run(args: argparse.Namespace) -> int:
     from d365sync.sandbox.dataverse.app import create_app
     from d365sync.sandbox.dataverse.seed import ensure_currencies, seed
@@ -170,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         f"  env url:       {config.env_url}  (scope {config.env_url}/.default)\n"
         f"  tenant:        {config.tenant}  (authority {base_url}/{config.tenant})\n"
         f"  client id:     {user.client_id}\n"
-        f"  client secret: {user.client_secret}\n"
+        f"  client secret: {_masked(user.client_secret)}  ({_secret_source(args)})\n"
         f"  data dir:      {config.data_dir}",
         flush=True,
     )

@@ -49,6 +49,15 @@ def bad_request(message: str, code: str = ODATA_BAD_REQUEST) -> DataverseError:
     return DataverseError(400, code, message)
 
 
+def url_too_long(limit: int) -> DataverseError:
+    """A request URL over the documented limit (reference §2: 32 KB, 64 KB inside $batch)."""
+    return DataverseError(
+        414,
+        ODATA_BAD_REQUEST,
+        f"The request URL is longer than {limit // 1024} KB; send the query in a $batch.",
+    )
+
+
 def not_found(message: str, code: str = OBJECT_DOES_NOT_EXIST) -> DataverseError:
     """A 404 (missing row or resource)."""
     return DataverseError(404, code, message)

@@ -49,6 +49,12 @@ _OPERATORS: dict[type, str] = {
     ast.Gt: ">",
     ast.GtE: ">=",
 }
+# Microsoft.OData's QueryParserSettings.DefaultFilterLimit: how deep a $filter may nest (a chain
+# of N terms joined by and/or nests N deep).
+MAX_FILTER_DEPTH = 800
+# A string literal can be no longer than a GET URL (reference §2: 32 KB); it also keeps LIKE
+# patterns under SQLite's limit (50,000 bytes), which a 64 KB $batch URL could otherwise exceed.
+MAX_STRING_LITERAL = 32 * 1024
 _OP_NAMES: dict[type, str] = {
     ast.Eq: "Equal",
     ast.NotEq: "NotEqual",
@@ -93,6 +99,30 @@ def parse(text: str) -> ast._Node:
         raise errors.bad_request(f"Invalid $filter expression '{text}': {exc}") from exc
 
 
+def check_limits(root: ast._Node) -> None:
+    """Refuse (400) filters nested deeper than :data:`MAX_FILTER_DEPTH` or with string literals
+    longer than :data:`MAX_STRING_LITERAL`; walks the tree without recursion."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_FILTER_DEPTH:
+            raise errors.bad_request(
+                f"The $filter expression is nested too deeply: the limit is {MAX_FILTER_DEPTH} "
+                "(recursion depth exceeded allowed limit)."
+            )
+        if isinstance(node, ast.String) and len(node.val) > MAX_STRING_LITERAL:
+            raise errors.bad_request(
+                f"A string literal in $filter is {len(node.val)} characters long; the maximum is "
+                f"{MAX_STRING_LITERAL}."
+            )
+        if isinstance(node, list | tuple):
+            stack.extend((child, depth) for child in node)
+        elif isinstance(node, ast._Node):
+            for value in vars(node).values() if hasattr(node, "__dict__") else ():
+                if isinstance(value, ast._Node | list | tuple):
+                    stack.append((value, depth + 1))
+
+
 class FilterCompiler:
     """Compile one AST for one table; ``alias`` is the SQL alias of the queried table."""
 
@@ -102,15 +132,24 @@ class FilterCompiler:
 
     def compile(self, text: str) -> tuple[str, list[Any]]:
         node = parse(text)
+        check_limits(node)
         result = self.boolean(node)
         return result.sql, result.params
 
     # -- boolean level ----------------------------------------------------------------------
     def boolean(self, node: ast._Node) -> Operand:
         if isinstance(node, ast.BoolOp):
-            left, right = self.boolean(node.left), self.boolean(node.right)
-            op = "AND" if isinstance(node.op, ast.And) else "OR"
-            return Operand(f"({left.sql} {op} {right.sql})", left.params + right.params)
+            # A chain ``a or b or c`` is one flat SQL ``(a OR b OR c)``: nesting it as the parser
+            # does would overflow SQLite's parser stack (and Python's) long before our limit.
+            kind, terms, stack = type(node.op), [], [node]
+            while stack:
+                item = stack.pop()
+                if isinstance(item, ast.BoolOp) and type(item.op) is kind:
+                    stack += [item.right, item.left]
+                else:
+                    terms.append(self.boolean(item))
+            op = " AND " if kind is ast.And else " OR "
+            return Operand(f"({op.join(t.sql for t in terms)})", [p for t in terms for p in t.params])
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             inner = self.boolean(node.operand)
             return Operand(f"(NOT {inner.sql})", inner.params)

@@ -218,6 +218,12 @@ class DataverseSandbox:
         return self._admin("POST", "/_sandbox/knobs", knobs)
 
     def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = requests.request(method, self.base_url + path, json=body, verify=self.verify, timeout=30)
+        """An admin call; writes carry JSON and the client secret in the admin header."""
+        headers = {"X-Sandbox-Admin-Secret": self.client_secret} if method != "GET" else {}
+        if method != "GET" and body is None:
+            body = {}
+        response = requests.request(
+            method, self.base_url + path, json=body, headers=headers, verify=self.verify, timeout=30
+        )
         response.raise_for_status()
         return response.json()

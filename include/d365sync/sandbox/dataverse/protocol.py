@@ -19,6 +19,10 @@ from d365sync.sandbox.dataverse.identity import Caller
 
 JSON_TYPE = "application/json; odata.metadata=minimal"
 API_VERSIONS = ("v9.0", "v9.1", "v9.2")
+# Request limits, from the reference (§2) and the OData library Dataverse runs on.
+MAX_URL_LENGTH = 32 * 1024  # a GET URL (§2)
+MAX_BATCH_URL_LENGTH = 64 * 1024  # a request URL inside $batch (§2)
+MAX_JSON_DEPTH = 100  # Microsoft.OData ODataMessageQuotas.MaxNestingDepth default
 
 
 @dataclass
@@ -50,8 +54,23 @@ class ApiRequest:
         return None
 
     def json_body(self) -> Any:
+        """The body as JSON: ``Content-Type: application/json`` only (reference §2), nested at
+        most :data:`MAX_JSON_DEPTH` levels (deeper input is refused before it is parsed)."""
         if not self.body.strip():
             raise errors.bad_request("The request body is empty; a JSON object is required.")
+        media = (self.header("content-type") or "").split(";", 1)[0].strip().lower()
+        if media != "application/json" and (media or not self.in_batch):
+            raise errors.DataverseError(
+                415,
+                errors.PAYLOAD_ERROR,
+                f"The media type '{media or '(none)'}' is not supported; the request body must be "
+                "sent with Content-Type: application/json.",
+            )
+        if json_depth(self.body) > MAX_JSON_DEPTH:
+            raise errors.bad_request(
+                f"The JSON payload is nested deeper than the maximum of {MAX_JSON_DEPTH} levels.",
+                errors.PAYLOAD_ERROR,
+            )
         try:
             return json.loads(self.body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -69,6 +88,21 @@ class ApiResponse:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(body: bytes) -> int:
+    """How deep ``[`` / ``{`` nest in a JSON text (brackets inside strings do not count)."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # cannot be deeper than the limit: skip the scan
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub(b'""', body)):
+        depth += 1 if bracket in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> ApiResponse:

@@ -35,6 +35,7 @@ from d365sync.sandbox.dataverse.schema import TABLES, Column, Table, type_column
 from d365sync.sandbox.dataverse.store import Store
 
 MAX_PAGE = 5000
+MAX_ORDERBY_TERMS = 800  # Microsoft.OData QueryParserSettings.DefaultOrderByLimit
 COUNT_CAP = 5000
 TOKEN_TIME = "%m/%d/%Y %H:%M:%S"
 _SUPPORTED = frozenset(
@@ -122,7 +123,12 @@ def parse_orderby(table: Table, text: str | None) -> list[tuple[Column, bool]]:
     if not text:
         return []
     order: list[tuple[Column, bool]] = []
-    for item in split_top_level(text):
+    items = split_top_level(text)
+    if len(items) > MAX_ORDERBY_TERMS:
+        raise errors.bad_request(
+            f"The $orderby expression has {len(items)} terms; the limit is {MAX_ORDERBY_TERMS}."
+        )
+    for item in items:
         parts = item.split()
         column = table.by_value_name(parts[0])
         if column is None:
@@ -130,7 +136,8 @@ def parse_orderby(table: Table, text: str | None) -> list[tuple[Column, bool]]:
         direction = parts[1].lower() if len(parts) > 1 else "asc"
         if direction not in ("asc", "desc") or len(parts) > 2:
             raise errors.bad_request(f"Syntax error in $orderby near '{item}'.")
-        order.append((column, direction == "desc"))
+        if all(column.name != seen.name for seen, _ in order):  # a repeated column changes nothing
+            order.append((column, direction == "desc"))
     return order
 
 
@@ -235,7 +242,8 @@ class Reader:
         if tracking and "snap" not in state:
             state["snap"] = self.store.current_version
         orderby = options.orderby if not tracking else []
-        rows, more = self._page(table, options, orderby, state, page_size=options.top or options.page_size)
+        page_size = options.top if options.top is not None else options.page_size  # $top=0: no rows
+        rows, more = self._page(table, options, orderby, state, page_size=page_size)
         body: dict[str, Any] = {"@odata.context": _context(req, table, options)}
         if options.count:
             total = self._count(table, options)

@@ -29,6 +29,7 @@ from d365sync.sandbox.dataverse.errors import DataverseError
 from d365sync.sandbox.dataverse.limits import Counters, ServiceProtection
 from d365sync.sandbox.dataverse.protocol import (
     API_VERSIONS,
+    MAX_BATCH_URL_LENGTH,
     ApiRequest,
     ApiResponse,
     empty_response,
@@ -318,6 +319,8 @@ class Dataverse:
     def _part(self, req: ApiRequest, part: BatchPart, *, changeset: bool) -> Outcome:
         """Execute one batch part through the same dispatcher as a plain HTTP request."""
         try:
+            if len(part.url or "") > MAX_BATCH_URL_LENGTH:
+                raise errors.url_too_long(MAX_BATCH_URL_LENGTH)
             path, query, version = self._part_target(req, part.url or "")
         except DataverseError as exc:
             outcome = Outcome(error_response(exc))

@@ -18,7 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from d365sync.sandbox.dataverse import errors
 from d365sync.sandbox.dataverse.schema import TABLES, Table, ddl, missing_columns
+
+# SQLite's own size limits; a query past them is the client's (a 400), not a sandbox fault.
+_TOO_COMPLEX = (
+    "parser stack overflow",
+    "expression tree is too large",
+    "too many terms",
+    "pattern too complex",
+    "too many sql variables",
+)
 
 DB_FILE = "dataverse.sqlite3"
 
@@ -101,11 +111,11 @@ class Store:
 
     # -- reads -----------------------------------------------------------------------------
     def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self.lock:
+        with self.lock, _query_limits():
             return self._conn.execute(sql, params).fetchall()
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        with self.lock:
+        with self.lock, _query_limits():
             row = self._conn.execute(sql, params).fetchone()
             return row[0] if row else None
 
@@ -171,3 +181,14 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         with self.lock:
             self._conn.execute("INSERT OR REPLACE INTO _meta (key, value) VALUES (?, ?)", (key, value))
+
+
+@contextmanager
+def _query_limits() -> Iterator[None]:
+    """Turn SQLite's "query too large" errors into a Dataverse 400."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if any(text in str(exc).lower() for text in _TOO_COMPLEX):
+            raise errors.bad_request(f"The query is too complex to run: {exc}.") from None
+        raise
