@@ -174,8 +174,13 @@ def test_an_incremental_run_over_the_threshold_alerts_and_goes_on(env: Env) -> N
 
 
 def test_reconcile_repairs_of_inventory_go_through_a_green_run(env: Env) -> None:
-    products = env.dynamics_rows("products", ["productnumber", "quantityonhand"])
-    number = next(p["productnumber"] for p in products if p["quantityonhand"])
+    stocked = env.erp_rows(
+        "SELECT ITEM_NO FROM ITEM_STOCK GROUP BY ITEM_NO HAVING SUM(QTY_ON_HAND) > 0 ORDER BY ITEM_NO"
+    )
+    number = str(stocked[0][0]).strip()  # an ERP item with stock, so a product both sides hold
+    assert env.dynamics_rows("products", ["quantityonhand"], f"productnumber eq '{number}'")[0][
+        "quantityonhand"
+    ]
     env.dynamics.upsert_many(
         "products", "productnumber", [{"productnumber": number, "quantityonhand": 0}], logical_name="product"
     )
