@@ -23,6 +23,7 @@ from d365sync.sandbox.soak import (
     parse_duration,
     stop_group,
     task_error,
+    verdict,
 )
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -92,6 +93,14 @@ def test_a_chained_cycle_waits_for_children_to_start_after_their_parents_ended()
     assert "orders" in cycle(runs, since, ORDER, UPSTREAM, chain=False)
 
 
+def test_a_run_is_judged_only_if_it_started_before_the_cutoff() -> None:
+    cutoff = T0 + timedelta(minutes=10)
+    assert verdict(_run("failed", 12, 13), cutoff) == "failed"  # finished runs are always judged
+    assert verdict(_run("running", 9), cutoff) == "stuck"
+    assert verdict(_run("running", 11), cutoff) == "in flight"
+    assert verdict(_run("queued", None), cutoff) == "in flight"
+
+
 def _log(tmp_path: Path, lines: list[Any]) -> Path:
     path = tmp_path / "dag_id=sync_x" / "run_id=r:1+0" / "task_id=validate" / "attempt=2.log"
     path.parent.mkdir(parents=True)
@@ -127,6 +136,7 @@ def test_drift_allowed_only_on_pending_keys_and_one_sided_records_by_design() ->
     assert _allowed(spec, {"kind": "differs"}, pending=False) is None
     assert _allowed(spec, {"kind": "only_dynamics"}, pending=False)
     assert _allowed(spec, {"kind": "only_erp"}, pending=False) is None
+    assert _allowed(spec, {"kind": "differs"}, pending=False, at_baseline=True)
 
 
 def test_dead_letter_reasons_group_without_record_values() -> None:
@@ -137,7 +147,7 @@ def test_the_report_fails_without_checks_or_with_one_failed() -> None:
     report = SoakReport(options={"duration": 60}, workdir="/tmp/x")
     assert not report.ok
     report.checks = [Check("runs_green", "runs", True), Check("waits", "waits", False, ["late"])]
-    assert not report.ok and "[FAIL] waits" in report.render() and "RESULT: FAIL" in report.render()
+    assert not report.ok and "[FAIL] waits: waits" in report.render() and "RESULT: FAIL" in report.render()
     report.checks[1].ok = True
     assert report.ok and json.loads(report.to_json())["checks"][0]["id"] == "runs_green"
 

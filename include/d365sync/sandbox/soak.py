@@ -18,10 +18,13 @@
    dead-letter queue with a reason.
 4. **Fix**: ``Simulator.fix()`` repairs each bad value at its source; the runner waits for one
    more full cycle that started after the fix. Runs that started before the fix never count.
-5. **Drain**: the entity DAGs are paused and running runs finish (queued ones never start).
-6. **Report**: every DAG run and its state (from the REST API), failed runs with the failing task
+5. **Drain**: the *cutoff* is the moment that cycle was complete; every run that started before
+   it must finish. The DAGs stay unpaused (the scheduler skips paused DAGs, so pausing would
+   freeze a running run half-way); a run that started after the cutoff is "in flight", not judged.
+6. **Report**: every DAG run and its verdict (from the REST API), failed runs with the failing task
    and the error line of its log, tries beyond the first, dead letters by entity/stage/reason,
-   what is pending, and a drift compare of both systems (``engine.reconcile.compare``).
+   what is pending, and a drift compare of both systems (``engine.reconcile.compare``; the runs
+   still going then have nothing left to write once the systems converged).
 
 A **cycle** after time *T*: for each entity in dependency order (the DAGs' own asset schedules:
 orders after customers), a *finished* run whose ``start_date`` is after *T* and after the cycle's
@@ -117,6 +120,9 @@ class RunInfo:
     end_date: str | None
     failures: list[TaskFailure] = field(default_factory=list)
     report_error: str | None = None  # the state store's run report (record_failed_run)
+    # success | failed | stuck (not finished though it started before the cutoff) |
+    # in flight (started after the cutoff, or not started: not judged)
+    verdict: str = ""
 
 
 @dataclass
@@ -144,8 +150,10 @@ class SoakReport:
     baseline_pending: list[str] = field(default_factory=list)
     new_pending: list[str] = field(default_factory=list)
     drift: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline_drift: dict[str, Any] = field(default_factory=dict)  # entity → items after the first sync
     checks: list[Check] = field(default_factory=list)
     error: str | None = None  # the harness itself failed (a process died, a system refused to start)
+    cutoff: str | None = None  # when the post-fix cycle was complete: runs started before it are judged
 
     @property
     def ok(self) -> bool:
@@ -515,6 +523,8 @@ class Soak:
         self.baseline: dict[str, set[tuple[str, ...]]] = {}
         self.before_fix: list[Any] = []  # dead letters pending right before the fix
         self._commits: dict[tuple[str, str], datetime | None] = {}
+        self.cutoff: datetime | None = None  # runs that started before it are judged
+        self.baseline_drift: dict[str, list[dict[str, Any]] | str] = {}
         self.sim: Any = None
 
     # -- phases ----------------------------------------------------------------------------
@@ -559,6 +569,7 @@ class Soak:
             self._wait_runs("baseline cycle", dict.fromkeys(self.order, unpaused), chain=True)
         self.baseline = self._pending()
         self.report.baseline_pending = _listing(self.baseline)
+        self.baseline_drift = self._compare()
         with self._phase("users"):
             self._simulate()
         with self._phase("bad values seen"):
@@ -572,9 +583,11 @@ class Soak:
         with self._phase("post-fix cycle"):
             self._wait_runs("post-fix cycle", dict.fromkeys(self.order, fixed_at), chain=True)
         with self._phase("drain"):
-            for entity in self.order:
-                api.set_paused(self.dag_ids[entity], True)
-            self._drain()
+            # No pausing: a paused DAG's running run is frozen mid-way (the scheduler skips paused
+            # DAGs), so the DAGs keep running and the runs that started before the cutoff must end.
+            self.cutoff = _now()
+            self.report.cutoff = self.cutoff.isoformat()
+            self._drain(self.cutoff)
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -653,14 +666,15 @@ class Soak:
             self._commits[key] = ends[0] if ends else None
         return self._commits[key]
 
-    def _drain(self) -> None:
+    def _drain(self, cutoff: datetime) -> None:
+        """Until every run that started before ``cutoff`` is finished."""
         deadline = time.monotonic() + self.opts.phase_timeout
         while True:
             running = [
                 f"{d} {r['dag_run_id']}"
                 for d in self.dag_ids.values()
                 for r in self.stack.api.runs(d)
-                if r["state"] == "running"
+                if verdict(r, cutoff) == "stuck"
             ]
             if not running:
                 self.report.waits["drain"] = "ok"
@@ -713,6 +727,9 @@ class Soak:
         pending_keys = {(e, k) for items in pending.values() for e, k, *_ in items}
         report.bad_values = self._bad_values(self.before_fix, pending) if self.sim else []
         report.drift = self._drift(pending_keys) if self.order else {}
+        report.baseline_drift = {
+            e: items if isinstance(items, str) else len(items) for e, items in self.baseline_drift.items()
+        }
         report.checks = self._checks()
 
     def _run_infos(self) -> list[RunInfo]:
@@ -729,7 +746,8 @@ class Soak:
                         run["start_date"],
                         run["end_date"],
                     )
-                    if run["state"] not in ("success", "queued"):
+                    info.verdict = verdict(run, self.cutoff or _now())
+                    if info.verdict in ("failed", "stuck"):
                         info.failures = self._failures(dag_id, run["dag_run_id"])
                         stored = store.run_report(run["dag_run_id"], entity)
                         info.report_error = stored.error if stored is not None else None
@@ -791,20 +809,18 @@ class Soak:
                 )
         return out
 
-    def _drift(self, pending_keys: set[tuple[str, str]]) -> dict[str, dict[str, Any]]:
-        """``engine.reconcile.compare`` per entity; drift on pending keys, or one-sided by design, is fine."""
-        from d365sync.engine.reconcile import compare
+    def _compare(self) -> dict[str, list[dict[str, Any]] | str]:
+        """:func:`compare_systems` per entity: its drift items, or why the compare failed."""
         from d365sync.engine.stages.context import RunContext
 
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, list[dict[str, Any]] | str] = {}
         with ExitStack() as clients:
             dynamics = clients.enter_context(self.stack.dynamics())
             erp = clients.enter_context(self.stack.erp())
             store = clients.enter_context(self.stack.store())
             for entity in self.order:
-                spec = self.specs[entity]
                 ctx = RunContext(
-                    spec=spec,
+                    spec=self.specs[entity],
                     dynamics=dynamics,
                     erp=erp,
                     store=store,
@@ -813,30 +829,42 @@ class Soak:
                     dry_run=True,
                 )
                 try:
-                    items, _ = compare(ctx)
+                    out[entity] = compare_systems(ctx)
                 except Exception as exc:  # a record one side cannot even read is drift too
-                    out[entity] = {
-                        "error": f"{type(exc).__name__}: {exc}"[:500],
-                        "unexpected": [],
-                        "allowed": {},
-                    }
-                    continue
-                allowed: Counter[str] = Counter()
-                unexpected = []
-                for item in items:
-                    why = _allowed(spec, item, (entity, item["key"]) in pending_keys)
-                    if why:
-                        allowed[why] += 1
-                    else:
-                        unexpected.append(item)
-                out[entity] = {"total": len(items), "allowed": dict(allowed), "unexpected": unexpected}
+                    out[entity] = f"{type(exc).__name__}: {exc}"[:500]
+        return out
+
+    def _drift(self, pending_keys: set[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+        """The end's drift, each item either allowed (and counted by why) or unexpected."""
+        baseline = {
+            (entity, _signature(item))
+            for entity, items in self.baseline_drift.items()
+            if not isinstance(items, str)
+            for item in items
+        }
+        out: dict[str, dict[str, Any]] = {}
+        for entity, items in self._compare().items():
+            if isinstance(items, str):
+                out[entity] = {"error": items, "total": 0, "allowed": {}, "unexpected": []}
+                continue
+            allowed: Counter[str] = Counter()
+            unexpected = []
+            for item in items:
+                key = (entity, item["key"])
+                at_baseline = (entity, _signature(item)) in baseline
+                why = _allowed(self.specs[entity], item, key in pending_keys, at_baseline)
+                if why:
+                    allowed[why] += 1
+                else:
+                    unexpected.append(item)
+            out[entity] = {"total": len(items), "allowed": dict(allowed), "unexpected": unexpected}
         return out
 
     # -- checks ------------------------------------------------------------------------------
     def _checks(self) -> list[Check]:
         r = self.report
         finished = [x for x in r.runs if x.state in FINAL]
-        not_green = [x for x in r.runs if x.state not in ("success", "queued")]
+        not_green = [x for x in r.runs if x.verdict in ("failed", "stuck")]
         checks = [
             Check(
                 "waits",
@@ -966,18 +994,66 @@ def cycle(
     return found
 
 
+def verdict(run: Mapping[str, Any], cutoff: datetime) -> str:
+    """``success`` / ``failed`` for a finished run; ``stuck`` for one that started before the cutoff
+    and is not finished; ``in flight`` for one that started after it or never started."""
+    if run["state"] in FINAL:
+        return str(run["state"])
+    start = _when(run.get("start_date"))
+    return "stuck" if start is not None and start <= cutoff else "in flight"
+
+
 def _listing(pending: Mapping[str, set[tuple[str, ...]]]) -> list[str]:
     return sorted(f"{kind}: {' '.join(map(str, item))}" for kind, items in pending.items() for item in items)
 
 
-def _allowed(spec: Any, item: Mapping[str, Any], pending: bool) -> str | None:
+def _allowed(spec: Any, item: Mapping[str, Any], pending: bool, at_baseline: bool = False) -> str | None:
+    """Why a drift item is no failure, or None: a pending key (dead-lettered, parked, in review), a
+    record one side keeps by design (``creates`` off towards the other), or the very same drift
+    (key, kind and differing fields) as right after the first sync, before any user edit (e.g. an
+    invoice whose order exists only in the ERP: its Dynamics order lookup stays empty by design). A
+    user's edit that does not sync adds its field to the item, so it never matches the baseline's
+    (unless that very field already differed then)."""
     if pending:
         return "pending key (dead letter, parked or in review)"
     if item["kind"] == "only_dynamics" and not spec.creates.to_erp:
         return "Dynamics-only by design (creates.to_erp off)"
     if item["kind"] == "only_erp" and not spec.creates.to_dynamics:
         return "ERP-only by design (creates.to_dynamics off)"
+    if at_baseline:
+        return "the same drift as after the first sync"
     return None
+
+
+def _signature(item: Mapping[str, Any]) -> tuple[str, str, tuple[str, ...]]:
+    why = item.get("why")
+    fields = tuple(sorted(w["field"] for w in why)) if isinstance(why, list) else ()
+    return (str(item["key"]), str(item["kind"]), fields)
+
+
+def compare_systems(ctx: Any) -> list[dict[str, Any]]:
+    """``engine.reconcile``'s full compare by field hashes, with one difference: a Dynamics record is
+    left out when its ``statecode`` is the entity's *inactive* state, not whenever it is non-zero
+    (``reconcile.compare`` keeps only ``statecode == 0``, so a paid invoice (2) or a fulfilled
+    order (3) would look missing in Dynamics). Items: ``{"key", "kind", "why"}`` as reconcile's."""
+    from d365sync.engine import reconcile as rc
+    from d365sync.engine.stages.context import chunked
+
+    spec, fields = ctx.spec, rc.shared_fields(ctx)
+    inactive = spec.dynamics.inactive_state
+    rows = ctx.dynamics.iter_rows(spec.dynamics.entity_set, spec.dynamics_select)
+    active = (r for r in rows if r.get("statecode", 0) != inactive)
+    seen = {key: rc.field_hashes(record, fields) for key, record, _ in rc._canonical(ctx, "dynamics", active)}
+    drift: list[dict[str, Any]] = []
+    for chunk in chunked(rc.erp_records(ctx), ctx.chunk_size):
+        bases = ctx.store.load_base(ctx.entity, "erp", [k for k, _, _ in chunk])
+        for key, record, _ in chunk:
+            mine = rc.field_hashes(record, fields)
+            item = rc._differs(key, mine, seen.pop(key, None), bases.get(key), fields)
+            if item:
+                drift.append(item)
+    drift += [{"key": k, "kind": "only_dynamics", "why": "no active ERP row"} for k in sorted(seen)]
+    return drift
 
 
 def _drift_line(item: Mapping[str, Any]) -> str:
@@ -1029,18 +1105,19 @@ def _render(r: SoakReport) -> Iterator[str]:
     if r.error:
         yield f"HARNESS ERROR: {r.error}"
     yield "phases: " + ", ".join(f"{k} {_clock(v)}" for k, v in r.phases.items())
+    verdicts = ("success", "failed", "stuck", "in flight")
     by_dag: dict[str, Counter[str]] = {}
     for run in r.runs:
-        by_dag.setdefault(run.dag_id, Counter())[run.state] += 1
-    total = Counter(run.state for run in r.runs)
+        by_dag.setdefault(run.dag_id, Counter())[run.verdict or run.state] += 1
+    total = Counter(run.verdict or run.state for run in r.runs)
     yield ""
     yield f"Runs: {len(r.runs)} (" + ", ".join(f"{s} {n}" for s, n in sorted(total.items())) + ")"
-    yield "| DAG | runs | success | failed | running | queued (never started) |"
+    yield "| DAG | runs | success | failed | stuck (started before the cutoff) | in flight at the end |"
     yield "|---|---:|---:|---:|---:|---:|"
     for dag_id, counts in sorted(by_dag.items()):
-        cells = [sum(counts.values()), *(counts[s] for s in ("success", "failed", "running", "queued"))]
+        cells = [sum(counts.values()), *(counts[v] for v in verdicts)]
         yield f"| {dag_id} | " + " | ".join(map(str, cells)) + " |"
-    failed = [run for run in r.runs if run.state not in ("success", "queued")]
+    failed = [run for run in r.runs if run.verdict in ("failed", "stuck")]
     if failed:
         yield ""
         yield "Failed runs (failing task: error line of its log):"
@@ -1049,7 +1126,7 @@ def _render(r: SoakReport) -> Iterator[str]:
                 "; ".join(f"{f.task_id} (try {f.try_number}): {f.error}" for f in run.failures)
                 or "no failed task"
             )
-            yield f"  {run.dag_id} {run.run_id} [{run.state}] {tasks}"
+            yield f"  {run.dag_id} {run.run_id} [{run.verdict}] {tasks}"
     if r.retried_tasks:
         yield f"Tasks with more than one try: {len(r.retried_tasks)}"
         for line in r.retried_tasks[:20]:
@@ -1081,7 +1158,8 @@ def _render(r: SoakReport) -> Iterator[str]:
         for line in r.new_pending:
             yield f"  {line}"
     yield ""
-    yield "Drift (reconcile compare):"
+    yield "Drift (reconcile's compare by field hash; records inactive on both sides left out):"
+    yield "  after the first sync: " + ", ".join(f"{e} {n}" for e, n in r.baseline_drift.items())
     for entity, d in r.drift.items():
         if d.get("error"):
             yield f"  {entity}: compare failed: {d['error']}"
@@ -1093,7 +1171,7 @@ def _render(r: SoakReport) -> Iterator[str]:
     yield ""
     yield "Checks:"
     for check in r.checks:
-        yield f"  [{'ok' if check.ok else 'FAIL'}] {check.name}"
+        yield f"  [{'ok' if check.ok else 'FAIL'}] {check.id}: {check.name}"
         for detail in check.details[:15]:
             yield f"         {detail}"
     yield f"RESULT: {'PASS' if r.ok else 'FAIL'}"
