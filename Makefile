@@ -10,12 +10,13 @@ DEMO_PORT ?= 8765
 AIRFLOW_PORT ?= 8080
 DEMO_ROWS ?= 5000
 DEMO_ENV = DEMO_PORT=$(DEMO_PORT) AIRFLOW_PORT=$(AIRFLOW_PORT) DEMO_ROWS=$(DEMO_ROWS)
+DURATION ?= 30m
 
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON := $(PYTHON)
 export UV_LINK_MODE := copy
 
-.PHONY: demo stop sync test lint bench system-deps venv clean
+.PHONY: demo stop sync test lint bench soak system-deps venv clean
 
 system-deps:
 	@bash scripts/install-system-deps.sh
@@ -52,6 +53,13 @@ stop:
 # (var/demo/airflow-sync). Never touches the running demo's metadata DB.
 sync: system-deps venv
 	@$(DEMO_ENV) bash scripts/demo.sh sync
+
+# The long soak: every entity DAG every minute under a real scheduler for DURATION of simulated
+# users (bad values included), then fix, one more cycle, and the report: runs, failures, dead
+# letters, drift (d365sync.sandbox.soak). Exit status 1 when a check fails. SOAK_ARGS adds options
+# (--rows, --accounts, --rate, --bad-per-kind; `d365sync soak --help`).
+soak: system-deps venv
+	$(VENV)/bin/d365sync soak --duration $(DURATION) --workdir var/soak/$(shell date -u +%Y%m%dT%H%M%S) $(SOAK_ARGS)
 
 bench: venv
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(VENV)/bin/python $$script || exit 1; done

@@ -161,6 +161,24 @@ def test_deadline_follows_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert deadline_for(load_specs()["customers"], "sync_customers").interval == timedelta(minutes=45)
 
 
+def test_schedule_override_applies_to_every_entity_dag(monkeypatch: pytest.MonkeyPatch) -> None:
+    from d365sync.airflow.dag_factory import build_entity_dag, deadline_for, load_specs
+
+    specs = load_specs()
+    monkeypatch.delenv("D365SYNC_DEADLINE_MINUTES", raising=False)
+    monkeypatch.setenv("D365SYNC_SCHEDULE_OVERRIDE", "* * * * *")
+    for spec in specs.values():
+        dag = build_entity_dag(spec)
+        timetable = getattr(dag.timetable, "timetable", dag.timetable)  # AssetOrTimeSchedule wraps it
+        assert timetable.expression == "* * * * *", spec.name
+    assert deadline_for(specs["customers"], "sync_customers").interval == timedelta(minutes=5)  # the minimum
+    monkeypatch.setenv("D365SYNC_SCHEDULE_OVERRIDE", "every minute")
+    with pytest.raises(ValueError, match="D365SYNC_SCHEDULE_OVERRIDE"):
+        build_entity_dag(specs["customers"])
+    monkeypatch.delenv("D365SYNC_SCHEDULE_OVERRIDE")
+    assert build_entity_dag(specs["customers"]).timetable.expression == "*/10 * * * *"
+
+
 def test_retry_policy_fails_fast_waits_out_throttling_and_backs_off_otherwise() -> None:
     from airflow.sdk import RetryAction
 

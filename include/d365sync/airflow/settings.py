@@ -15,6 +15,8 @@ parse. Every setting has a default that makes the embedded demo work with nothin
 ``D365SYNC_CHUNK_SIZE``                rows per staging file and write batch (5000)
 ``D365SYNC_TASK_RETRIES``              task retries (3), exponential backoff from
 ``D365SYNC_RETRY_DELAY_SECONDS``       (30) up to ``D365SYNC_MAX_RETRY_DELAY_SECONDS`` (900)
+``D365SYNC_SCHEDULE_OVERRIDE``         one cron for every entity DAG instead of the entity files'
+                                       ``schedule`` (soak tests: ``* * * * *``); unset = per file
 ``D365SYNC_DEADLINE_MINUTES``          run deadline; default: the schedule's period, 5 to 120 min
 ``D365SYNC_DEADLINE_ALERTS``           ``false`` drops the DeadlineAlert (the runner does, see there)
 ``D365SYNC_DYNAMICS_POOL``             pool capping tasks that call Dataverse (``dynamics_api``)
@@ -101,6 +103,18 @@ def retries() -> Retries:
         timedelta(seconds=_number("D365SYNC_RETRY_DELAY_SECONDS", 30)),
         timedelta(seconds=_number("D365SYNC_MAX_RETRY_DELAY_SECONDS", 900)),
     )
+
+
+def schedule_override() -> str | None:
+    """``D365SYNC_SCHEDULE_OVERRIDE``: a cron applied to every entity DAG (None: each file's own)."""
+    cron = _env("D365SYNC_SCHEDULE_OVERRIDE")
+    if not cron:
+        return None
+    from croniter import croniter
+
+    if not croniter.is_valid(cron):
+        raise ValueError(f"D365SYNC_SCHEDULE_OVERRIDE={cron!r} is not a cron expression")
+    return cron
 
 
 def deadline_override() -> timedelta | None:
