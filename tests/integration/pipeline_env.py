@@ -3,16 +3,20 @@ SQLite ERP through the SQLite3 ODBC driver seeded by the ERP seeder, a SQLite st
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from d365sync.dynamics import DynamicsClient, DynamicsConfig
+import pytest
+
+from d365sync.dynamics import DynamicsClient
 from d365sync.engine.pipeline import RunResult, run_entity
 from d365sync.engine.state import StateStore
 from d365sync.erp import ErpClient
 from d365sync.sandbox.dataverse.process import DataverseSandbox
+from d365sync.sandbox.erp import sqlite_airflow_connection
 from d365sync.sandbox.erp.seeder import DirtyRates, init_sandbox
 from d365sync.spec import EntitySpec, dependency_order, load_entities
 
@@ -21,17 +25,15 @@ ORDER = tuple(dependency_order(load_entities(ENTITIES)))  # the runners' order: 
 EXTRA_CURRENCIES = ("CHF", "JPY", "SEK", "CAD")  # the ERP uses them; the sandbox seeds USD/EUR/GBP
 
 
-def dynamics_client(sandbox: DataverseSandbox) -> DynamicsClient:
-    return DynamicsClient(
-        DynamicsConfig(
-            environment_url=sandbox.base_url,
-            tenant_id=sandbox.tenant,
-            client_id=sandbox.client_id,
-            client_secret=sandbox.client_secret,
-            authority_host=sandbox.base_url,
-            verify=sandbox.verify,
-        )
-    )
+def sync_cli_connections(
+    sandbox: DataverseSandbox, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """Point ``d365sync sync`` at the sandbox, the ERP and the state store of ``Env.create(…, folder)``
+    through AIRFLOW_CONN_*; returns the ``--staging`` arguments."""
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(sandbox.airflow_connection()))
+    monkeypatch.setenv("AIRFLOW_CONN_ERP_DEFAULT", json.dumps(sqlite_airflow_connection(folder / "erp.db")))
+    monkeypatch.setenv("AIRFLOW_CONN_SYNC_STATE_DEFAULT", f"sqlite:///{folder / 'state.db'}")
+    return ["--staging", str(folder / "staging")]
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Env:
         erp = ErpClient(f"DRIVER={{SQLite3}};Database={folder / 'erp.db'};")
         clean = {name: 0.0 for name in DirtyRates.__dataclass_fields__}
         init_sandbox(erp, rows=rows, rates=DirtyRates(**(clean | rates)))
-        dynamics = dynamics_client(sandbox)
+        dynamics = sandbox.client()
         currencies = [
             {
                 "isocurrencycode": c,

@@ -10,7 +10,6 @@ stood in as "no base value" and that sentinel reached the review queue). Everyth
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from d365sync.engine.operations import apply_review_decisions
 from d365sync.engine.state import StateStore
 from d365sync.erp import ErpClient
 from d365sync.sandbox.dataverse.process import DataverseSandbox
-from tests.integration.pipeline_env import ENTITIES, Env, dynamics_client
+from tests.integration.pipeline_env import ENTITIES, Env, sync_cli_connections
 from tests.sandbox_fixtures import SandboxFactory
 
 pytestmark = pytest.mark.filterwarnings(
@@ -77,19 +76,8 @@ def test_a_first_sync_review_stays_open_on_the_next_run_and_its_decision_reaches
         number, erp_street = _seed_the_same_customer_in_dynamics(env)
     finally:
         env.close()
-    dynamics = {
-        "conn_type": "dynamics",
-        "host": sandbox.base_url,
-        "login": sandbox.client_id,
-        "password": sandbox.client_secret,
-        "extra": {"tenant_id": sandbox.tenant, "authority_host": sandbox.base_url},
-    }
-    erp = {"conn_type": "erp_odbc", "schema": str(tmp_path / "erp.db"), "extra": {"driver": "SQLite3"}}
-    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(dynamics))
-    monkeypatch.setenv("AIRFLOW_CONN_ERP_DEFAULT", json.dumps(erp))
-    monkeypatch.setenv("AIRFLOW_CONN_SYNC_STATE_DEFAULT", f"sqlite:///{tmp_path / 'state.db'}")
-    sync = ["sync", "customers", "--entities", str(_entities_with_reviewed_address(tmp_path))]
-    sync += ["--staging", str(tmp_path / "staging")]
+    staging = sync_cli_connections(sandbox, tmp_path, monkeypatch)
+    sync = ["sync", "customers", "--entities", str(_entities_with_reviewed_address(tmp_path)), *staging]
 
     def streets() -> tuple[str, str]:
         return _streets(sandbox, tmp_path, number)
@@ -136,7 +124,7 @@ def test_a_first_sync_review_stays_open_on_the_next_run_and_its_decision_reaches
 
 def _streets(sandbox: DataverseSandbox, folder: Path, number: str) -> tuple[str, str]:
     """(Dynamics street, ERP street) of one customer, read from each system."""
-    client = dynamics_client(sandbox)
+    client = sandbox.client()
     try:
         (row,) = client.iter_rows("accounts", ["address1_line1"], filter=f"accountnumber eq '{number}'")
     finally:

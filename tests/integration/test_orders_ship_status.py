@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from d365sync.cli import main
 from d365sync.sandbox.dataverse.metadata import attribute_definition
 from d365sync.sandbox.dataverse.schema import TABLES, ddl
 from d365sync.sandbox.dataverse.store import DB_FILE, Store
-from tests.integration.pipeline_env import Env
+from tests.integration.pipeline_env import Env, sync_cli_connections
 from tests.sandbox_fixtures import SandboxFactory
 
 pytestmark = pytest.mark.filterwarnings(
@@ -105,17 +104,7 @@ def cli(
 ) -> Iterator[Cli]:
     sandbox = dataverse_sandbox_factory(seed=10)
     env = Env.create(sandbox, tmp_path, rows=20)
-    dynamics = {
-        "conn_type": "dynamics",
-        "host": sandbox.base_url,
-        "login": sandbox.client_id,
-        "password": sandbox.client_secret,
-        "extra": {"tenant_id": sandbox.tenant, "authority_host": sandbox.base_url},
-    }
-    erp = {"conn_type": "erp_odbc", "schema": str(tmp_path / "erp.db"), "extra": {"driver": "SQLite3"}}
-    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(dynamics))
-    monkeypatch.setenv("AIRFLOW_CONN_ERP_DEFAULT", json.dumps(erp))
-    monkeypatch.setenv("AIRFLOW_CONN_SYNC_STATE_DEFAULT", f"sqlite:///{tmp_path / 'state.db'}")
+    sync_cli_connections(sandbox, tmp_path, monkeypatch)
     cli = Cli(env, tmp_path / "staging", capsys)
     cli.sync("customers")
     cli.sync("orders")

@@ -20,7 +20,7 @@ from d365sync.engine.stages import RunContext
 from d365sync.engine.state import DeadLetter, StateStore
 from d365sync.erp import ErpClient
 from d365sync.spec import load_entities
-from tests.integration.pipeline_env import ENTITIES, Env, dynamics_client
+from tests.integration.pipeline_env import ENTITIES, Env, sync_cli_connections
 from tests.sandbox_fixtures import SandboxFactory
 
 pytestmark = pytest.mark.filterwarnings(
@@ -68,12 +68,8 @@ def test_unreadable_values_become_dead_letters_the_rest_syncs_and_a_fix_at_the_s
         ("text",)
     ]
 
-    erp = {"conn_type": "erp_odbc", "schema": str(tmp_path / "erp.db"), "extra": {"driver": "SQLite3"}}
-    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(_dynamics_conn(sandbox)))
-    monkeypatch.setenv("AIRFLOW_CONN_ERP_DEFAULT", json.dumps(erp))
-    monkeypatch.setenv("AIRFLOW_CONN_SYNC_STATE_DEFAULT", f"sqlite:///{tmp_path / 'state.db'}")
-    sync = ["sync", "--all", "--staging", str(tmp_path / "staging")]
-    dynamics = dynamics_client(sandbox)
+    sync = ["sync", "--all", *sync_cli_connections(sandbox, tmp_path, monkeypatch)]
+    dynamics = sandbox.client()
     request.addfinalizer(dynamics.close)
 
     def accounts() -> dict[str, Any]:
@@ -146,13 +142,3 @@ def _reconcile_invoices(folder: Path, dynamics: Any) -> list[dict[str, Any]]:
         ctx = RunContext(spec, dynamics, erp, store, folder / "staging")
         summary = reconcile(ctx, folder / "reports", queue_repairs=False)
     return list(json.loads(Path(summary["report"]).read_text())["drift"])
-
-
-def _dynamics_conn(sandbox: Any) -> dict[str, Any]:
-    return {
-        "conn_type": "dynamics",
-        "host": sandbox.base_url,
-        "login": sandbox.client_id,
-        "password": sandbox.client_secret,
-        "extra": {"tenant_id": sandbox.tenant, "authority_host": sandbox.base_url},
-    }

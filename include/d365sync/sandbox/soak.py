@@ -328,18 +328,7 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def dynamics(self) -> Any:
-        from d365sync.dynamics import DynamicsClient, DynamicsConfig
-
-        sandbox = self.sandbox
-        return DynamicsClient(
-            DynamicsConfig(
-                environment_url=sandbox.base_url,
-                tenant_id=sandbox.tenant,
-                client_id=sandbox.client_id,
-                client_secret=sandbox.client_secret,
-                authority_host=sandbox.base_url,
-            )
-        )
+        return self.sandbox.client()
 
     def erp(self) -> Any:
         from d365sync.erp import ErpClient
@@ -444,18 +433,12 @@ def stack(opts: SoakOptions, workdir: Path) -> Iterator[Stack]:
 
 
 def _connections(sandbox: Any, workdir: Path) -> dict[str, str]:
-    dynamics = {
-        "conn_type": "dynamics",
-        "host": sandbox.base_url,
-        "login": sandbox.client_id,
-        "password": sandbox.client_secret,
-        "extra": {"tenant_id": sandbox.tenant, "authority_host": sandbox.base_url},
-    }
-    erp = {"conn_type": "erp_odbc", "schema": str(workdir / "erp.db"), "extra": {"driver": "SQLite3"}}
+    from d365sync.sandbox.erp import sqlite_airflow_connection
+
     state = {"conn_type": "sqlite", "host": str(workdir / "state.db")}
     return {
-        "AIRFLOW_CONN_DYNAMICS_DEFAULT": json.dumps(dynamics),
-        "AIRFLOW_CONN_ERP_DEFAULT": json.dumps(erp),
+        "AIRFLOW_CONN_DYNAMICS_DEFAULT": json.dumps(sandbox.airflow_connection()),
+        "AIRFLOW_CONN_ERP_DEFAULT": json.dumps(sqlite_airflow_connection(workdir / "erp.db")),
         "AIRFLOW_CONN_SYNC_STATE_DEFAULT": json.dumps(state),
     }
 

@@ -14,9 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
+
+if TYPE_CHECKING:
+    from d365sync.dynamics import DynamicsClient
 
 DEFAULT_CLIENT_ID = "51f81489-12ee-4a9e-aaae-a2591f45987d"
 DEFAULT_CLIENT_SECRET = "sandbox-secret"
@@ -175,6 +178,36 @@ class DataverseSandbox:
     def verify(self) -> str | bool:
         """The ``verify=`` value for requests (the CA bundle under TLS)."""
         return self.ca_bundle or True
+
+    # -- clients -----------------------------------------------------------------------------------
+    def airflow_connection(self) -> dict[str, Any]:
+        """The ``dynamics`` Airflow connection for this sandbox, as ``AIRFLOW_CONN_DYNAMICS_DEFAULT``
+        takes it (JSON): the default app user, and the CA bundle under TLS."""
+        extra: dict[str, Any] = {"tenant_id": self.tenant, "authority_host": self.base_url}
+        if self.ca_bundle:
+            extra["ca_bundle"] = self.ca_bundle
+        return {
+            "conn_type": "dynamics",
+            "host": self.base_url,
+            "login": self.client_id,
+            "password": self.client_secret,
+            "extra": extra,
+        }
+
+    def client(self) -> DynamicsClient:
+        """A :class:`~d365sync.dynamics.DynamicsClient` for the default app user (close it)."""
+        from d365sync.dynamics import DynamicsClient, DynamicsConfig
+
+        return DynamicsClient(
+            DynamicsConfig(
+                environment_url=self.base_url,
+                tenant_id=self.tenant,
+                client_id=self.client_id,
+                client_secret=self.client_secret,
+                authority_host=self.base_url,
+                verify=self.verify,
+            )
+        )
 
     # -- helpers -----------------------------------------------------------------------------------
     def token(self, *, fresh: bool = False) -> str:
