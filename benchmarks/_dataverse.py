@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from d365sync.dynamics import DynamicsClient, DynamicsConfig
+from d365sync.dynamics import DynamicsClient
 from d365sync.sandbox.dataverse.process import DataverseSandbox
 
 T = TypeVar("T")
@@ -27,16 +27,7 @@ def sandbox(seed: int, **options: Any) -> Iterator[DataverseSandbox]:
 
 
 def client_for(instance: DataverseSandbox, **overrides: Any) -> DynamicsClient:
-    config = DynamicsConfig(
-        environment_url=instance.base_url,
-        tenant_id=instance.tenant,
-        client_id=instance.client_id,
-        client_secret=instance.client_secret,
-        authority_host=instance.base_url,
-        verify=instance.verify,
-        **overrides,
-    )
-    return DynamicsClient(config)
+    return instance.client(**overrides)
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:

@@ -86,26 +86,18 @@ def airflow_runs(folder: Path, rows: int) -> list[dict[str, Any]]:
 
 def direct_runs(folder: Path, rows: int) -> list[dict[str, Any]]:
     from d365sync.airflow.dag_factory import entity_order, load_specs
-    from d365sync.dynamics import DynamicsClient, DynamicsConfig
     from d365sync.engine.pipeline import run_entity
     from d365sync.engine.state import StateStore
     from d365sync.erp import ErpClient
 
     sandbox, odbc = systems(folder, rows)
     specs = load_specs()
-    cfg = DynamicsConfig(
-        environment_url=sandbox.base_url,
-        tenant_id=sandbox.tenant,
-        client_id=sandbox.client_id,
-        client_secret=sandbox.client_secret,
-        authority_host=sandbox.base_url,
-    )
     out = []
     try:
         with StateStore.open(f"sqlite:///{folder / 'state.db'}") as store, ErpClient(odbc) as erp:
             for label in ("initial", "incremental"):
                 for name in entity_order(specs):
-                    with DynamicsClient(cfg) as dv:
+                    with sandbox.client() as dv:
                         t = time.perf_counter()
                         result = run_entity(
                             specs[name], dynamics=dv, erp=erp, store=store, staging=str(folder / "staging")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from d365sync.dynamics import DynamicsClient, DynamicsConfig
+from d365sync.dynamics import DynamicsClient
 from d365sync.erp import ErpClient
 from d365sync.sandbox.dataverse.process import DataverseSandbox
 from d365sync.sandbox.erp import tables as t
@@ -36,15 +36,8 @@ def _rows(erp: ErpClient, spec: Any, *columns: str) -> list[dict[str, Any]]:
 @pytest.fixture
 def systems(tmp_path: Path, dataverse_sandbox_factory: Any) -> Iterator[tuple[DynamicsClient, ErpClient]]:
     sandbox: DataverseSandbox = dataverse_sandbox_factory(seed=0)
-    config = DynamicsConfig(
-        environment_url=sandbox.base_url,
-        tenant_id=sandbox.tenant,
-        client_id=sandbox.client_id,
-        client_secret=sandbox.client_secret,
-        authority_host=sandbox.base_url,
-    )
     with (
-        DynamicsClient(config) as dynamics,
+        sandbox.client() as dynamics,
         ErpClient(f"DRIVER={{SQLite3}};Database={tmp_path / 'erp.db'};") as erp,
     ):
         init_sandbox(erp, rows=40, seed=3)

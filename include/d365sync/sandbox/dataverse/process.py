@@ -194,8 +194,9 @@ class DataverseSandbox:
             "extra": extra,
         }
 
-    def client(self) -> DynamicsClient:
-        """A :class:`~d365sync.dynamics.DynamicsClient` for the default app user (close it)."""
+    def client(self, **overrides: Any) -> DynamicsClient:
+        """A :class:`~d365sync.dynamics.DynamicsClient` for the default app user (close it);
+        ``overrides`` are further :class:`~d365sync.dynamics.DynamicsConfig` fields."""
         from d365sync.dynamics import DynamicsClient, DynamicsConfig
 
         return DynamicsClient(
@@ -206,6 +207,7 @@ class DataverseSandbox:
                 client_secret=self.client_secret,
                 authority_host=self.base_url,
                 verify=self.verify,
+                **overrides,
             )
         )
 
