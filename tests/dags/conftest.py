@@ -24,6 +24,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DAGS_FOLDER = REPO / "dags"
 BIN = Path(sys.executable).parent
+# The tasks of every entity DAG, in the order they run.
+ENTITY_TASKS = [
+    "extract_dynamics",
+    "extract_erp",
+    "validate",
+    "transform",
+    "resolve",
+    "load_erp",
+    "load_dynamics",
+    "commit_state",
+    "report",
+]
 
 # Warnings a child run may report that are not ours to fix (checked by AirflowEnv.run).
 FOREIGN_WARNING_PATHS = ("/site-packages/",)

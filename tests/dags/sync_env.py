@@ -8,21 +8,24 @@ for Dynamics, SQL for the ERP) and to read the state store.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from d365sync.engine.state import StateStore
 from d365sync.erp import ErpClient
 from d365sync.sandbox.dataverse.process import DataverseSandbox
+from d365sync.sandbox.erp import sqlite_airflow_connection
 from tests.conftest import SERVICES
 from tests.dags.conftest import AirflowEnv, RunResult
 
@@ -46,7 +49,7 @@ def sqlite_backend(folder: Path) -> Backend:
     state = folder / "state.db"
     return Backend(
         "sqlite",
-        {"conn_type": "erp_odbc", "schema": str(erp), "extra": {"driver": "SQLite3"}},
+        sqlite_airflow_connection(erp),
         f"DRIVER={{SQLite3}};Database={erp};",
         {"conn_type": "sqlite", "host": str(state)},
         f"sqlite:///{state}",
@@ -134,18 +137,40 @@ class SyncEnv:
 
 
 def connections_env(sandbox: DataverseSandbox, backend: Backend) -> dict[str, str]:
-    dynamics = {
-        "conn_type": "dynamics",
-        "host": sandbox.base_url,
-        "login": sandbox.client_id,
-        "password": sandbox.client_secret,
-        "extra": {"tenant_id": sandbox.tenant, "authority_host": sandbox.base_url},
-    }
     return {
-        "AIRFLOW_CONN_DYNAMICS_DEFAULT": json.dumps(dynamics),
+        "AIRFLOW_CONN_DYNAMICS_DEFAULT": json.dumps(sandbox.airflow_connection()),
         "AIRFLOW_CONN_ERP_DEFAULT": json.dumps(backend.erp_conn),
         "AIRFLOW_CONN_SYNC_STATE_DEFAULT": json.dumps(backend.state_conn),
     }
+
+
+@contextmanager
+def sqlite_sync_env(
+    airflow_env: AirflowEnv,
+    sandbox_factory: Callable[..., DataverseSandbox],
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    *,
+    rows: int,
+    seed: int,
+    **extra_env: str,
+) -> Iterator[SyncEnv]:
+    """A module's sync environment: a SQLite ERP of ``rows`` (seeded, then tidied) and state store,
+    the sandbox seeded with ``seed``, a staging folder, and ``airflow_env`` with their connections
+    plus ``extra_env``. Stops the sandbox and removes the staging folder at the end."""
+    backend = sqlite_backend(tmp_path_factory.mktemp(name))
+    init_erp(backend, rows)
+    tidy_erp(backend)
+    sandbox = sandbox_factory(seed=seed)
+    staging = tmp_path_factory.mktemp(f"{name}-staging")
+    airflow = airflow_env.with_env(
+        **connections_env(sandbox, backend), D365SYNC_STAGING_ROOT=f"file://{staging}", **extra_env
+    )
+    try:
+        yield SyncEnv(airflow, sandbox, backend)
+    finally:
+        sandbox.stop()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def init_erp(backend: Backend, rows: int) -> None:

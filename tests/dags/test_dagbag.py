@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.dags.conftest import DAGS_FOLDER
+from tests.dags.conftest import DAGS_FOLDER, ENTITY_TASKS
 
 HEAVY = (
     "pandas",
@@ -22,17 +22,6 @@ HEAVY = (
     "azure.storage",
     "pyodbc.drivers",
 )
-ENTITY_TASKS = [
-    "extract_dynamics",
-    "extract_erp",
-    "validate",
-    "transform",
-    "resolve",
-    "load_erp",
-    "load_dynamics",
-    "commit_state",
-    "report",
-]
 
 
 @pytest.fixture(scope="module")

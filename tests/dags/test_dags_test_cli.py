@@ -14,38 +14,29 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.dags.conftest import AirflowEnv
-from tests.dags.sync_env import SyncEnv, connections_env, init_erp, sqlite_backend, tidy_erp
+from tests.dags.conftest import ENTITY_TASKS, AirflowEnv
+from tests.dags.sync_env import SyncEnv, sqlite_sync_env
+from tests.sandbox_fixtures import SandboxFactory
 
 DAG_ID = "sync_customers"
-TASKS = {
-    "extract_dynamics",
-    "extract_erp",
-    "validate",
-    "transform",
-    "resolve",
-    "load_erp",
-    "load_dynamics",
-    "commit_state",
-    "report",
-}
 
 
 @pytest.fixture(scope="module")
 def env(
-    airflow_env: AirflowEnv, dataverse_sandbox_factory, tmp_path_factory: pytest.TempPathFactory
+    airflow_env: AirflowEnv,
+    dataverse_sandbox_factory: SandboxFactory,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SyncEnv]:
-    backend = sqlite_backend(tmp_path_factory.mktemp("dags-test-cli"))
-    init_erp(backend, 30)
-    tidy_erp(backend)
-    sandbox = dataverse_sandbox_factory(seed=10)
-    airflow = airflow_env.with_env(
-        **connections_env(sandbox, backend),
-        D365SYNC_STAGING_ROOT=f"file://{tmp_path_factory.mktemp('staging')}",
+    with sqlite_sync_env(
+        airflow_env,
+        dataverse_sandbox_factory,
+        tmp_path_factory,
+        "dags-test-cli",
+        rows=30,
+        seed=10,
         D365SYNC_DEADLINE_ALERTS="true",
-    )
-    yield SyncEnv(airflow, sandbox, backend)
-    sandbox.stop()
+    ) as env:
+        yield env
 
 
 def _runs(airflow: AirflowEnv) -> list[tuple[int, str, str]]:
@@ -84,7 +75,7 @@ def test_airflow_dags_test_exits_0_with_every_task_successful_and_the_deadline_a
             " WHERE r.dag_id = ? AND r.run_id = ?",
             (DAG_ID, run_id),
         ).fetchone()[0]
-    assert tasks == dict.fromkeys(TASKS, "success"), output
+    assert tasks == dict.fromkeys(ENTITY_TASKS, "success"), output
     ((data, alert_id, callback),) = alerts
     assert [uuid.UUID(i) for i in json.loads(data)["dag"]["deadline"]] == [uuid.UUID(alert_id)]
     assert "d365sync.airflow.alerts.on_deadline_missed" in callback and DAG_ID in callback
