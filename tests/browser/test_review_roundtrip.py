@@ -102,7 +102,7 @@ def test_decision_in_the_ui_is_in_both_systems_after_the_next_entity_run(
     open_from_nav(driver, "Review queue")
     browser.shot("01-real-conflict")
     decide(driver, review_id, "value", "total confirmed by finance", value=DECIDED)
-    flash(driver, f"review {review_id} decided (value) by alice")
+    flash(driver, f"Review {review_id} decided (value).")
     browser.shot("02-decided")
 
     (run,) = env.run("sync_invoices")
