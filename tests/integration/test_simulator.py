@@ -159,4 +159,5 @@ def test_run_spreads_bad_values_over_the_duration(systems: tuple[DynamicsClient,
     kinds = [e.kind for e in sim.edits]
     assert [k for k in kinds if k.startswith("bad:")] == [f"bad:{k}" for k in BAD_KINDS]
     assert sum(1 for k in kinds if not k.startswith("bad:")) >= 20
+    assert set(kinds) >= {*DYNAMICS_EDITS, *ERP_EDITS}, "every kind of edit at least once"
     assert sim.summary()["refused"] == {}, sim.summary()

@@ -146,6 +146,8 @@ class Simulator:
         self.edits: list[Edit] = []
         self.bad: list[BadValue] = []
         self.skipped: list[str] = []  # bad kinds this ERP cannot hold (text in DECIMAL off SQLite)
+        self.unqualified: dict[str, int] = {}  # edits drawn but no record qualified (kind → count)
+        self._first_round: list[str] | None = None
         self._serial = _Serial()
 
     # ------------------------------------------------------------------------------ driving
@@ -195,7 +197,12 @@ class Simulator:
             self.edits.append(Edit(_now(), kind, "", "", "", False, f"{type(exc).__name__}: {exc}"[:300]))
 
     def draw(self) -> str:
-        """A random edit kind, by :data:`WEIGHTS`."""
+        """The next edit kind: every kind once first (in random order, so even a short soak makes
+        each kind of edit), then at random by :data:`WEIGHTS`."""
+        if self._first_round is None:
+            self._first_round = self.rng.sample(self.kinds, len(self.kinds))
+        if self._first_round:
+            return self._first_round.pop()
         return self.rng.choices(self.kinds, weights=[WEIGHTS[k] for k in self.kinds])[0]
 
     def step(self) -> Edit | None:
@@ -205,6 +212,7 @@ class Simulator:
     def edit(self, kind: str) -> Edit | None:
         entity, side, key = getattr(self, f"_{kind}")()
         if key is None:
+            self.unqualified[kind] = self.unqualified.get(kind, 0) + 1
             return None
         edit = Edit(_now(), kind, entity, side, key)
         self.edits.append(edit)
@@ -369,7 +377,8 @@ class Simulator:
         return "customers", "erp", key
 
     def _item_price(self) -> tuple[str, str, str | None]:
-        key = self._pick(sorted(r["ITEM_NO"] for r in self._erp_rows(t.ITEM_MASTER)))
+        items = {r["ITEM_NO"] for r in self._erp_rows(t.ITEM_MASTER)}
+        key = self._pick(sorted(k for k in items if not self._busy("products", k)))
         if key is not None:
             price = Decimal(self.rng.randrange(100, 5_000_000)) / 10_000
             self._sql(
@@ -379,7 +388,8 @@ class Simulator:
 
     def _stock_move(self) -> tuple[str, str, str | None]:
         """Goods taken out of (or received into) one warehouse; never below zero."""
-        row = self._pick(self._erp_rows(t.ITEM_STOCK, "QTY_ON_HAND"))
+        rows = self._erp_rows(t.ITEM_STOCK, "QTY_ON_HAND")
+        row = self._pick([r for r in rows if not self._busy("inventory", r["ITEM_NO"])])
         if row is None:
             return "inventory", "erp", None
         delta = Decimal(self.rng.randrange(-50_000, 50_000)) / 1000
@@ -546,7 +556,8 @@ class Simulator:
         return f"{self.rng.choice(_WORDS).lower()}.{self._serial.next()}@example.org"
 
     def summary(self) -> dict[str, Any]:
-        """Edits made by kind, edits refused by kind (with the first error), bad values, skipped kinds."""
+        """Edits made by kind, refused by kind (with the first error), drawn with no record to edit,
+        bad values, and bad kinds not injected."""
         made: dict[str, int] = {}
         refused: dict[str, dict[str, Any]] = {}
         for edit in self.edits:
@@ -558,6 +569,7 @@ class Simulator:
         return {
             "edits": dict(sorted(made.items())),
             "refused": dict(sorted(refused.items())),
+            "no_record": dict(sorted(self.unqualified.items())),
             "bad": [b.describe() for b in self.bad],
             "skipped": list(self.skipped),
         }
@@ -585,6 +597,9 @@ class SimulatorThread:
             self.simulator.run(self.duration, self.rate_per_minute, self.bad_per_kind, self._stop)
         except BaseException as exc:  # surfaced by join()
             self.error = exc
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:

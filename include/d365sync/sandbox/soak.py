@@ -594,7 +594,7 @@ class Soak:
             )
             runner.start()
             try:
-                while runner._thread is not None and runner._thread.is_alive():
+                while runner.alive():
                     if dead := self.stack.dead():
                         raise RuntimeError(f"Airflow processes exited during the soak: {dead}")
                     runner.join(POLL)
@@ -1105,9 +1105,8 @@ def _render(r: SoakReport) -> Iterator[str]:
         yield ""
         yield "Failed runs (failing task: error line of its log):"
         for run in failed:
-            tasks = (
-                "; ".join(f"{f.task_id} (try {f.try_number}): {f.error}" for f in run.failures)
-                or "no failed task"
+            tasks = "; ".join(f"{f.task_id} (try {f.try_number}): {f.error}" for f in run.failures) or (
+                f"no failed task; run report: {run.report_error}" if run.report_error else "no failed task"
             )
             yield f"  {run.dag_id} {run.run_id} [{run.verdict}] {tasks}"
     if r.retried_tasks:
@@ -1119,6 +1118,10 @@ def _render(r: SoakReport) -> Iterator[str]:
     yield "User edits: " + ", ".join(f"{k} {v}" for k, v in sim.get("edits", {}).items())
     for kind, v in sim.get("refused", {}).items():
         yield f"  refused {kind}: {v['count']}x {v['error']}"
+    if sim.get("no_record"):
+        yield "  drawn, but no record qualified: " + ", ".join(
+            f"{k} {v}" for k, v in sim["no_record"].items()
+        )
     for note in sim.get("skipped", []):
         yield f"  not injected: {note}"
     yield ""
