@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from d365sync import deploy
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
 
@@ -79,9 +81,14 @@ def load_raw() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
-def load(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The compose file interpolated with ``env`` (an ``.env`` file's content; defaults otherwise)."""
-    return _interpolate_tree(load_raw(), env or {})
+# What `d365sync deploy generate-env` puts in a .env: the compose file has no default for a secret.
+SECRETS: dict[str, str] = deploy.generate()
+
+
+def load(env: Mapping[str, str] | None = None, secrets: Mapping[str, str] = SECRETS) -> dict[str, Any]:
+    """The compose file interpolated with ``env`` (an ``.env`` file's content; defaults otherwise)
+    on top of generated ``secrets``."""
+    return _interpolate_tree(load_raw(), {**secrets, **(env or {})})
 
 
 def _as_strings(environment: Any) -> dict[str, str]:
@@ -117,9 +124,9 @@ class Endpoint:
 
 # The compose network as the file defines it (checked against the file by test_compose_file.py).
 COMPOSE_ENDPOINTS: dict[str, Endpoint] = {
-    "postgres": Endpoint("postgres", 5432, "airflow", "airflow", "airflow"),
-    "state-db": Endpoint("state-db", 5432, "sync_state", "d365sync", "d365sync"),
-    "erp-db": Endpoint("erp-db", 5432, "erp", "erp", "erp"),
+    "postgres": Endpoint("postgres", 5432, "airflow", "airflow", SECRETS["POSTGRES_PASSWORD"]),
+    "state-db": Endpoint("state-db", 5432, "sync_state", "d365sync", SECRETS["STATE_DB_PASSWORD"]),
+    "erp-db": Endpoint("erp-db", 5432, "erp", "erp", SECRETS["ERP_DB_PASSWORD"]),
     "redis": Endpoint("redis", 6379, "0"),
     "dataverse": Endpoint("dataverse", 8765),
     "airflow-apiserver": Endpoint("airflow-apiserver", 8080),

@@ -30,7 +30,7 @@ DOTENV = {
     "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
     # paused at creation: only the two DAGs under test get unpaused (no runs of the others)
     "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-    "_AIRFLOW_WWW_USER_PASSWORD": "ci-admin-pw",
+    "_AIRFLOW_WWW_USER_PASSWORD": "ci-admin-pw-7f3a9c",
     "DEMO_ROWS": "300",
 }
 

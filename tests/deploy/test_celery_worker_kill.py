@@ -48,7 +48,7 @@ DOTENV = {
     "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
     "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
     "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-    "_AIRFLOW_WWW_USER_PASSWORD": "ci-admin-pw",
+    "_AIRFLOW_WWW_USER_PASSWORD": "ci-admin-pw-7f3a9c",
     "DEMO_ROWS": "4000",
 }
 # Scenario tunables, not compose settings: fast detection of the lost task and a short retry delay.

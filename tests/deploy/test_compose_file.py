@@ -47,7 +47,17 @@ DEMO_NAMES = {
 # Service-specific additions on top of x-airflow-common (everything else must be inherited as is).
 SERVICE_EXTRAS = {
     "airflow-worker": {"DUMB_INIT_SETSID"},
-    "airflow-init": {"_AIRFLOW_WWW_USER_PASSWORD", "D365SYNC_SEED_ERP", "DEMO_ROWS", "ERP_ODBC"},
+    "airflow-init": {
+        "_AIRFLOW_WWW_USER_PASSWORD",
+        "D365SYNC_SEED_ERP",
+        "DEMO_ROWS",
+        "ERP_ODBC",
+        # checked by `d365sync deploy check-secrets` before anything starts
+        "POSTGRES_PASSWORD",
+        "STATE_DB_PASSWORD",
+        "ERP_DB_PASSWORD",
+        "DATAVERSE_CLIENT_SECRET",
+    },
 }
 
 

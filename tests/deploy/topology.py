@@ -175,7 +175,10 @@ def topology(
     suffix = f"{name}_{os.getpid()}" if name else str(os.getpid())
     redis_db = 1 + (os.getpid() + sum(map(ord, name))) % 15
     databases = [f"airflow_ci_{suffix}", f"state_ci_{suffix}", f"erp_ci_{suffix}"]
-    sandbox = DataverseSandbox(tmp / "dataverse", seed=sandbox_seed, limits=sandbox_limits)
+    secret = {**compose.SECRETS, **dotenv}["DATAVERSE_CLIENT_SECRET"]
+    sandbox = DataverseSandbox(
+        tmp / "dataverse", seed=sandbox_seed, limits=sandbox_limits, client_secret=secret
+    )
     api_port = free_port()
     local = localizer(tmp, suffix, sandbox.port, api_port, redis_db)
     env = {**base_environment(), **local.environment(compose.common_environment(dotenv)), **(overrides or {})}

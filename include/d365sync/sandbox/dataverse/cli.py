@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -34,6 +35,7 @@ from d365sync.sandbox.dataverse.config import (
 )
 
 GRACEFUL_SHUTDOWN_SECONDS = 2
+SECRET_ENV = "D365SYNC_SANDBOX_CLIENT_SECRET"  # off the command line, where `ps` shows it
 """How long SIGTERM/SIGINT waits for in-flight requests before cancelling them."""
 
 
@@ -54,7 +56,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed N accounts (+ related rows) once")
     parser.add_argument("--tenant", help=f"tenant name (default {DEFAULT_TENANT})")
     parser.add_argument("--client-id", help=f"default app's client id (default {DEFAULT_CLIENT_ID})")
-    parser.add_argument("--client-secret", help=f"default app's secret (default {DEFAULT_CLIENT_SECRET})")
+    parser.add_argument(
+        "--client-secret",
+        default=os.environ.get(SECRET_ENV) or None,
+        help=f"default app's secret (default: ${SECRET_ENV}, else {DEFAULT_CLIENT_SECRET})",
+    )
     parser.add_argument("--env-url", help="environment URL / token audience (default: the server's own URL)")
     parser.add_argument("--retention-seconds", type=float, help="change-tracking retention (default 7 days)")
     parser.add_argument("--token-lifetime", type=int, help="access-token lifetime in seconds (default 3600)")
@@ -139,7 +145,7 @@ def _masked(secret: str) -> str:
 def _secret_source(args: argparse.Namespace) -> str:
     """Where the operator finds the real secret."""
     if args.client_secret:
-        return "the --client-secret you passed"
+        return f"--client-secret or ${SECRET_ENV}"
     if "client_secret" in load_file(args.data.resolve()):
         return f"client_secret in {args.data.resolve() / CONFIG_FILE}"
     return "the built-in default, see DEFAULT_CLIENT_SECRET in d365sync.sandbox.dataverse.config"
