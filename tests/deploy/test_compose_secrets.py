@@ -49,9 +49,7 @@ def test_the_former_defaults_appear_nowhere_in_the_deployment_files() -> None:
 
 def test_published_ports_are_bound_to_loopback_unless_configured() -> None:
     published = {
-        name: service["ports"]
-        for name, service in compose.load()["services"].items()
-        if service.get("ports")
+        name: service["ports"] for name, service in compose.load()["services"].items() if service.get("ports")
     }
     assert set(published) >= {"airflow-apiserver", "dataverse", "flower"}
     for name, ports in published.items():
@@ -108,9 +106,8 @@ def test_generated_env_file_starts_the_stack(tmp_path: Path) -> None:
     args = ["deploy", "generate-env", "--example", str(EXAMPLE), "--output", str(out)]
     assert subprocess.run([sys.executable, "-m", "d365sync.cli", *args], timeout=120).returncode == 0
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
-    dotenv = dict(
-        line.split("=", 1) for line in out.read_text().splitlines() if "=" in line and not line.startswith("#")
-    )
+    lines = [line for line in out.read_text().splitlines() if "=" in line and not line.startswith("#")]
+    dotenv = dict(line.split("=", 1) for line in lines)
     assert deploy.problems(dotenv) == []
     assert _check({k: dotenv[k] for k in FORMER_DEFAULTS}).returncode == 0
     env = compose.load(dotenv, secrets={})  # the .env alone is enough to interpolate the file
