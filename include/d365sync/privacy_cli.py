@@ -25,18 +25,23 @@ from d365sync.sync_cli import ENTITIES_DIR
 
 def add_parser(commands: Any) -> None:
     privacy = commands.add_parser("privacy", help="personal data: keys, retention, erasure, export")
-    privacy.add_argument("--entities", type=Path, default=ENTITIES_DIR, help="entity YAML directory")
-    privacy.add_argument("--staging", type=Path, default=Path("var/staging"), help="staging root")
     actions = privacy.add_subparsers(dest="privacy_action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--entities", type=Path, default=ENTITIES_DIR, help="entity YAML directory")
+    common.add_argument("--staging", type=Path, default=Path("var/staging"), help="staging root")
 
     key = actions.add_parser("generate-key", help="print a new Fernet key (or write it to --out)")
     key.add_argument("--out", type=Path, help="write the key to this file (mode 600) instead")
     key.set_defaults(func=generate_key)
 
-    rotate = actions.add_parser("rotate-keys", help="re-encrypt everything with the newest key")
+    rotate = actions.add_parser(
+        "rotate-keys", parents=[common], help="re-encrypt everything with the newest key"
+    )
     rotate.set_defaults(func=rotate_keys)
 
-    purge = actions.add_parser("purge", help="delete rows and staging files past their retention")
+    purge = actions.add_parser(
+        "purge", parents=[common], help="delete rows and staging files past their retention"
+    )
     purge.add_argument("--now", help="ISO time to measure ages from (default: now)")
     purge.set_defaults(func=purge_expired)
 
@@ -44,7 +49,7 @@ def add_parser(commands: Any) -> None:
         ("erase", erase, "remove or anonymise one data subject everywhere the sync keeps data"),
         ("export", export, "print (JSON) everything held about one data subject, decrypted"),
     ):
-        sub = actions.add_parser(name, help=what)
+        sub = actions.add_parser(name, parents=[common], help=what)
         sub.add_argument("--entity", required=True, help="entity name (a file in the entities directory)")
         sub.add_argument("--key", required=True, help="the subject's record key (customer number)")
         if name == "erase":
