@@ -1,5 +1,5 @@
-"""``reconcile`` (nightly), ``health_report`` (daily), ``replay_dead_letters`` and
-``apply_review_decisions`` (manual, with Params)."""
+"""``reconcile`` (nightly), ``health_report`` (daily, with the retention purge), ``replay_dead_letters``,
+``apply_review_decisions`` and ``privacy_erase`` (manual, with Params)."""
 
 from __future__ import annotations
 

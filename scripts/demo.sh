@@ -28,9 +28,16 @@ LIVE_HOME=$REPO/var/airflow
 SYNC_HOME=$DEMO/airflow-sync
 mkdir -p "$DEMO" "$PIDS"
 
+# pii_key: the demo's personal-data encryption key, generated once into $DEMO/pii.key (mode 600);
+# the customers entity has pii fields, so runs refuse to start without one (docs/security.md).
+pii_key() {
+    [[ -s "$DEMO/pii.key" ]] || PYTHONPATH="$REPO/include" "$VENV/bin/python" -m d365sync.cli privacy generate-key --out "$DEMO/pii.key"
+}
+
 # write_env FILE AIRFLOW_HOME: the demo's settings as a sourceable file.
 write_env() {
     local file=$1 home=$2 dv="http://127.0.0.1:$DV_PORT"
+    pii_key
     cat > "$file" <<ENV
 export AIRFLOW_HOME=$home
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///$home/airflow.db
@@ -49,6 +56,7 @@ export D365SYNC_STAGING_ROOT=file://$REPO/var/staging
 export AIRFLOW_CONN_DYNAMICS_DEFAULT='{"conn_type": "dynamics", "host": "$dv", "login": "51f81489-12ee-4a9e-aaae-a2591f45987d", "password": "sandbox-secret", "extra": {"tenant_id": "sandbox-tenant", "authority_host": "$dv"}}'
 export AIRFLOW_CONN_ERP_DEFAULT='{"conn_type": "erp_odbc", "schema": "$DEMO/erp.db", "extra": {"driver": "SQLite3"}}'
 export AIRFLOW_CONN_SYNC_STATE_DEFAULT='{"conn_type": "sqlite", "host": "$DEMO/state.db"}'
+export D365SYNC_PII_KEYS=\$(cat "$DEMO/pii.key")
 export PATH=$VENV/bin:\$PATH
 ENV
 }

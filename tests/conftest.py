@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from cryptography.fernet import Fernet
 
 pytest_plugins = ["tests.sandbox_fixtures"]
 
@@ -22,6 +23,10 @@ SERVICES: dict[str, tuple[str, int]] = {
 }
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+# Entities with `pii: true` fields refuse to run without an encryption key (d365sync.engine.privacy):
+# every test, and every Airflow or CLI child process a test starts, gets one generated for the session.
+os.environ.setdefault("D365SYNC_PII_KEYS", Fernet.generate_key().decode())
 
 
 def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:

@@ -476,6 +476,11 @@ class FieldSpec(Model):
     from_erp: Chainspec | None = Field(None, description="ERP → canonical; default: inverse of to_erp.")
     conflict: ConflictPolicy = Field(description="Policy when both sides changed the field.")
     on_non_owner_change: NonOwnerChange = Field(description="revert | report a change by the non-owner.")
+    pii: bool = Field(
+        False,
+        description="Personal data: encrypted in the sync state store (bases, audit values, reviews), "
+        "exported and erased per data subject by `d365sync privacy` (see docs/security.md).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -557,6 +562,12 @@ class EntitySpec(Model):
         key = self.fields.get(self.key)
         if key is None:
             raise ValueError(f"key: {self.key!r} is not a field (fields: {sorted(self.fields)})")
+        if key.pii:
+            raise ValueError(
+                f"field {self.key!r} is the key and marked pii: true, but keys stay clear in the sync state "
+                "store (every lookup needs them), so it could not be encrypted; key an entity by a "
+                "number that is not personal data (docs/security.md)"
+            )
         if key.dynamics != self.dynamics.key:
             raise ValueError(f"key field {self.key!r} must map dynamics.key {self.dynamics.key!r}")
         if key.erp not in self.erp.key:
@@ -638,6 +649,11 @@ class EntitySpec(Model):
         data["hard_delete"] = table.hard_delete or self.deletes.to_erp == "delete"
         data["inactive_status"] = self.erp.inactive_status or table.inactive_status
         return TableSpec.model_validate(data)
+
+    @property
+    def pii_fields(self) -> frozenset[str]:
+        """Canonical fields marked ``pii: true`` (encrypted at rest, erased per subject)."""
+        return frozenset(name for name, f in self.fields.items() if f.pii)
 
     def merge_fields(self) -> list[MergeField]:
         """Per-field rules for the three-way merge, in the merge module's vocabulary."""
@@ -828,12 +844,39 @@ def read_defaults(directory: Path | str) -> dict[str, Any]:
     if not path.exists():
         return {}
     data = _read_yaml(path, "defaults")
-    unknown = set(data) - {"entity", "field", "description"}
+    unknown = set(data) - {"entity", "field", "description", "privacy"}
     if unknown:
         raise SpecError(
-            [_issue(path, "defaults", f"unknown top-level keys {sorted(unknown)} (entity, field)")]
+            [_issue(path, "defaults", f"unknown top-level keys {sorted(unknown)} (entity, field, privacy)")]
         )
     return data
+
+
+# ------------------------------------------------------------------------------- privacy
+class Retention(Model):
+    """How long the sync keeps what it no longer needs (days; 0 keeps forever)."""
+
+    audit_days: int = Field(90, ge=0, description="Audit rows (erasure records are kept).")
+    dead_letter_days: int = Field(
+        30, ge=0, description="Resolved, skipped and superseded dead letters; released parked children."
+    )
+    run_days: int = Field(90, ge=0, description="Run reports (the health report's history).")
+    staging_days: int = Field(14, ge=0, description="Staging files, committed or not (and health reports).")
+
+
+class PrivacySettings(Model):
+    """The ``privacy:`` section of ``_defaults.yaml``: retention of the sync's own stores."""
+
+    retention: Retention = Field(default_factory=lambda: Retention(), description="Retention periods.")
+
+
+def load_privacy_settings(directory: Path | str) -> PrivacySettings:
+    """``privacy:`` of the entity directory's ``_defaults.yaml`` (the defaults when absent)."""
+    path = Path(directory) / DEFAULTS_FILE
+    try:
+        return PrivacySettings.model_validate(read_defaults(directory).get("privacy") or {})
+    except ValidationError as exc:
+        raise SpecError([_issue(path, "defaults", f"privacy: {i}") for i in _pydantic_issues(exc)]) from None
 
 
 def _read_yaml(path: Path, entity: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def test_no_import_errors_and_all_dags_present(dagbag: Any) -> None:
         "health_report",
         "replay_dead_letters",
         "apply_review_decisions",
+        "privacy_erase",
     }
     assert set(dagbag.dags) == expected
 
@@ -95,6 +96,9 @@ def test_operations_dags_take_params(dagbag: Any) -> None:
     assert set(replay.params) == {"entity", "keys"}
     review = dagbag.dags["apply_review_decisions"]
     assert set(review.params) == {"entity", "review_ids", "decision", "decided_by"}
+    erase = dagbag.dags["privacy_erase"]
+    assert type(erase.timetable).__name__ == "NullTimetable"
+    assert set(erase.params) == {"entity", "key"} and [t.task_id for t in erase.tasks] == ["privacy_erase"]
     reconcile = dagbag.dags["reconcile"]
     assert {t.task_id for t in reconcile.tasks} >= {"reconcile_customers", "reconcile_orders"}
 
@@ -105,7 +109,8 @@ def test_health_report_runs_daily(dagbag: Any) -> None:
     dag = dagbag.dags["health_report"]
     assert isinstance(dag.timetable, CronDataIntervalTimetable)
     assert dag.timetable.expression == "0 6 * * *"
-    assert [t.task_id for t in dag.tasks] == ["health_report"]
+    assert [t.task_id for t in dag.tasks] == ["health_report", "purge_expired"]
+    assert dag.get_task("purge_expired").upstream_task_ids == {"health_report"}
     assert set(dag.params) == {"days", "stale_after_days"}
 
 

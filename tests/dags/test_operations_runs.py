@@ -10,8 +10,10 @@ webhook receiver on loopback.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,8 +133,15 @@ def test_health_report_dag_writes_html_and_json_and_posts_a_summary(
     (drift_dir / "customers-test.json").write_text(
         json.dumps({"entity": "customers", "counts": {"differ": 2, "missing_erp": 1}, "drift": []})
     )
+    expired = _staging(env) / "sync_customers" / "failed_run" / "customers" / "plan" / "b00000.parquet"
+    expired.parent.mkdir(parents=True)
+    expired.write_bytes(b"rows of a failed run, a month old")
+    month_ago = time.time() - 30 * 86400
+    os.utime(expired, (month_ago, month_ago))
     (run,) = env.run("health_report", env={"D365SYNC_ALERT_WEBHOOK_URL": url})
     assert_success([run])
+    assert run.tasks["purge_expired"] == "success"
+    assert not (_staging(env) / "sync_customers" / "failed_run").exists()  # staging_days: 14
 
     reports = _staging(env) / "health_report" / "reports"
     (html,) = sorted(reports.glob("health-*.html"))
@@ -154,3 +163,23 @@ def test_health_report_dag_writes_html_and_json_and_posts_a_summary(
     assert f"Report: file://{html}" in text
     assert "attachment" not in body["alert"]
     assert "@" not in json.dumps(body), "no e-mail address (or any record value) in the alert"
+
+
+def test_privacy_erase_dag_erases_one_subject_and_the_next_run_succeeds(env: SyncEnv) -> None:
+    from sqlalchemy import select
+
+    from d365sync.engine.migrations import schema as t
+
+    with env.store() as store:
+        key = next(r.erp_key for chunk in store.iter_base("customers") for r in chunk if r.status == "synced")
+    (run,) = env.run("privacy_erase", conf={"entity": "customers", "key": key})
+    assert_success([run])
+    with env.store() as store:
+        assert store.load_base("customers", "erp", [key])[key].status == "erased"  # type: ignore[union-attr]
+        with store.engine.connect() as conn:
+            assert key not in {k for (k,) in conn.execute(select(t.record.c.erp_key))}
+            assert key not in {k for (k,) in conn.execute(select(t.audit.c.record_key))}
+        erasure = store.audit_log("customers", limit=1)[0]
+        assert erasure["operation"] == "erase" and erasure["actor"].startswith("airflow:")
+        assert key not in json.dumps(erasure, default=str)
+    assert_success(env.run("sync_customers"))

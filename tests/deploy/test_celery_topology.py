@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from cryptography.fernet import Fernet
 
 from tests.deploy.topology import Api, Stack, executed_line, run_dag, topology, wait_ready
 
@@ -31,6 +32,7 @@ DOTENV = {
     # paused at creation: only the two DAGs under test get unpaused (no runs of the others)
     "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
     "_AIRFLOW_WWW_USER_PASSWORD": "ci-admin-pw-7f3a9c",
+    "D365SYNC_PII_KEYS": Fernet.generate_key().decode(),
     "DEMO_ROWS": "300",
 }
 

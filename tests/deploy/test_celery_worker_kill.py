@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
+from cryptography.fernet import Fernet
 
 from tests.deploy.topology import (
     Api,
@@ -49,6 +50,7 @@ DOTENV = {
     "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
     "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
     "_AIRFLOW_WWW_USER_PASSWORD": "ci-admin-pw-7f3a9c",
+    "D365SYNC_PII_KEYS": Fernet.generate_key().decode(),
     "DEMO_ROWS": "4000",
 }
 # Scenario tunables, not compose settings: fast detection of the lost task and a short retry delay.

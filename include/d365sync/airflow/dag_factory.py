@@ -377,6 +377,8 @@ def build_health_dag(specs: Mapping[str, EntitySpec]) -> DAG:
         "percentiles, volumes, error rate, top failure causes (values blanked), drift from reconcile, open "
         "reviews older than `stale_after_days`. With an alert channel configured (webhook or SMTP) it "
         "sends a summary with the report's address (e-mail: the HTML attached); never record values.\n\n"
+        "`purge_expired` applies the retention periods of `privacy.retention` in the entities' "
+        "`_defaults.yaml`: old audit rows, closed dead letters, run reports and staging files.\n\n"
         "Entities: " + ", ".join(f"`{e}`" for e in entity_order(specs))
     )
     params = {
@@ -392,8 +394,29 @@ def build_health_dag(specs: Mapping[str, EntitySpec]) -> DAG:
 
             return tasks.health_report()
 
-        report()
+        @task(task_id="purge_expired")
+        def purge() -> dict[str, Any]:
+            from d365sync.airflow import tasks
+
+            return tasks.purge_expired()
+
+        report() >> purge()
     return dag
+
+
+def build_erase_dag(specs: Mapping[str, EntitySpec]) -> DAG:
+    doc = (
+        "# Erase a data subject\n\nManual run: pick an entity and a record key. Removes or anonymises the "
+        "subject in every store the sync owns — merge base (a tombstone keeps the pairing, no values), "
+        "dead letters, reviews, parked children, audit values and staging rows — and records an erasure "
+        "audit row holding a hash of the key, the actor and the counts. Dynamics and the ERP are not "
+        "touched: erase the subject there too. See docs/security.md."
+    )
+    params = {
+        "entity": Param(sorted(specs)[0], type="string", enum=sorted(specs), description="Entity."),
+        "key": Param("", type="string", description="The data subject's record key (required)."),
+    }
+    return _one_task_ops_dag("privacy_erase", doc, params)
 
 
 def entity_dags() -> dict[str, DAG]:
@@ -403,9 +426,9 @@ def entity_dags() -> dict[str, DAG]:
 
 
 def operations_dags() -> dict[str, DAG]:
-    """``reconcile`` (nightly), ``health_report`` (daily), ``replay_dead_letters`` and
-    ``apply_review_decisions`` (manual)."""
+    """``reconcile`` (nightly), ``health_report`` (daily), ``replay_dead_letters``,
+    ``apply_review_decisions`` and ``privacy_erase`` (manual)."""
     specs = load_specs()
-    builders = (build_reconcile_dag, build_health_dag, build_replay_dag, build_review_dag)
+    builders = (build_reconcile_dag, build_health_dag, build_replay_dag, build_review_dag, build_erase_dag)
     dags = [build(specs) for build in builders]
     return {dag.dag_id: dag for dag in dags}

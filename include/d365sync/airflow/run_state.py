@@ -49,10 +49,10 @@ def _record(context: Any) -> None:
 def state_store() -> Iterator[Any]:
     """Only the state store: the failure may be that Dynamics or the ERP is unreachable."""
     from d365sync.airflow import settings
-    from d365sync.airflow.tasks import _engine_conn
+    from d365sync.airflow.tasks import _engine_conn, privacy
     from d365sync.engine.connections import state_url
     from d365sync.engine.state import StateStore
 
     url, schema = state_url(_engine_conn(settings.connections().state))
-    with StateStore.open(url, schema=schema) as store:
+    with StateStore.open(url, schema=schema, privacy=privacy()) as store:
         yield store

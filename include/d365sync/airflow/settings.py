@@ -8,6 +8,8 @@ parse. Every setting has a default that makes the embedded demo work with nothin
 ``D365SYNC_DYNAMICS_CONN_ID``          Dataverse connection (``dynamics_default``)
 ``D365SYNC_ERP_CONN_ID``               ERP ODBC connection (``erp_default``)
 ``D365SYNC_STATE_CONN_ID``             sync state store connection (``sync_state_default``)
+``D365SYNC_PII_CONN_ID``               connection whose password holds the personal-data keys
+                                       (``d365sync_pii``; else ``D365SYNC_PII_KEYS``, docs/security.md)
 ``D365SYNC_STAGING_ROOT``              ``file:///…`` (default ``$AIRFLOW_HOME/d365sync/staging``)
                                        or ``abfs://container@account.dfs.core.windows.net/path``
 ``D365SYNC_STAGING_CONN_ID``           connection for the staging store (e.g. ``wasb_default``)
@@ -88,6 +90,11 @@ def connections() -> Connections:
         _env("D365SYNC_ERP_CONN_ID", "erp_default"),
         _env("D365SYNC_STATE_CONN_ID", "sync_state_default"),
     )
+
+
+def pii_conn_id() -> str:
+    """Connection whose password holds the Fernet keys, newest first (``D365SYNC_PII_CONN_ID``)."""
+    return _env("D365SYNC_PII_CONN_ID", "d365sync_pii")
 
 
 def staging() -> Staging:

@@ -123,8 +123,26 @@ def clients() -> Iterator[tuple[Any, Any, Any]]:
         stack.callback(dynamics.close)
         erp = stack.enter_context(ErpOdbcHook(erp_conn_id=conns.erp).get_client())
         url, schema = state_url(_engine_conn(conns.state))
-        store = stack.enter_context(StateStore.open(url, schema=schema))
+        store = stack.enter_context(StateStore.open(url, schema=schema, privacy=privacy()))
         yield dynamics, erp, store
+
+
+def privacy() -> Any:
+    """The personal-data keys: the ``d365sync_pii`` connection's password through any secrets
+    backend (``D365SYNC_PII_CONN_ID``), else ``AIRFLOW_CONN_D365SYNC_PII`` / ``D365SYNC_PII_KEYS``."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from d365sync.engine.privacy import Privacy
+
+    conn_id = settings.pii_conn_id()
+    try:
+        password = BaseHook.get_connection(conn_id).password
+    except AirflowNotFoundException:
+        password = None
+    if password:
+        return Privacy.from_keys(password, f"connection {conn_id}")
+    return Privacy.from_env()
 
 
 @contextmanager
@@ -390,7 +408,7 @@ def state_store() -> Iterator[Any]:
     from d365sync.engine.state import StateStore
 
     url, schema = state_url(_engine_conn(settings.connections().state))
-    with StateStore.open(url, schema=schema) as store:
+    with StateStore.open(url, schema=schema, privacy=privacy()) as store:
         yield store
 
 
@@ -464,3 +482,57 @@ def _send_health(summary: dict[str, Any], run: Any, link: str, attachment: str) 
         return []
     alert = alerts.health_alert(summary, run.dag_id, run.run_id, link, attachment)
     return alerts.send(alert, channels)
+
+
+# ------------------------------------------------------------------------------- privacy
+def purge_expired() -> dict[str, Any]:
+    """The health DAG's retention purge: old audit rows, closed dead letters, run reports, staging files.
+
+    Periods come from ``privacy.retention`` in the entities' ``_defaults.yaml``.
+    """
+    from d365sync.airflow.dag_factory import entities_dir
+    from d365sync.engine import data_subjects
+    from d365sync.spec import load_privacy_settings
+
+    retention = load_privacy_settings(entities_dir()).retention
+    with state_store() as store:
+        counts = data_subjects.purge(store, retention)
+    root = _staging_base()
+    counts |= data_subjects.purge_staging([root], retention.staging_days)
+    log.info("retention purge: %s", counts)
+    return counts
+
+
+def privacy_erase() -> dict[str, Any]:
+    """The ``privacy_erase`` DAG: erase one data subject (``params.entity``, ``params.key``) from every
+    store the sync owns; returns the counts (the key itself never goes to XCom or the log)."""
+    from d365sync.airflow.dag_factory import load_specs
+    from d365sync.engine import data_subjects
+
+    context = airflow_context()
+    params, run = context.get("params") or {}, context["dag_run"]
+    entity, key = str(params.get("entity") or ""), str(params.get("key") or "").strip()
+    specs = load_specs()
+    if entity not in specs:
+        raise ValueError(f"no entity {entity!r} (have {', '.join(sorted(specs))})")
+    if not key:
+        raise ValueError("params.key is empty: name the record key of the data subject")
+    with state_store() as store:
+        report = data_subjects.erase(
+            store,
+            entity,
+            key,
+            actor=f"airflow:{getattr(run, 'triggering_user_name', None) or run.dag_id}:{run.run_id}",
+            fields=specs[entity].pii_fields,
+            staging_roots=[_staging_base()],
+        )
+    log.info("erased one %s subject (key hash %s): %s", entity, report["key_hash"], report["counts"])
+    return report
+
+
+def _staging_base() -> Any:
+    """The staging root above every DAG's folder (``ObjectStoragePath``)."""
+    from airflow.sdk import ObjectStoragePath
+
+    config = settings.staging()
+    return ObjectStoragePath(config.root, conn_id=config.conn_id)

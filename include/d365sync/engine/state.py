@@ -23,10 +23,9 @@ Memory is bounded by ``chunk_size``: every bulk API consumes iterables chunk by 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import islice
 from typing import Any, Literal, TypeVar
@@ -36,9 +35,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from d365sync.engine import migrations
+from d365sync.engine.codec import decode, encode
 from d365sync.engine.merge import SIDES, Base
 from d365sync.engine.migrations import schema as t
 from d365sync.engine.pii import mask_fields
+from d365sync.engine.privacy import Privacy, erased_key
 
 T = TypeVar("T")
 DEFAULT_CHUNK = 1000
@@ -52,43 +53,6 @@ class StateError(RuntimeError):
 
 class KeyMapConflict(StateError):
     """A Dynamics id or an ERP key is already paired with something else: a duplicate."""
-
-
-# --- codec --------------------------------------------------------------------------------------
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return {"$decimal": str(value)}
-    if isinstance(value, datetime):
-        return {"$datetime": value.isoformat()}
-    if isinstance(value, date):
-        return {"$date": value.isoformat()}
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    raise TypeError(f"cannot store {type(value).__name__} in the sync state")
-
-
-def _hook(obj: dict[str, Any]) -> Any:
-    if len(obj) == 1:
-        ((tag, raw),) = obj.items()
-        if tag == "$decimal":
-            return Decimal(raw)
-        if tag == "$datetime":
-            return datetime.fromisoformat(raw)
-        if tag == "$date":
-            return date.fromisoformat(raw)
-    return obj
-
-
-def encode(value: Any) -> str:
-    """JSON that round-trips Decimal (scale kept), datetime and date exactly: bases compare equal."""
-    return json.dumps(value, default=_default, separators=(",", ":"), sort_keys=True)
-
-
-def decode(text: str | None) -> Any:
-    """Inverse of :func:`encode`; None stays None."""
-    return None if text is None else json.loads(text, object_hook=_hook)
 
 
 # --- value objects ------------------------------------------------------------------------------
@@ -267,9 +231,18 @@ def make_engine(url: str = DEFAULT_URL, schema: str | None = None, **kwargs: Any
 class StateStore:
     """The state store API. Thread-safe as an Engine is; one instance per process is enough."""
 
-    def __init__(self, engine: Engine, *, chunk_size: int = DEFAULT_CHUNK, upgrade: bool = True) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        upgrade: bool = True,
+        privacy: Privacy | None = None,
+    ) -> None:
         self.engine = engine
         self.chunk_size = chunk_size
+        #: the personal-data cipher and ``pii`` fields (default: keys from the environment)
+        self.privacy = privacy if privacy is not None else Privacy.from_env()
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         if upgrade:
             migrations.upgrade(engine)
@@ -316,15 +289,35 @@ class StateStore:
         return count
 
     def load_base(self, entity: str, side: str, keys: Iterable[str]) -> dict[str, StoredRecord]:
-        """Key map rows (with their base) for the given keys of one side, fetched per chunk."""
+        """Key map rows (with their base) for the given keys of one side, fetched per chunk.
+
+        An ERP key whose subject was erased (``d365sync privacy erase``) finds its tombstone: the
+        pairing with status ``erased`` and no base, like a reserved pair, so the next run that sees
+        the key again upserts the same record instead of creating a second one.
+        """
         column = self._key_column(side)
         found: dict[str, StoredRecord] = {}
         with self.engine.connect() as conn:
             for chunk in chunks(keys, self.chunk_size):
                 query = select(t.record).where(t.record.c.entity == entity, column.in_(chunk))
                 for row in conn.execute(query):
-                    found[row._mapping[column.name]] = _stored(row._mapping)
+                    stored = self._stored(row._mapping)
+                    if side == "dynamics" or stored.status != "erased":
+                        found[row._mapping[column.name]] = stored
+                if side == "erp":
+                    found |= self._tombstones(conn, entity, [k for k in chunk if k not in found])
         return found
+
+    def _tombstones(self, conn: Connection, entity: str, keys: list[str]) -> dict[str, StoredRecord]:
+        hashed = {erased_key(entity, k): k for k in keys}
+        if not hashed:
+            return {}
+        query = select(t.record).where(t.record.c.entity == entity, t.record.c.erp_key.in_(list(hashed)))
+        out = {}
+        for row in conn.execute(query).mappings():
+            key = hashed[row["erp_key"]]
+            out[key] = StoredRecord(row["id"], row["dynamics_id"], key, row["status"], None)
+        return out
 
     def iter_base(self, entity: str) -> Iterator[list[StoredRecord]]:
         """Every record of an entity, a chunk at a time in id order (reconciliation, reports)."""
@@ -332,12 +325,12 @@ class StateStore:
         while True:
             query = (
                 select(t.record)
-                .where(t.record.c.entity == entity, t.record.c.id > last)
+                .where(t.record.c.entity == entity, t.record.c.id > last, t.record.c.status != "erased")
                 .order_by(t.record.c.id)
                 .limit(self.chunk_size)
             )
             with self.engine.connect() as conn:
-                rows = [_stored(row._mapping) for row in conn.execute(query)]
+                rows = [self._stored(row._mapping) for row in conn.execute(query)]
             if not rows:
                 return
             last = rows[-1].record_id
@@ -363,11 +356,11 @@ class StateStore:
         inserts, updates = [], []
         for dyn_id, erp_key, base in rows:
             match = _match(existing, dyn_id, erp_key)
-            values = _record_values(entity, dyn_id, erp_key, base, run_id, now)
+            values = _record_values(entity, dyn_id, erp_key, base, run_id, now, self.privacy)
             if match is None:
                 seen = seen or self._run_started(conn, entity, run_id) or now
                 inserts.append(values | {"first_seen_at": min(seen, now)})
-            elif base is not None or match["status"] == "pending":
+            elif base is not None or match["status"] in ("pending", "erased"):
                 updates.append({**_fill_keys(values, match), "_id": match["id"]})
         if inserts:
             conn.execute(t.record.insert(), inserts)
@@ -385,16 +378,23 @@ class StateStore:
     def _existing(
         self, conn: Connection, entity: str, rows: list[tuple[str | None, str | None, Base | None]]
     ) -> dict[tuple[str, str], dict[str, Any]]:
-        """Current rows matching any key of the chunk, indexed by ('dynamics', id) / ('erp', key)."""
+        """Current rows matching any key of the chunk, indexed by ('dynamics', id) / ('erp', key).
+
+        An erased subject's tombstone matches by its Dynamics id or by its key's pseudonym, and
+        counts as holding that key (or none): storing the pairing again revives it.
+        """
         dyn_ids = [d for d, _, _ in rows if d is not None]
         erp_keys = [e for _, e, _ in rows if e is not None]
+        hashed = {erased_key(entity, e): e for e in erp_keys}
         query = select(t.record.c.id, t.record.c.dynamics_id, t.record.c.erp_key, t.record.c.status).where(
             t.record.c.entity == entity,
-            or_(t.record.c.dynamics_id.in_(dyn_ids), t.record.c.erp_key.in_(erp_keys)),
+            or_(t.record.c.dynamics_id.in_(dyn_ids), t.record.c.erp_key.in_([*erp_keys, *hashed])),
         )
         index: dict[tuple[str, str], dict[str, Any]] = {}
         for row in conn.execute(query):
             found = dict(row._mapping)
+            if found["status"] == "erased":
+                found["erp_key"] = hashed.get(found["erp_key"] or "")
             if found["dynamics_id"] is not None:
                 index["dynamics", found["dynamics_id"]] = found
             if found["erp_key"] is not None:
@@ -493,7 +493,7 @@ class StateStore:
         count = 0
         for chunk in chunks(items, self.chunk_size):
             now = _now()
-            rows = [_review_row(entity, run_id, item, now) for item in chunk]
+            rows = [_review_row(entity, run_id, item, now, self.privacy) for item in chunk]
             with self.engine.begin() as conn:
                 conn.execute(stmt, rows)
             count += len(rows)
@@ -505,7 +505,7 @@ class StateStore:
         if entity is not None:
             query = query.where(t.review.c.entity == entity)
         with self.engine.connect() as conn:
-            return [_review(row) for row in conn.execute(query).mappings()]
+            return [_review(row, self.privacy) for row in conn.execute(query).mappings()]
 
     def under_review(self, entity: str, keys: Iterable[str]) -> dict[str, set[str]]:
         """Fields with an open (undecided) item per record key: the merge keeps them parked."""
@@ -522,27 +522,39 @@ class StateStore:
     def decide_review(
         self, review_id: int, chosen: Any, by: str, comment: str | None = None, now: datetime | None = None
     ) -> Review:
-        """Record a human decision: who, when, the chosen canonical value and why."""
-        values = {"status": "decided", "chosen_json": encode(chosen), "decided_by": by, "comment": comment}
-        values |= {"decided_at": _now(now), "updated_at": _now(now)}
+        """Record a human decision: who, when, the chosen canonical value and why.
+
+        The chosen value is sealed like the item's own values (a ``pii`` field, or values that
+        are sealed already), whoever decides it.
+        """
         with self.engine.begin() as conn:
+            item = conn.execute(select(t.review).where(t.review.c.id == review_id)).mappings().first()
+            stored = chosen
+            if item is not None:
+                stored = self.privacy.seal_field(item["entity"], item["field"], chosen)
+                if stored is chosen and self.privacy.cipher is not None and _any_sealed(item):
+                    stored = self.privacy.cipher.seal(chosen)
+            values = {"status": "decided", "chosen_json": encode(stored), "decided_by": by}
+            values |= {"comment": comment, "decided_at": _now(now), "updated_at": _now(now)}
             result = conn.execute(
                 update(t.review).where(t.review.c.id == review_id, t.review.c.status == "open").values(values)
             )
             if result.rowcount != 1:
                 raise StateError(f"review {review_id} is not open")
-            return _review(conn.execute(select(t.review).where(t.review.c.id == review_id)).mappings().one())
+            row = conn.execute(select(t.review).where(t.review.c.id == review_id)).mappings().one()
+            return _review(row, self.privacy)
 
     def decided_reviews(self, entity: str, keys: Iterable[str] | None = None) -> list[Review]:
         """Decisions not applied yet: the next run feeds them to the merge as ``decided``."""
         query = select(t.review).where(t.review.c.entity == entity, t.review.c.status == "decided")
         with self.engine.connect() as conn:
             if keys is None:
-                return [_review(row) for row in conn.execute(query.order_by(t.review.c.id)).mappings()]
+                rows = conn.execute(query.order_by(t.review.c.id)).mappings()
+                return [_review(row, self.privacy) for row in rows]
             out: list[Review] = []
             for chunk in chunks(keys, self.chunk_size):
                 rows = conn.execute(query.where(t.review.c.record_key.in_(chunk))).mappings()
-                out.extend(_review(row) for row in rows)
+                out.extend(_review(row, self.privacy) for row in rows)
             return out
 
     def mark_reviews_applied(self, review_ids: Iterable[int], run_id: str) -> int:
@@ -596,7 +608,8 @@ class StateStore:
         d = t.dead_letter
         query = select(d).where(d.c.entity == entity, d.c.status.in_(ACTIVE))
         with self.engine.connect() as conn:
-            return [_dead(row) for row in conn.execute(query.order_by(d.c.id).limit(limit)).mappings()]
+            rows = conn.execute(query.order_by(d.c.id).limit(limit)).mappings()
+            return [_dead(row, self.privacy) for row in rows]
 
     def _supersede(
         self, conn: Connection, entity: str, stage: str, keys: list[str], now: datetime
@@ -608,7 +621,7 @@ class StateStore:
         )
         found: dict[str, list[Any]] = {}
         for key, payload in conn.execute(select(d.c.record_key, d.c.payload_json).where(where)):
-            found.setdefault(key, []).append(decode(payload))
+            found.setdefault(key, []).append(self.privacy.reveal(decode(payload)))
         if found:
             conn.execute(update(d).where(where).values(status="superseded", resolved_at=now))
         return found
@@ -621,7 +634,7 @@ class StateStore:
         due = or_(d.c.status == "replay", and_(d.c.status == "pending", d.c.next_retry_at <= _now(now)))
         query = select(d).where(d.c.entity == entity, due).order_by(d.c.id).limit(limit)
         with self.engine.connect() as conn:
-            return [_dead(row) for row in conn.execute(query).mappings()]
+            return [_dead(row, self.privacy) for row in conn.execute(query).mappings()]
 
     def dead_letters(self, entity: str | None = None, status: str = "pending") -> list[DeadLetter]:
         """Dead letters in one status (the UI's list)."""
@@ -629,7 +642,7 @@ class StateStore:
         if entity is not None:
             query = query.where(t.dead_letter.c.entity == entity)
         with self.engine.connect() as conn:
-            return [_dead(row) for row in conn.execute(query).mappings()]
+            return [_dead(row, self.privacy) for row in conn.execute(query).mappings()]
 
     def replay_dead_letter(self, dead_letter_id: int, by: str) -> None:
         """Operator action: retry on the next run regardless of backoff."""
@@ -680,7 +693,8 @@ class StateStore:
     ) -> None:
         row = {"entity": entity, "record_key": failure.record_key, "stage": stage, "error": failure.error}
         row |= {"attempts": attempts, "status": "pending", "run_id": run_id, "first_failed_at": now}
-        row |= {"last_failed_at": now, "next_retry_at": next_retry, "payload_json": encode(failure.payload)}
+        payload = encode(self.privacy.seal_whole(entity, failure.payload))
+        row |= {"last_failed_at": now, "next_retry_at": next_retry, "payload_json": payload}
         stmt = self._insert(t.dead_letter)
         keep = ("error", "attempts", "status", "run_id", "last_failed_at", "next_retry_at", "payload_json")
         stmt = stmt.on_conflict_do_update(
@@ -707,7 +721,7 @@ class StateStore:
         )
         count = 0
         for chunk in chunks(children, self.chunk_size):
-            rows = [_parked_row(entity, run_id, child) for child in chunk]
+            rows = [_parked_row(entity, run_id, child, self.privacy) for child in chunk]
             with self.engine.begin() as conn:
                 conn.execute(stmt, rows)
             count += len(rows)
@@ -726,13 +740,14 @@ class StateStore:
             .order_by(p.c.id)
         )
         with self.engine.connect() as conn:
-            return [_child(row) for row in conn.execute(query).mappings()]
+            return [_child(row, self.privacy) for row in conn.execute(query).mappings()]
 
     def parked_children(self, entity: str) -> list[ParkedChild]:
         """Every child still waiting (for the plan and the UI)."""
         query = select(t.parked).where(t.parked.c.entity == entity, t.parked.c.status == "parked")
         with self.engine.connect() as conn:
-            return [_child(row) for row in conn.execute(query.order_by(t.parked.c.id)).mappings()]
+            rows = conn.execute(query.order_by(t.parked.c.id)).mappings()
+            return [_child(row, self.privacy) for row in rows]
 
     def release_children(self, ids: Iterable[int], run_id: str) -> int:
         """Mark children synced once their run committed."""
@@ -747,7 +762,7 @@ class StateStore:
         count = 0
         for chunk in chunks(entries, self.chunk_size):
             now = _now()
-            rows = [_audit_row(run_id, entity, entry, actor, now) for entry in chunk]
+            rows = [_audit_row(run_id, entity, entry, actor, now, self.privacy) for entry in chunk]
             with self.engine.begin() as conn:
                 conn.execute(t.audit.insert(), rows)
             count += len(rows)
@@ -767,7 +782,7 @@ class StateStore:
             if value is not None:
                 query = query.where(column == value)
         with self.engine.connect() as conn:
-            return [_audit(row) for row in conn.execute(query).mappings()]
+            return [_audit(row, self.privacy) for row in conn.execute(query).mappings()]
 
     def start_run(self, run_id: str, entity: str, now: datetime | None = None) -> None:
         """Open a run report (a retried run starts over)."""
@@ -817,6 +832,9 @@ class StateStore:
 
     # --- helpers --------------------------------------------------------------------------------
 
+    def _stored(self, row: Mapping[str, Any]) -> StoredRecord:
+        return _stored(row, self.privacy)
+
     def _set_status(
         self, table: Any, ids: Iterable[int], current: str | tuple[str, ...], new: str, **values: Any
     ) -> int:
@@ -855,12 +873,18 @@ def _match(
 
 
 def _record_values(
-    entity: str, dyn_id: str | None, erp_key: str | None, base: Base | None, run_id: str, now: datetime
+    entity: str,
+    dyn_id: str | None,
+    erp_key: str | None,
+    base: Base | None,
+    run_id: str,
+    now: datetime,
+    privacy: Privacy,
 ) -> dict[str, Any]:
     values: dict[str, Any] = {"entity": entity, "dynamics_id": dyn_id, "erp_key": erp_key, "run_id": run_id}
     values["updated_at"] = now
     values["status"] = "pending" if base is None else "synced"
-    values["base_json"] = None if base is None else encode(dict(base.values))
+    values["base_json"] = None if base is None else encode(privacy.seal_values(entity, base.values))
     for side in SIDES:
         values[f"{side}_version"] = None if base is None else base.version(side)
         values[f"{side}_modified"] = None if base is None else base.modified(side)
@@ -873,18 +897,20 @@ def _fill_keys(values: dict[str, Any], match: Mapping[str, Any]) -> dict[str, An
     return values | {c: values[c] or match[c] for c in ("dynamics_id", "erp_key")}
 
 
-def _stored(row: Mapping[str, Any]) -> StoredRecord:
+def _stored(row: Mapping[str, Any], privacy: Privacy) -> StoredRecord:
+    """A key map row as the merge needs it: the base decrypted; a tombstone holds no key."""
     base = None
     if row["base_json"] is not None:
         base = Base(
-            decode(row["base_json"]),
+            privacy.reveal(decode(row["base_json"])),
             dynamics_version=row["dynamics_version"],
             erp_version=row["erp_version"],
             dynamics_modified=row["dynamics_modified"],
             erp_modified=row["erp_modified"],
             deleted_on=row["deleted_on"],
         )
-    return StoredRecord(row["id"], row["dynamics_id"], row["erp_key"], row["status"], base)
+    erp_key = None if row["status"] == "erased" else row["erp_key"]
+    return StoredRecord(row["id"], row["dynamics_id"], erp_key, row["status"], base)
 
 
 def _next_watermark(current: Mapping[str, Any] | None, staged: Mapping[str, Any]) -> tuple[Any, str | None]:
@@ -910,33 +936,51 @@ def _max(old: Any, new: Any) -> Any:
     return new if new > old else old
 
 
-def _review_row(entity: str, run_id: str, item: ReviewItem, now: datetime) -> dict[str, Any]:
+def _review_row(
+    entity: str, run_id: str, item: ReviewItem, now: datetime, privacy: Privacy
+) -> dict[str, Any]:
+    def sealed(value: Any) -> str:
+        return encode(privacy.seal_field(entity, item.field, value))
+
     row = {"entity": entity, "record_key": item.record_key, "field": item.field, "reason": item.reason}
     row |= {
-        "base_json": encode(item.base),
-        "dynamics_json": None if "dynamics" in item.unseen else encode(item.dynamics),
-        "erp_json": None if "erp" in item.unseen else encode(item.erp),
+        "base_json": sealed(item.base),
+        "dynamics_json": None if "dynamics" in item.unseen else sealed(item.dynamics),
+        "erp_json": None if "erp" in item.unseen else sealed(item.erp),
     }
     row |= {"status": "open", "opened_run_id": run_id, "opened_at": now, "updated_at": now}
     return row
 
 
-def _review(row: Mapping[str, Any]) -> Review:
+def _review(row: Mapping[str, Any], privacy: Privacy | None = None, *, display: bool = False) -> Review:
+    """A review row; sealed values decrypted (``display``: unreadable ones shown as ``[encrypted]``)."""
+    value = _opener(privacy, display)
     return Review(
         row["id"],
         row["entity"],
         row["record_key"],
         row["field"],
-        decode(row["base_json"]),
-        decode(row["dynamics_json"]),
-        decode(row["erp_json"]),
+        value(row["base_json"]),
+        value(row["dynamics_json"]),
+        value(row["erp_json"]),
         row["reason"],
         row["status"],
         row["decided_by"],
         row["decided_at"],
-        decode(row["chosen_json"]),
+        value(row["chosen_json"]),
         row["comment"],
     )
+
+
+def _opener(privacy: Privacy | None, display: bool) -> Any:
+    """Column text → value, sealed entries opened by ``privacy`` (a keyless one when None)."""
+    privacy = privacy if privacy is not None else Privacy()
+    reveal = privacy.display if display else privacy.reveal
+    return lambda text: reveal(decode(text))
+
+
+def _any_sealed(row: Mapping[str, Any]) -> bool:
+    return any('"$pii"' in (row[c] or "") for c in ("base_json", "dynamics_json", "erp_json"))
 
 
 def _with_older_sides(failure: Failure, older: list[Any]) -> Failure:
@@ -954,7 +998,7 @@ def _with_older_sides(failure: Failure, older: list[Any]) -> Failure:
     return Failure(failure.record_key, failure.error, {**payload, "rows": rows})
 
 
-def _dead(row: Mapping[str, Any]) -> DeadLetter:
+def _dead(row: Mapping[str, Any], privacy: Privacy | None = None, *, display: bool = False) -> DeadLetter:
     return DeadLetter(
         row["id"],
         row["entity"],
@@ -964,14 +1008,15 @@ def _dead(row: Mapping[str, Any]) -> DeadLetter:
         row["attempts"],
         row["status"],
         row["next_retry_at"],
-        decode(row["payload_json"]),
+        _opener(privacy, display)(row["payload_json"]),
     )
 
 
-def _parked_row(entity: str, run_id: str, child: ParkedChild) -> dict[str, Any]:
+def _parked_row(entity: str, run_id: str, child: ParkedChild, privacy: Privacy) -> dict[str, Any]:
     row = {"entity": entity, "record_key": child.record_key, "parent_entity": child.parent_entity}
     row |= {"parent_side": child.parent_side, "parent_key": _parent_key(child), "reason": child.reason}
-    row |= {"payload_json": encode(child.payload), "status": "parked", "attempts": 1}
+    row |= {"payload_json": encode(privacy.seal_whole(entity, child.payload))}
+    row |= {"status": "parked", "attempts": 1}
     row |= {"parked_run_id": run_id, "parked_at": _now()}
     return row
 
@@ -980,31 +1025,38 @@ def _parent_key(child: ParkedChild) -> str:
     return _guid(child.parent_key) if child.parent_side == "dynamics" else child.parent_key  # type: ignore[return-value]
 
 
-def _child(row: Mapping[str, Any]) -> ParkedChild:
+def _child(row: Mapping[str, Any], privacy: Privacy) -> ParkedChild:
     return ParkedChild(
         row["record_key"],
         row["parent_entity"],
         row["parent_side"],
         row["parent_key"],
-        decode(row["payload_json"]),
+        privacy.reveal(decode(row["payload_json"])),
         row["reason"] or "",
         row["id"],
     )
 
 
-def _audit_row(run_id: str, entity: str, entry: AuditEntry, actor: str, now: datetime) -> dict[str, Any]:
-    before = None if entry.before is None else encode(mask_fields(dict(entry.before)))
-    after = None if entry.after is None else encode(mask_fields(dict(entry.after)))
+def _audit_row(
+    run_id: str, entity: str, entry: AuditEntry, actor: str, now: datetime, privacy: Privacy
+) -> dict[str, Any]:
+    def values(given: Mapping[str, Any] | None) -> str | None:
+        return None if given is None else encode(privacy.seal_values(entity, mask_fields(dict(given))))
+
+    before, after = values(entry.before), values(entry.after)
     row = {"run_id": run_id, "entity": entity, "record_key": entry.record_key, "side": entry.side}
     row |= {"operation": entry.operation, "fields_json": encode(sorted(entry.fields)), "actor": actor}
     row |= {"before_json": before, "after_json": after, "at": now}
     return row
 
 
-def _audit(row: Mapping[str, Any]) -> dict[str, Any]:
+def _audit(
+    row: Mapping[str, Any], privacy: Privacy | None = None, *, display: bool = False
+) -> dict[str, Any]:
     out = dict(row)
+    value = _opener(privacy, display)
     for name in ("fields_json", "before_json", "after_json"):
-        out[name.removesuffix("_json")] = decode(out.pop(name))
+        out[name.removesuffix("_json")] = value(out.pop(name))
     return out
 
 

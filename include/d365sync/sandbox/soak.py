@@ -336,9 +336,10 @@ class Stack:
         return ErpClient(self.erp_odbc)
 
     def store(self) -> Any:
+        from d365sync.engine.privacy import Privacy
         from d365sync.engine.state import StateStore
 
-        return StateStore.open(self.state_url)
+        return StateStore.open(self.state_url, privacy=Privacy.from_keys(pii_key(self.workdir), "soak key"))
 
     def dead(self) -> dict[str, int]:
         return {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
@@ -380,12 +381,26 @@ def airflow_env(
         "D365SYNC_RETRY_DELAY_SECONDS": str(opts.retry_delay_seconds),
         "D365SYNC_MAX_RETRY_DELAY_SECONDS": str(opts.retry_delay_seconds * 4),
         "D365SYNC_STAGING_ROOT": f"file://{workdir / 'staging'}",
+        "D365SYNC_PII_KEYS": pii_key(workdir),
         "NO_COLOR": "1",
         **conns,
     }
     if opts.entities_dir is not None:
         env["D365SYNC_ENTITIES_DIR"] = str(opts.entities_dir)
     return env
+
+
+def pii_key(workdir: Path) -> str:
+    """The soak's personal-data key, generated once into ``<workdir>/pii.key`` (mode 600)."""
+    from d365sync.engine.privacy import generate_key
+
+    path = workdir / "pii.key"
+    if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(generate_key())
+    return path.read_text().strip()
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Engine, Select, func, select
 
 from d365sync.engine.migrations import schema as t
+from d365sync.engine.privacy import Privacy
 from d365sync.engine.state import DeadLetter, Review, _audit, _dead, _review
 
 T = TypeVar("T")
@@ -49,8 +50,8 @@ class ReviewRow(Review):
     opened_at: datetime | None = None
 
 
-def _review_row(row: Any) -> ReviewRow:
-    item = _review(row)
+def _review_row(row: Any, privacy: Privacy | None = None) -> ReviewRow:
+    item = _review(row, privacy, display=True)
     values = {f.name: getattr(item, f.name) for f in fields(Review)}
     return ReviewRow(**values, opened_at=row["opened_at"])
 
@@ -114,9 +115,12 @@ def _page(
         return Page([row(r) for r in rows], total, page, size)
 
 
-def review_page(engine: Engine, flt: ReviewFilter, page: int = 1, size: int = 50) -> Page[ReviewRow]:
-    """Open (or decided) review items, oldest first."""
-    return _page(engine, flt.apply(select(t.review)), [t.review.c.id], page, size, _review_row)
+def review_page(
+    engine: Engine, flt: ReviewFilter, page: int = 1, size: int = 50, privacy: Privacy | None = None
+) -> Page[ReviewRow]:
+    """Open (or decided) review items, oldest first (personal data decrypted with ``privacy``)."""
+    query, order = flt.apply(select(t.review)), [t.review.c.id]
+    return _page(engine, query, order, page, size, lambda r: _review_row(r, privacy))
 
 
 def review_ids(engine: Engine, flt: ReviewFilter, limit: int) -> list[int]:
@@ -126,10 +130,10 @@ def review_ids(engine: Engine, flt: ReviewFilter, limit: int) -> list[int]:
         return list(conn.execute(query).scalars())
 
 
-def review(engine: Engine, review_id: int) -> Review | None:
+def review(engine: Engine, review_id: int, privacy: Privacy | None = None) -> Review | None:
     with engine.connect() as conn:
         row = conn.execute(select(t.review).where(t.review.c.id == review_id)).mappings().first()
-    return None if row is None else _review(row)
+    return None if row is None else _review(row, privacy, display=True)
 
 
 def review_counts(engine: Engine, status: str = "open") -> dict[str, int]:
@@ -150,13 +154,18 @@ def review_fields(engine: Engine, entity: str | None, status: str = "open") -> l
 
 
 def dead_letter_page(
-    engine: Engine, entity: str | None, status: str = "pending", page: int = 1, size: int = 50
+    engine: Engine,
+    entity: str | None,
+    status: str = "pending",
+    page: int = 1,
+    size: int = 50,
+    privacy: Privacy | None = None,
 ) -> Page[DeadLetter]:
     d = t.dead_letter
     query = select(d).where(d.c.status == status)
     if entity:
         query = query.where(d.c.entity == entity)
-    return _page(engine, query, [d.c.id], page, size, _dead)
+    return _page(engine, query, [d.c.id], page, size, lambda r: _dead(r, privacy, display=True))
 
 
 def dead_letter_extra(engine: Engine, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -167,11 +176,11 @@ def dead_letter_extra(engine: Engine, ids: Sequence[int]) -> dict[int, dict[str,
         return {row["id"]: dict(row) for row in conn.execute(select(*cols).where(d.c.id.in_(ids))).mappings()}
 
 
-def dead_letter(engine: Engine, dead_letter_id: int) -> DeadLetter | None:
+def dead_letter(engine: Engine, dead_letter_id: int, privacy: Privacy | None = None) -> DeadLetter | None:
     with engine.connect() as conn:
         query = select(t.dead_letter).where(t.dead_letter.c.id == dead_letter_id)
         row = conn.execute(query).mappings().first()
-    return None if row is None else _dead(row)
+    return None if row is None else _dead(row, privacy, display=True)
 
 
 def dead_letter_counts(engine: Engine) -> dict[str, dict[str, int]]:
@@ -185,9 +194,12 @@ def dead_letter_counts(engine: Engine) -> dict[str, dict[str, int]]:
     return out
 
 
-def audit_page(engine: Engine, flt: AuditFilter, page: int = 1, size: int = 50) -> Page[dict[str, Any]]:
-    """Audit rows, newest first (values were masked when stored)."""
-    return _page(engine, flt.apply(select(t.audit)), [t.audit.c.id.desc()], page, size, _audit)
+def audit_page(
+    engine: Engine, flt: AuditFilter, page: int = 1, size: int = 50, privacy: Privacy | None = None
+) -> Page[dict[str, Any]]:
+    """Audit rows, newest first (values were masked when stored; ``pii`` fields decrypted)."""
+    query, order = flt.apply(select(t.audit)), [t.audit.c.id.desc()]
+    return _page(engine, query, order, page, size, lambda r: _audit(r, privacy, display=True))
 
 
 def entities(engine: Engine) -> list[str]:

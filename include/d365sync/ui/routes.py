@@ -122,7 +122,7 @@ def reviews(
         user,
         "reviews.html",
         flt=flt,
-        rows=queries.review_page(engine, flt, page, ctx.settings.page_size),
+        rows=queries.review_page(engine, flt, page, ctx.settings.page_size, ctx.store.privacy),
         counts=queries.review_counts(engine, status),
         fields=queries.review_fields(engine, entity or None, status),
         bulk_limit=ctx.settings.bulk_limit,
@@ -160,7 +160,7 @@ def decide(
 ) -> RedirectResponse:
     ctx = ctx_of(request)
     back = _filters(entity, field, key, page)
-    item = queries.review(ctx.store.engine, review_id)
+    item = queries.review(ctx.store.engine, review_id, ctx.store.privacy)
     if item is None or item.status != "open":
         return _back(request, "/reviews", back, "not_open", id=review_id)
     if choice not in CHOICES:
@@ -222,7 +222,7 @@ def _decide_many(
 ) -> tuple[int, list[str]]:
     done, errors = 0, []
     for review_id in ids:
-        item = queries.review(ctx.store.engine, review_id)
+        item = queries.review(ctx.store.engine, review_id, ctx.store.privacy)
         if item is None or item.status != "open":
             continue
         try:
@@ -247,7 +247,9 @@ def dead_letters(
 ) -> Response:
     ctx = ctx_of(request)
     engine = ctx.store.engine
-    rows = queries.dead_letter_page(engine, entity or None, status, page, ctx.settings.page_size)
+    rows = queries.dead_letter_page(
+        engine, entity or None, status, page, ctx.settings.page_size, ctx.store.privacy
+    )
     return _page(
         request,
         user,
@@ -280,7 +282,7 @@ def replay(
     """Trigger the replay DAG for this record (as the caller), then mark it due in the store."""
     ctx = ctx_of(request)
     back = {"entity": entity, "status": status}
-    dead = queries.dead_letter(ctx.store.engine, dead_letter_id)
+    dead = queries.dead_letter(ctx.store.engine, dead_letter_id, ctx.store.privacy)
     if dead is None or dead.status != "pending":
         return _back(request, "/dead-letters", back, "not_pending", id=dead_letter_id)
     conf = {"entity": dead.entity, "keys": [dead.record_key]}
@@ -411,7 +413,7 @@ def audit(
         request,
         user,
         "audit.html",
-        rows=queries.audit_page(ctx.store.engine, flt, page, ctx.settings.page_size),
+        rows=queries.audit_page(ctx.store.engine, flt, page, ctx.settings.page_size, ctx.store.privacy),
         entities=queries.entities(ctx.store.engine),
         filters=filters,
     )

@@ -58,6 +58,10 @@ class RunContext:
     validator: Any = None  # validate(spec, side, rows, key_column=...); default: GX (engine.validation)
     _tctx: Any = None
 
+    def __post_init__(self) -> None:
+        """The store encrypts the spec's ``pii`` fields; with no key for them the run refuses to start."""
+        self.store.privacy.register(self.spec.name, self.spec.pii_fields)
+
     @property
     def transform_context(self) -> Any:
         """One TransformContext per run: key-map lookups are cached across chunks and stages."""
