@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -48,3 +49,12 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(cell) for cell in row) + " |")
+
+
+def ensure_pii_key() -> None:
+    """Benchmarks run with personal data encrypted, as a deployment does (a fresh key per run)."""
+    from cryptography.fernet import Fernet
+
+    from d365sync.engine.privacy import KEYS_ENV
+
+    os.environ.setdefault(KEYS_ENV, Fernet.generate_key().decode())

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _dataverse import ensure_pii_key
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 ENTITIES = ["customers", "orders", "invoices", "products", "inventory"]
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000, help="ERP customers seeded")
     args = parser.parse_args()
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    ensure_pii_key()
     logging.disable(logging.INFO)  # the direct runs log through Airflow's handlers onto stdout
     seconds, heavy = parse_time()
     files = len(list((REPO / "dags").glob("*.py")))

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _dataverse import client_for, print_table, sandbox
+from _dataverse import client_for, ensure_pii_key, print_table, sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,6 +208,7 @@ def full_sync(rows: int) -> list[list[Any]]:
 
 
 def main() -> None:
+    ensure_pii_key()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--plan-rows", type=int, default=1_000_000)
