@@ -12,8 +12,11 @@ has a default that makes the embedded demo work with nothing set.
                                     ``schema`` extra)
 ``D365SYNC_UI_PAGE_SIZE``           rows per page (50)
 ``D365SYNC_UI_BULK_LIMIT``          most review items one bulk decision touches (500)
-``D365SYNC_AIRFLOW_API_URL``        Airflow API base (``http://host:8080``); default: the origin of
-                                    the request, i.e. the API server that serves the plugin
+``D365SYNC_AIRFLOW_API_URL``        Airflow API base the "replay now" button calls with the
+                                    user's token (``http://host:8080``); else Airflow's
+                                    ``[api] base_url``; else the API server on loopback
+                                    (``http://127.0.0.1:<[api] port>``). Never the request's
+                                    ``Host``: that would send the token wherever it points
 ``D365SYNC_UI_REPLAY_DAG``          DAG triggered by "replay now" (``replay_dead_letters``)
 ``D365SYNC_UI_DAG_PREFIX``          entity DAG id prefix (``sync_``)
 ``D365SYNC_UI_DATA_DOCS_DIR``       directory holding GX Data Docs sites (served read-only)
