@@ -25,6 +25,8 @@ has a default that makes the embedded demo work with nothing set.
 ``D365SYNC_UI_SECRET``              HMAC key of the CSRF tokens; default Airflow's
                                     ``[api] secret_key`` (the same on every API server worker)
 ``D365SYNC_UI_ROLE_MAP``            extra auth-manager role names, ``"SyncOps:op,Auditors:viewer"``
+                                    (:mod:`d365sync.roles`; the operations DAGs read it too, so
+                                    set it on the workers as well)
 ``D365SYNC_UI_STALE_REVIEW_DAYS``   open reviews older than this are flagged (7)
 ==================================  ===============================================================
 """
@@ -35,6 +37,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from d365sync.roles import ROLE_MAP_ENV, parse_role_map
 
 DEFAULT_STATE_URL = "sqlite:///var/demo/state.db"
 
@@ -72,7 +76,7 @@ class UiSettings:
             "data_docs_dir": Path(d) if (d := env.get("D365SYNC_UI_DATA_DOCS_DIR")) else None,
             "drift_dir": Path(d) if (d := env.get("D365SYNC_UI_DRIFT_DIR")) else None,
             "secret": env.get("D365SYNC_UI_SECRET") or None,
-            "role_map": parse_role_map(env.get("D365SYNC_UI_ROLE_MAP", "")),
+            "role_map": parse_role_map(env.get(ROLE_MAP_ENV, "")),
             "stale_review_days": _int(env, "D365SYNC_UI_STALE_REVIEW_DAYS", 7),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -85,15 +89,6 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw) if raw else default
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
-
-
-def parse_role_map(raw: str) -> dict[str, str]:
-    """``"SyncOps:op, Auditors:viewer"`` -> ``{"syncops": "op", "auditors": "viewer"}``."""
-    out: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in raw.split(","))):
-        name, _, level = part.partition(":")
-        out[name.strip().lower()] = level.strip().lower()
-    return out
 
 
 def state_location(env: Mapping[str, str]) -> tuple[str, str | None]:
