@@ -30,7 +30,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +116,9 @@ class AirflowServer:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
-def _env(home: Path, port: int, passwords: Path, state_url: str) -> dict[str, str]:
+def _env(
+    home: Path, port: int, passwords: Path, state_url: str, users: Mapping[str, str] = USERS
+) -> dict[str, str]:
     env = airflow_base_env(home)
     env.update(
         {
@@ -124,7 +126,7 @@ def _env(home: Path, port: int, passwords: Path, state_url: str) -> dict[str, st
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
             "AIRFLOW__CORE__PARALLELISM": "2",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in users.items()),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
             "AIRFLOW__API__HOST": "127.0.0.1",
@@ -198,15 +200,17 @@ def standalone(
     artifacts: Path,
     extra_env: dict[str, str] | None = None,
     name: str = "",
+    users: Mapping[str, str] = USERS,
 ) -> Iterator[AirflowServer]:
-    """``airflow standalone`` on a free port, its UI reading ``store`` (store, URL); stopped by group."""
-    passwords = {user: secrets.token_urlsafe(12) for user in USERS}
+    """``airflow standalone`` on a free port, its UI reading ``store`` (store, URL); stopped by group.
+    ``users`` (name: role) must include ``alice``, an operator."""
+    passwords = {user: secrets.token_urlsafe(12) for user in users}
     passwords_file = home / "passwords.json"
     passwords_file.write_text(json.dumps(passwords))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = home / "standalone.log"
-    env = {**_env(home, port, passwords_file, store[1]), **(extra_env or {})}
+    env = {**_env(home, port, passwords_file, store[1], users), **(extra_env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(BIN / "airflow"), "standalone"],

@@ -37,6 +37,10 @@ ENTITY_TASKS = [
     "report",
 ]
 
+# The triggering_user_name dag.test() records for its run (airflow.sdk DAG.test): the user whose role
+# the operations DAGs check (d365sync.airflow.tasks.acting_user).
+DAG_TEST_USER = "dag_test"
+
 # Warnings a child run may report that are not ours to fix (checked by AirflowEnv.run).
 FOREIGN_WARNING_PATHS = ("/site-packages/",)
 
@@ -58,6 +62,13 @@ def airflow_base_env(home: Path) -> dict[str, str]:
         }
     )
     return env
+
+
+def triggered_as(role: str | None, *others: str) -> dict[str, str]:
+    """Env making ``dag.test()``'s triggering user a SimpleAuthManager user with ``role`` (None: not
+    an Airflow user at all), plus ``others`` (``"alice:op"``): for the operations DAGs."""
+    users = [*others, *([f"{DAG_TEST_USER}:{role}"] if role else [])]
+    return {"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(users)}
 
 
 @dataclass

@@ -95,10 +95,16 @@ def test_operations_dags_take_params(dagbag: Any) -> None:
     assert type(replay.timetable).__name__ == "NullTimetable"
     assert set(replay.params) == {"entity", "keys"}
     review = dagbag.dags["apply_review_decisions"]
-    assert set(review.params) == {"entity", "review_ids", "decision", "decided_by"}
+    assert set(review.params) == {"entity", "review_ids", "decision"}  # decided_by: the triggering user
+    for dag_id in ("replay_dead_letters", "apply_review_decisions", "reconcile"):
+        assert (
+            "**Who may run it**: an Airflow user whose role is `op` or `admin`" in dagbag.dags[dag_id].doc_md
+        )
+    assert "Who may run it" not in dagbag.dags["health_report"].doc_md
     erase = dagbag.dags["privacy_erase"]
     assert type(erase.timetable).__name__ == "NullTimetable"
     assert set(erase.params) == {"entity", "key"} and [t.task_id for t in erase.tasks] == ["privacy_erase"]
+    assert "**Who may run it**: an Airflow user whose role is `admin`" in erase.doc_md
     reconcile = dagbag.dags["reconcile"]
     assert {t.task_id for t in reconcile.tasks} >= {"reconcile_customers", "reconcile_orders"}
 

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from d365sync.engine.stages.context import aware
-from tests.dags.conftest import AirflowEnv, assert_success
+from tests.dags.conftest import AirflowEnv, assert_success, triggered_as
 from tests.dags.sync_env import (
     Backend,
     SyncEnv,
@@ -165,7 +165,8 @@ def test_reconcile_finds_a_change_that_bypassed_the_cursor_and_the_next_run_repa
     before = env.dv("GET", f"accounts(accountnumber='{key}')?$select=creditlimit")["creditlimit"]
     assert float(before or 0) != 98765.43, "the cursor must not have seen the direct SQL update"
 
-    (rec,) = env.run("reconcile", conf={"entities": ["customers"], "queue_repairs": True})
+    conf = {"entities": ["customers"], "queue_repairs": True}
+    (rec,) = env.run("reconcile", conf=conf, env=triggered_as("op"))  # a manual run: an operator's
     assert_success([rec])
     staging = Path(env.airflow.env["D365SYNC_STAGING_ROOT"].removeprefix("file://"))
     report_files = sorted(staging.rglob("reconcile/reports/customers-*.json"))
@@ -197,7 +198,8 @@ def test_review_decision_from_a_manual_dag_run_is_applied_by_the_next_run(env: S
         review = store.reviews("invoices")[0]
     (decide,) = env.run(
         "apply_review_decisions",
-        conf={"entity": "invoices", "review_ids": [review.id], "decision": "erp", "decided_by": "test"},
+        conf={"entity": "invoices", "review_ids": [review.id], "decision": "erp"},
+        env=triggered_as("op"),
     )
     assert_success([decide])
     (run,) = env.run("sync_invoices")
@@ -208,7 +210,8 @@ def test_review_decision_from_a_manual_dag_run_is_applied_by_the_next_run(env: S
 
 
 def test_replay_dead_letters_from_a_manual_dag_run(env: SyncEnv) -> None:
-    (replay,) = env.run("replay_dead_letters", conf={"entity": "orders", "keys": ["NO-SUCH-KEY"]})
+    conf = {"entity": "orders", "keys": ["NO-SUCH-KEY"]}
+    (replay,) = env.run("replay_dead_letters", conf=conf, env=triggered_as("op"))
     assert_success([replay])
     assert replay.raw["tasks"] == {"replay_dead_letters": "success"}
 

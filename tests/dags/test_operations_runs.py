@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.dags.conftest import AirflowEnv, assert_success
+from tests.dags.conftest import DAG_TEST_USER, AirflowEnv, assert_success, triggered_as
 from tests.dags.sync_env import SyncEnv, connections_env, init_erp, sqlite_backend, tidy_erp
 from tests.dags.test_alerts import webhook  # noqa: F401  (the loopback webhook receiver fixture)
 
@@ -172,7 +172,12 @@ def test_privacy_erase_dag_erases_one_subject_and_the_next_run_succeeds(env: Syn
 
     with env.store() as store:
         key = next(r.erp_key for chunk in store.iter_base("customers") for r in chunk if r.status == "synced")
-    (run,) = env.run("privacy_erase", conf={"entity": "customers", "key": key})
+    conf = {"entity": "customers", "key": key}
+    (refused,) = env.run("privacy_erase", conf=conf, env=triggered_as("op"))  # irreversible: admins only
+    assert refused.state == "failed"
+    with env.store() as store:
+        assert store.load_base("customers", "erp", [key])[key].status == "synced"  # type: ignore[union-attr]
+    (run,) = env.run("privacy_erase", conf=conf, env=triggered_as("admin"))
     assert_success([run])
     with env.store() as store:
         assert store.load_base("customers", "erp", [key])[key].status == "erased"  # type: ignore[union-attr]
@@ -180,6 +185,6 @@ def test_privacy_erase_dag_erases_one_subject_and_the_next_run_succeeds(env: Syn
             assert key not in {k for (k,) in conn.execute(select(t.record.c.erp_key))}
             assert key not in {k for (k,) in conn.execute(select(t.audit.c.record_key))}
         erasure = store.audit_log("customers", limit=1)[0]
-        assert erasure["operation"] == "erase" and erasure["actor"].startswith("airflow:")
+        assert erasure["operation"] == "erase" and erasure["actor"].startswith(f"airflow:{DAG_TEST_USER}:")
         assert key not in json.dumps(erasure, default=str)
     assert_success(env.run("sync_customers"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -73,28 +74,40 @@ def tokens(auth_manager: Any) -> dict[str, str]:
 
 @dataclass
 class FakeAirflowApi:
-    """A loopback HTTP server standing in for ``POST /api/v2/dags/{dag_id}/dagRuns``."""
+    """A loopback HTTP server standing in for ``POST /api/v2/dags/{dag_id}/dagRuns``.
+
+    It answers like Airflow (``dag_id``, ``dag_run_id``, ``state``) with ``status``; ``answer``
+    replaces that body with raw bytes (an unexpected answer). Every request is recorded.
+    """
 
     url: str
     calls: list[dict[str, Any]] = field(default_factory=list)
     status: int = 200
+    answer: bytes | None = None
 
 
 def _handler(api: FakeAirflowApi) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length", 0))
-            body = json.loads(self.rfile.read(length) or b"{}")
+            raw = self.rfile.read(length)
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                body = raw.decode(errors="replace")
             api.calls.append({"path": self.path, "auth": self.headers.get("authorization"), "body": body})
-            answer = {"dag_run_id": f"manual__{len(api.calls)}", "state": "queued"}
+            dag_id = self.path.split("/")[4] if self.path.count("/") >= 5 else ""
+            answer = {"dag_id": dag_id, "dag_run_id": f"manual__{len(api.calls)}", "state": "queued"}
             if api.status >= 300:
                 answer = {"detail": "Forbidden"}
-            data = json.dumps(answer).encode()
+            data = json.dumps(answer).encode() if api.answer is None else api.answer
             self.send_response(api.status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        do_GET = do_PUT = do_PATCH = do_DELETE = do_POST  # a recorder: whatever arrives is kept
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -102,16 +115,25 @@ def _handler(api: FakeAirflowApi) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def airflow_api() -> Iterator[FakeAirflowApi]:
+@contextmanager
+def fake_airflow_api() -> Iterator[FakeAirflowApi]:
+    """A :class:`FakeAirflowApi` on a free loopback port, for the duration of the block."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
     api = FakeAirflowApi(f"http://127.0.0.1:{server.server_address[1]}")
     server.RequestHandlerClass = _handler(api)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield api
-    server.shutdown()
-    server.server_close()
+    try:
+        yield api
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def airflow_api() -> Iterator[FakeAirflowApi]:
+    with fake_airflow_api() as api:
+        yield api
 
 
 def seed(store: StateStore, now: datetime | None = None) -> None:

@@ -214,16 +214,3 @@ def test_dag_link_opens_the_entity_page(ui: Env) -> None:
     assert "Entity customers" in body and f'href="{PREFIX}/reviews?entity=customers">3<' in body
     other = client.get(f"{PREFIX}/dag/reconcile").text
     assert "does not sync an entity" in other
-
-
-def test_replay_defaults_to_the_api_server_that_serves_the_plugin(
-    ui: Env, caplog: pytest.LogCaptureFixture
-) -> None:
-    from d365sync.ui.airflow_api import AirflowApi
-
-    ui.app.state.ctx.airflow = AirflowApi(timeout=0.5)  # no configured URL: the request's origin
-    with caplog.at_level("WARNING", logger="d365sync.ui.routes"):
-        response = _post(ui, "op", "/dead-letters/1/replay", {})
-    assert _flash(response)["error"] == ["replay_unreachable"]
-    assert "http://testserver/api/v2/dags/replay_dead_letters/dagRuns" in caplog.text
-    assert [d.id for d in ui.store.dead_letters("customers")] == [1, 2]

@@ -285,6 +285,18 @@ def build_entity_dag(spec: EntitySpec) -> DAG:
 
 
 # -------------------------------------------------------------------------- operations DAGs
+
+
+def who_may_run(scheduled: bool = False, roles: str = "`op` or `admin`") -> str:
+    """The ``doc_md`` paragraph of an operations DAG that changes the sync state."""
+    first = "Its scheduled runs are Airflow's own; a manual run" if scheduled else "A run"
+    return (
+        f"\n\n**Who may run it**: an Airflow user whose role is {roles} (the operations UI's roles, "
+        f"`D365SYNC_UI_ROLE_MAP` included). {first} checks the user who triggered it (Airflow records the "
+        "authenticated caller of its UI or REST API) and, for anyone else, fails at once and changes nothing."
+    )
+
+
 def _ops_dag(dag_id: str, doc: str, params: dict[str, Param], schedule: Any = None) -> DAG:
     return DAG(
         dag_id=dag_id,
@@ -307,6 +319,7 @@ def build_reconcile_dag(specs: Mapping[str, EntitySpec]) -> DAG:
         "repairs in the state store; the next entity run applies them. Catches changes that bypassed the "
         "cursors, such as direct SQL updates without `LAST_UPD`.\n\nEntities: "
         + ", ".join(f"`{e}`" for e in entity_order(specs))
+        + who_may_run(scheduled=True)
     )
     params = {
         "entities": Param(sorted(specs), type="array", description="Entities to compare."),
@@ -331,7 +344,8 @@ def build_replay_dag(specs: Mapping[str, EntitySpec]) -> DAG:
     doc = (
         "# Replay dead letters\n\nManual run: pick an entity and (optionally) record keys. The selected "
         "dead letters become due at once; the next run of the entity re-injects them. Trigger the entity "
-        "DAG afterwards (or wait for its schedule)."
+        "DAG afterwards (or wait for its schedule). The dead letters are recorded as replayed by the user "
+        "who triggered the run." + who_may_run()
     )
     params = {
         "entity": Param(sorted(specs)[0], type="string", enum=sorted(specs), description="Entity."),
@@ -343,13 +357,14 @@ def build_replay_dag(specs: Mapping[str, EntitySpec]) -> DAG:
 def build_review_dag(specs: Mapping[str, EntitySpec]) -> DAG:
     doc = (
         "# Apply review decisions\n\nManual run: decide open review items of an entity — keep the Dynamics "
-        "value, the ERP value, or the base — by review id. The next entity run writes the decided values."
+        "value, the ERP value, or the base — by review id. The next entity run writes the decided values. "
+        "`decided_by` is the user who triggered the run (a `decided_by` in the conf is ignored)."
+        + who_may_run()
     )
     params = {
         "entity": Param(sorted(specs)[0], type="string", enum=sorted(specs), description="Entity."),
         "review_ids": Param([], type="array", description="Review ids to decide."),
         "decision": Param("dynamics", type="string", enum=["dynamics", "erp", "base"], description="Winner."),
-        "decided_by": Param("airflow-ui", type="string", description="Who decided (audit log)."),
     }
     return _one_task_ops_dag("apply_review_decisions", doc, params)
 
@@ -411,7 +426,7 @@ def build_erase_dag(specs: Mapping[str, EntitySpec]) -> DAG:
         "dead letters, reviews, parked children, audit values and staging rows — and records an erasure "
         "audit row holding a hash of the key, the actor and the counts. Dynamics and the ERP are not "
         "touched: erase the subject there too. See docs/security.md."
-    )
+    ) + who_may_run(roles="`admin`")
     params = {
         "entity": Param(sorted(specs)[0], type="string", enum=sorted(specs), description="Entity."),
         "key": Param("", type="string", description="The data subject's record key (required)."),
@@ -427,7 +442,9 @@ def entity_dags() -> dict[str, DAG]:
 
 def operations_dags() -> dict[str, DAG]:
     """``reconcile`` (nightly), ``health_report`` (daily), ``replay_dead_letters``,
-    ``apply_review_decisions`` and ``privacy_erase`` (manual)."""
+    ``apply_review_decisions`` and ``privacy_erase`` (manual). All but ``health_report`` change the
+    sync state and act only for a triggering user with the role they need
+    (:func:`d365sync.airflow.tasks.acting_user`); reconcile's scheduled runs act as Airflow itself."""
     specs = load_specs()
     builders = (build_reconcile_dag, build_health_dag, build_replay_dag, build_review_dag, build_erase_dag)
     dags = [build(specs) for build in builders]

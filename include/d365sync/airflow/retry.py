@@ -4,7 +4,8 @@ Why not ``ExceptionRetryPolicy`` with dotted paths: it imports the exception cla
 would drag the Dataverse client (msal) and GX into DAG parsing. Matching the names along the
 exception's MRO needs no import and still catches subclasses.
 
-* a bad spec, rejected credentials, a validation threshold exceeded → fail now;
+* a bad spec, rejected credentials, a validation threshold exceeded, a user whose role may not
+  run an operations DAG → fail now;
 * a Dataverse 429 that outlived the client's own Retry-After handling → retry after a long
   pause (the service-protection window), so a throttling storm cannot burn the retries in minutes;
 * anything else → the task's exponential backoff.
@@ -25,6 +26,7 @@ NOT_RETRIABLE = frozenset(
         "d365sync.engine.stages.prepare.RunValidationFailed",
         "d365sync.erp.errors.ErpSpecError",
         "d365sync.engine.connections.ConnectionConfigError",
+        "d365sync.roles.AccessDenied",
     }
 )
 THROTTLED_DELAY = timedelta(minutes=5)

@@ -360,9 +360,37 @@ def _dataverse_total(by_task: Mapping[str, Mapping[str, Any]], key: str) -> int:
 
 
 # ---------------------------------------------------------------------------- operations
+def acting_user(system_run_types: tuple[str, ...] = (), needed: str = "op") -> str:
+    """Whom this run of an operations DAG acts for, checked with the operations UI's role map.
+
+    The user is the run's ``triggering_user_name``: Airflow sets it from the authenticated caller
+    of its REST API or UI (the Task SDK's ``dag_run`` carries it), never from the conf or Params.
+    Their role (:func:`d365sync.roles.role_of_name`: SimpleAuthManager's users, FAB's roles,
+    ``D365SYNC_UI_ROLE_MAP``) must be ``op`` or ``admin``. A run without a triggering user is
+    refused, except a run type in ``system_run_types`` (reconcile's nightly schedule), which acts
+    as ``airflow:<dag_id>``. A refusal raises :class:`~d365sync.roles.AccessDenied` (not retried)
+    before anything is opened or changed.
+    """
+    from d365sync import roles
+
+    run = airflow_context()["dag_run"]
+    role_map = roles.configured_role_map()
+    user = roles.acting_user(
+        run.dag_id,
+        run.triggering_user_name,
+        run_type(run),
+        lambda name: roles.role_of_name(name, role_map),
+        needed=needed,
+        system_run_types=system_run_types,
+    )
+    log.info("%s run %s acts for %s", run.dag_id, run.run_id, user)
+    return user
+
+
 def reconcile(entity: str) -> dict[str, Any]:
     from d365sync.engine import reconcile as engine
 
+    acting_user(system_run_types=("scheduled",))  # it queues repairs: the nightly run, or an operator
     context = airflow_context()
     params = context.get("params") or {}
     if entity not in (params.get("entities") or [entity]):
@@ -374,26 +402,31 @@ def reconcile(entity: str) -> dict[str, Any]:
 
 
 def replay_dead_letters() -> dict[str, Any]:
+    """Make dead letters due, recorded as done by the operator who triggered the run."""
     from d365sync.engine import operations
 
+    by = acting_user()
     params = airflow_context()["params"]
-    with clients() as (_, _erp, store):
-        return operations.replay_dead_letters(
-            store, params["entity"], params.get("keys") or [], by="airflow-ui"
-        )
+    with state_store() as store:
+        return operations.replay_dead_letters(store, params["entity"], params.get("keys") or [], by=by)
 
 
 def apply_review_decisions() -> dict[str, Any]:
+    """Decide review items as the operator who triggered the run (``decided_by``; no Param for it)."""
     from d365sync.engine import operations
 
+    by = acting_user()
     params = airflow_context()["params"]
-    with clients() as (_, _erp, store):
+    if "decided_by" in params:
+        log.warning(
+            "decided_by=%r in the run's conf is ignored: decisions are recorded as the user who "
+            "triggered the run (%s)",
+            params["decided_by"],
+            by,
+        )
+    with state_store() as store:
         return operations.apply_review_decisions(
-            store,
-            params["entity"],
-            params.get("review_ids") or [],
-            params["decision"],
-            by=params["decided_by"],
+            store, params["entity"], params.get("review_ids") or [], params["decision"], by=by
         )
 
 
@@ -505,10 +538,12 @@ def purge_expired() -> dict[str, Any]:
 
 def privacy_erase() -> dict[str, Any]:
     """The ``privacy_erase`` DAG: erase one data subject (``params.entity``, ``params.key``) from every
-    store the sync owns; returns the counts (the key itself never goes to XCom or the log)."""
+    store the sync owns; returns the counts (the key itself never goes to XCom or the log).
+    Irreversible, so only an ``admin`` may trigger it."""
     from d365sync.airflow.dag_factory import load_specs
     from d365sync.engine import data_subjects
 
+    user = acting_user(needed="admin")
     context = airflow_context()
     params, run = context.get("params") or {}, context["dag_run"]
     entity, key = str(params.get("entity") or ""), str(params.get("key") or "").strip()
@@ -522,7 +557,7 @@ def privacy_erase() -> dict[str, Any]:
             store,
             entity,
             key,
-            actor=f"airflow:{getattr(run, 'triggering_user_name', None) or run.dag_id}:{run.run_id}",
+            actor=f"airflow:{user}:{run.run_id}",
             fields=specs[entity].pii_fields,
             staging_roots=[_staging_base()],
         )

@@ -9,20 +9,11 @@ validates it (signature, audience, expiry, revocation) and turns it into a user.
 
 Roles. The UI has two abilities: *read* and *act* (decide reviews, replay or skip dead
 letters), plus *reveal* (see unmasked e-mails and phones), which goes with *act*: whoever
-decides a conflict must see what they choose between.
-
-=====================  ===========  =======================================================
-auth manager           role         UI
-=====================  ===========  =======================================================
-SimpleAuthManager      viewer       read
-                       user         read (may run DAGs in Airflow, but not decide here)
-                       op, admin    read, act, reveal
-FAB                    Viewer/User  read
-                       Op/Admin     read, act, reveal; Public: nothing
-any (extra names)      ``D365SYNC_UI_ROLE_MAP="SyncOps:op"`` maps custom role names
-other auth managers    --           read if ``is_authorized_view(WEBSITE)``; act if the user
-                                    may trigger the replay DAG (``is_authorized_dag`` POST RUN)
-=====================  ===========  =======================================================
+decides a conflict must see what they choose between. The role map (SimpleAuthManager roles,
+FAB roles, ``D365SYNC_UI_ROLE_MAP``) is :mod:`d365sync.roles`, shared with the operations DAGs,
+which apply the same roles to the user who triggered their run. Other auth managers: *read* if
+``is_authorized_view(WEBSITE)``, *act* if the user may trigger the replay DAG
+(``is_authorized_dag`` POST RUN).
 
 CSRF. A browser sends the ``_token`` cookie with any request, including one forged by another
 site, so a write authenticated by the cookie must also carry a token the forger cannot know:
@@ -43,15 +34,9 @@ from typing import Any, Literal, Protocol
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-LEVELS: dict[str, int] = {"none": 0, "viewer": 1, "user": 2, "op": 3, "admin": 4}
-ACT_LEVEL = LEVELS["op"]
-FAB_ROLES: dict[str, str] = {
-    "public": "none",
-    "viewer": "viewer",
-    "user": "user",
-    "op": "op",
-    "admin": "admin",
-}
+from d365sync import roles
+from d365sync.roles import ACT_LEVEL, LEVELS
+
 TOKEN_COOKIE = "_token"  # airflow.api_fastapi.auth.managers.base_auth_manager.COOKIE_NAME_JWT_TOKEN
 CSRF_COOKIE = "d365sync_csrf"
 CSRF_FIELD = "csrf_token"
@@ -82,7 +67,7 @@ class Principal:
 
     @property
     def level(self) -> int:
-        return LEVELS.get(self.role, 0)
+        return roles.level(self.role)
 
     @property
     def can_read(self) -> bool:
@@ -118,7 +103,7 @@ class AirflowAuthenticator:
     """Validates the token with the API server's auth manager (any auth manager)."""
 
     def __init__(self, role_map: Mapping[str, str] | None = None, replay_dag_id: str = "replay_dead_letters"):
-        self.role_map = {**FAB_ROLES, **(role_map or {})}
+        self.role_map = roles.role_map(role_map)
         self.replay_dag_id = replay_dag_id
 
     async def __call__(self, request: Request) -> Principal:
@@ -141,14 +126,9 @@ class AirflowAuthenticator:
             raise NotAuthenticated(reason, _login_url(manager, request)) from None
 
     def role_of(self, manager: Any, user: Any) -> str:
-        """The UI role of an auth-manager user (see the module docstring)."""
-        if isinstance(role := getattr(user, "role", None), str):  # SimpleAuthManager
-            return self.role_map.get(role.lower(), role.lower())
-        roles = getattr(user, "roles", None)
-        if roles is not None:  # FAB: a list of Role objects
-            names = [self.role_map.get(str(getattr(r, "name", r)).lower(), "none") for r in roles]
-            return max(names, key=lambda n: LEVELS.get(n, 0), default="none")
-        return self._role_by_permissions(manager, user)
+        """The UI role of an auth-manager user (:mod:`d365sync.roles`; else by permissions)."""
+        role = roles.role_of_user(user, self.role_map)
+        return role if role is not None else self._role_by_permissions(manager, user)
 
     def _role_by_permissions(self, manager: Any, user: Any) -> str:
         from airflow.api_fastapi.auth.managers.models.resource_details import (

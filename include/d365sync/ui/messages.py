@@ -41,6 +41,9 @@ MESSAGES: dict[str, Message] = {
     "not_pending": Message("error", "Dead letter {id} is not pending."),
     "replay_refused": Message("error", "Airflow refused to trigger the replay DAG (HTTP {http})."),
     "replay_unreachable": Message("error", "The Airflow API could not be reached to trigger the replay."),
+    "replay_unconfirmed": Message(
+        "error", "Airflow did not confirm a replay run; dead letter {id} stays pending."
+    ),
     "skipped": Message("msg", "Dead letter {id} skipped."),
     "reason_required": Message("error", "A reason is required to skip a record."),
 }

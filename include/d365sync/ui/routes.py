@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from d365sync.engine import health
 from d365sync.engine.state import StateError
 from d365sync.ui import present, queries
-from d365sync.ui.airflow_api import TriggerError
+from d365sync.ui.airflow_api import TriggerError, TriggerUnconfirmed
 from d365sync.ui.app import HERE, UiContext, ctx_of, guard, root
 from d365sync.ui.auth import Principal
 from d365sync.ui.messages import CHOICES, TYPES, banner, flash
@@ -264,13 +264,6 @@ def dead_letters(
     )
 
 
-def airflow_base(request: Request) -> str:
-    """The API server that serves this app: same origin, minus the plugin's mount path."""
-    mount = str(request.scope.get("root_path", ""))
-    app_root = str(request.scope.get("app_root_path", "")) or mount.rsplit("/", 1)[0]
-    return f"{request.url.scheme}://{request.url.netloc}{app_root}".rstrip("/")
-
-
 @router.post("/dead-letters/{dead_letter_id}/replay")
 def replay(
     request: Request,
@@ -279,7 +272,11 @@ def replay(
     entity: Annotated[str, Form()] = "",
     status: Annotated[str, Form()] = "pending",
 ) -> RedirectResponse:
-    """Trigger the replay DAG for this record (as the caller), then mark it due in the store."""
+    """Trigger the replay DAG for this record (as the caller), then mark it due in the store.
+
+    The caller's token goes to the configured Airflow API only (:mod:`d365sync.ui.airflow_api`),
+    and the letter is marked only once Airflow's answer shows the replay run.
+    """
     ctx = ctx_of(request)
     back = {"entity": entity, "status": status}
     dead = queries.dead_letter(ctx.store.engine, dead_letter_id, ctx.store.privacy)
@@ -288,7 +285,10 @@ def replay(
     conf = {"entity": dead.entity, "keys": [dead.record_key]}
     note = f"Replay of dead letter {dead_letter_id} requested by {user.name} from the d365sync UI"
     try:
-        run = ctx.airflow.trigger(airflow_base(request), ctx.settings.replay_dag_id, conf, user.token, note)
+        run = ctx.airflow.trigger(ctx.settings.replay_dag_id, conf, user.token, note)
+    except TriggerUnconfirmed as exc:
+        log.warning("replay of dead letter %s by %s not confirmed: %s", dead_letter_id, user.name, exc)
+        return _back(request, "/dead-letters", back, "replay_unconfirmed", id=dead_letter_id)
     except TriggerError as exc:
         log.warning("replay of dead letter %s by %s failed: %s", dead_letter_id, user.name, exc)
         if not exc.status:

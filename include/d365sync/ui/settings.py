@@ -12,8 +12,11 @@ has a default that makes the embedded demo work with nothing set.
                                     ``schema`` extra)
 ``D365SYNC_UI_PAGE_SIZE``           rows per page (50)
 ``D365SYNC_UI_BULK_LIMIT``          most review items one bulk decision touches (500)
-``D365SYNC_AIRFLOW_API_URL``        Airflow API base (``http://host:8080``); default: the origin of
-                                    the request, i.e. the API server that serves the plugin
+``D365SYNC_AIRFLOW_API_URL``        Airflow API base the "replay now" button calls with the
+                                    user's token (``http://host:8080``); else Airflow's
+                                    ``[api] base_url``; else the API server on loopback
+                                    (``http://127.0.0.1:<[api] port>``). Never the request's
+                                    ``Host``: that would send the token wherever it points
 ``D365SYNC_UI_REPLAY_DAG``          DAG triggered by "replay now" (``replay_dead_letters``)
 ``D365SYNC_UI_DAG_PREFIX``          entity DAG id prefix (``sync_``)
 ``D365SYNC_UI_DATA_DOCS_DIR``       directory holding GX Data Docs sites (served read-only)
@@ -22,6 +25,8 @@ has a default that makes the embedded demo work with nothing set.
 ``D365SYNC_UI_SECRET``              HMAC key of the CSRF tokens; default Airflow's
                                     ``[api] secret_key`` (the same on every API server worker)
 ``D365SYNC_UI_ROLE_MAP``            extra auth-manager role names, ``"SyncOps:op,Auditors:viewer"``
+                                    (:mod:`d365sync.roles`; the operations DAGs read it too, so
+                                    set it on the workers as well)
 ``D365SYNC_UI_STALE_REVIEW_DAYS``   open reviews older than this are flagged (7)
 ==================================  ===============================================================
 """
@@ -32,6 +37,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from d365sync.roles import ROLE_MAP_ENV, parse_role_map
 
 DEFAULT_STATE_URL = "sqlite:///var/demo/state.db"
 
@@ -69,7 +76,7 @@ class UiSettings:
             "data_docs_dir": Path(d) if (d := env.get("D365SYNC_UI_DATA_DOCS_DIR")) else None,
             "drift_dir": Path(d) if (d := env.get("D365SYNC_UI_DRIFT_DIR")) else None,
             "secret": env.get("D365SYNC_UI_SECRET") or None,
-            "role_map": parse_role_map(env.get("D365SYNC_UI_ROLE_MAP", "")),
+            "role_map": parse_role_map(env.get(ROLE_MAP_ENV, "")),
             "stale_review_days": _int(env, "D365SYNC_UI_STALE_REVIEW_DAYS", 7),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -82,15 +89,6 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw) if raw else default
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
-
-
-def parse_role_map(raw: str) -> dict[str, str]:
-    """``"SyncOps:op, Auditors:viewer"`` -> ``{"syncops": "op", "auditors": "viewer"}``."""
-    out: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in raw.split(","))):
-        name, _, level = part.partition(":")
-        out[name.strip().lower()] = level.strip().lower()
-    return out
 
 
 def state_location(env: Mapping[str, str]) -> tuple[str, str | None]:
