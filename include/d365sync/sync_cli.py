@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from d365sync.engine import connections as c
+from d365sync.engine.pii import mask_text
 
 ENTITIES_DIR = Path(__file__).resolve().parents[1] / "entities"
 
@@ -45,7 +46,7 @@ def run_sync(args: argparse.Namespace) -> int:
             c.from_env(c.DYNAMICS_CONN), c.from_env(c.ERP_CONN), c.from_env(c.STATE_CONN)
         )
     except (Unreachable, c.ConnectionConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
     try:
         return _run_all(args, specs, names, dynamics, erp, store)
@@ -84,7 +85,7 @@ def _run_all(args: argparse.Namespace, specs: Mapping[str, Any], names: list[str
                 chunk_size=args.chunk_size,
             )
         except Exception as exc:  # one entity failing must not hide the others' plans
-            print(f"== {name}: FAILED — {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"== {name}: FAILED — {type(exc).__name__}: {mask_text(str(exc))}", file=sys.stderr)
             status = 1
             continue
         print(result.plan.render(args.limit))

@@ -100,6 +100,26 @@ def test_redaction_drops_secrets_and_personal_data() -> None:
     assert "ODBC failed" in text and len(alerts.redact("x" * 1000)) == alerts.MAX_ERROR_CHARS
 
 
+@pytest.mark.parametrize(
+    ("message", "secret"),
+    [
+        ("storage: DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=Zm9vYmFy==;", "Zm9vYmFy"),
+        ("bus: Endpoint=sb://ns/;SharedAccessKeyName=root;SharedAccessKey=abc123def=", "abc123def"),
+        ("ODBC: SERVER=db;UID=erp;PWD={hun;ter2}}x};", "ter2"),
+        ("login refused for erp, Password: S3cret-Pw", "S3cret-Pw"),
+        ("config password=S3cret-Pw, retrying", "S3cret-Pw"),
+        ('AADSTS7000215: {"client_secret": "cs-Abc123"}', "cs-Abc123"),
+        ("refresh token=t0k-Abc123 expired", "t0k-Abc123"),
+        ("cannot reach admin:S3cret-Pw@db.internal", "S3cret-Pw"),
+        ('customer "john doe"@example.com rejected', "john doe"),
+        ("customer 'a b'@x.org rejected", "'a b'@x.org"),
+    ],
+)
+def test_redaction_drops_credential_fragments_and_quoted_addresses(message: str, secret: str) -> None:
+    """Issue 11, finding 4: the fragments ``redact()`` used to let through."""
+    assert secret not in alerts.redact(message)
+
+
 def test_off_by_default(monkeypatch: pytest.MonkeyPatch, webhook: tuple[str, list[Any]]) -> None:
     for name in ("D365SYNC_ALERT_WEBHOOK_URL", "D365SYNC_ALERT_SMTP_CONN_ID", "D365SYNC_ALERT_EMAIL_TO"):
         monkeypatch.delenv(name, raising=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from fastapi.testclient import TestClient
 
 from tests.ui.conftest import PREFIX, Env
 from tests.ui.test_access import READS, _url
@@ -137,3 +138,38 @@ def test_huge_ids_in_a_bulk_selection_are_ignored(ui: Env) -> None:
     form = {"choice": "erp", "scope": "selected", "ids": [HUGE], "csrf_token": ui.csrf()}
     response = client.post(f"{PREFIX}/reviews/bulk", data=form)
     assert response.status_code == 303 and "error=nothing_selected" in response.headers["location"]
+
+
+def _directives(csp: str) -> dict[str, list[str]]:
+    parts = [d.split() for d in csp.split(";") if d.strip()]
+    return {p[0]: p[1:] for p in parts}
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_data_docs_run_no_script_and_no_project_cookie_is_script_readable(ui: Env, scheme: str) -> None:
+    """Issue 11, finding 3: Data Docs are GX's HTML with quarantined values in it.
+
+    They are served without script: a ``sandbox`` that does not allow scripts (an opaque origin,
+    no access to this origin's cookies, storage or DOM) plus ``script-src 'none'``, and nosniff.
+    The ``_token`` cookie is Airflow's (its login page sets it from JavaScript; the project cannot
+    change that): no script in a Data Docs page runs to read it. The one cookie the project sets,
+    the CSRF nonce, is ``HttpOnly``, ``SameSite=Strict`` and ``Secure`` over https.
+    """
+    client = TestClient(ui.client.app, base_url=f"{scheme}://testserver", follow_redirects=False)
+    client.cookies.set("_token", ui.tokens["viewer"])
+    response = client.get(f"{PREFIX}/data-docs/customers/index.html")
+    assert response.status_code == 200
+    csp = _directives(response.headers["content-security-policy"])
+    assert (
+        "sandbox" in csp
+        and "allow-scripts" not in csp["sandbox"]
+        and "allow-same-origin" not in csp["sandbox"]
+    )
+    assert csp["script-src"] == ["'none'"] and csp["object-src"] == ["'none'"]
+    assert csp["frame-ancestors"] == ["'self'"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+    (cookie,) = response.headers.get_list("set-cookie")
+    attributes = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
+    assert cookie.startswith("d365sync_csrf=") and {"httponly", "samesite"} <= attributes
+    assert "samesite=strict" in cookie.lower()
+    assert ("secure" in attributes) == (scheme == "https")

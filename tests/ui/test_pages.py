@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -9,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from d365sync.engine.state import AuditEntry, ReviewItem
+from d365sync.engine.state import AuditEntry, Failure, ReviewItem
 from tests.ui.conftest import PII, PREFIX, Env
 from tests.ui.test_access import READS, _url
 
@@ -46,6 +47,22 @@ def test_no_page_shows_an_unmasked_email_or_phone_to_a_viewer(ui: Env, role: str
         body = client.get(url).text
         for secret in PII:
             assert secret not in body, f"{secret!r} shown to a {role} on {url}"
+
+
+QUOTED = ('"john doe"@example.com', "'a.b'@x.org", "+49 30 1234 5678", "PWD=hunter2")
+
+
+def test_a_viewer_sees_quoted_addresses_phones_and_secrets_in_free_text_masked(ui: Env) -> None:
+    """Issue 11, finding 4: quoted local parts slipped past the viewer masking."""
+    error = f"not a valid e-mail address (value {QUOTED[0]!r}); also {QUOTED[1]} / {QUOTED[2]} / {QUOTED[3]}"
+    ui.store.dead_letter("customers", "transform", "run-2", [Failure("C020", error, {"note": error})])
+    ui.store.open_reviews("customers", "run-2", [ReviewItem("C021", "name", "a", "b", "c", error)])
+    client = ui.as_role("viewer")
+    for url in (f"{PREFIX}/dead-letters?entity=customers", f"{PREFIX}/reviews?entity=customers"):
+        body = html.unescape(client.get(url).text)
+        assert "C020" in body or "C021" in body
+        for leak in ("john doe", "a.b'@x.org", "1234 5678", "hunter2"):
+            assert leak not in body, f"{leak!r} shown to a viewer on {url}"
 
 
 def ui_phone() -> str:

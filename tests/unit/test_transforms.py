@@ -358,5 +358,40 @@ def test_bad_arguments_name_the_transform() -> None:
 
 
 def test_error_text_names_record_field_rule_and_value() -> None:
-    err = TransformError("bad", value="v", rule="email").located(key="C1", field="email")
-    assert str(err) == "record 'C1': field 'email': rule 'email': bad (value 'v')"
+    err = TransformError("bad", value="v", rule="trim").located(key="C1", field="name")
+    assert str(err) == "record 'C1': field 'name': rule 'trim': bad (value 'v')"
+
+
+@pytest.mark.parametrize(
+    ("address", "shown"),
+    [
+        ("anna.smith@@example.com", "a***@e***.com"),
+        ('"john doe"@example.com', "j***@e***.com"),
+        ("'a b'@x.org", "a***@x***.org"),
+        ("a b@c.de", "a***@c***.de"),
+    ],
+)
+def test_an_error_text_carries_the_value_masked(address: str, shown: str) -> None:
+    """Issue 11, finding 4: the text reaches dead letters, the CLI, task logs and XCom."""
+    with pytest.raises(TransformError) as err:
+        run(["email"], address)
+    text = str(err.value.located(key="C000000042", field="email"))
+    assert (
+        text
+        == f"record 'C000000042': field 'email': rule 'email': not a valid e-mail address (value {shown!r})"
+    )
+    assert err.value.value == address  # the raw value stays on the exception, for the replay payload
+
+
+def test_an_error_text_masks_personal_data_inside_other_fields_and_messages() -> None:
+    err = TransformError(
+        "acme.fn failed: ValueError: cannot parse 'Call +44 20 7946 0958, PWD=hunter2'",
+        value="Anna <anna.smith@example.com>, +44 20 7946 0958",
+        rule="custom",
+    ).located(key="C1", field="name")
+    text = str(err)
+    assert text.startswith(
+        "record 'C1': field 'name': rule 'custom': acme.fn failed: ValueError: cannot parse"
+    )
+    for leak in ("anna.smith@example.com", "7946 0958", "hunter2"):
+        assert leak not in text, text

@@ -389,6 +389,32 @@ def test_data_docs_index_written_when_asked_and_masked(customers: EntitySpec, tm
     assert "a***@e***.com" in html
 
 
+XSS = "<img src=x onerror=alert(document.cookie)>"
+
+
+def test_data_docs_render_values_escaped_and_personal_data_inside_text_masked(
+    customers: EntitySpec, tmp_path: Path
+) -> None:
+    """Issue 11, finding 3: GX renders unexpected values unescaped, and the docs are served on
+    the Airflow origin, so a value must reach them masked and HTML-escaped."""
+    rows = [
+        *good_rows(20),
+        erp_row(21, CURR_CODE=XSS),
+        erp_row(22, CURR_CODE="Call +44 20 7946 0111 or mary.q@example.net"),
+        # the same customer twice: the combined name + e-mail value is an unexpected value too
+        erp_row(23, CUST_NAME="Dup Co", CUST_EMAIL_ID="dup.co@example.com"),
+        erp_row(24, CUST_NAME="dup co", CUST_EMAIL_ID="dup.co@example.com"),
+    ]
+    result = validate(lenient(customers), "erp", rows, key_column="CUST_NO", docs_dir=tmp_path / "docs")
+    assert {q.key for q in result.quarantined} == {f"C{n:09d}" for n in (21, 22, 23, 24)}
+    html = "\n".join(p.read_text(encoding="utf-8") for p in (tmp_path / "docs").rglob("*.html"))
+    assert "&lt;img src=x onerror=alert(document.cookie)&gt;" in html
+    assert XSS not in html and "<img src=x" not in html
+    for leak in ("7946 0111", "mary.q@example.net", "dup.co@example.com"):
+        assert leak not in html, leak
+    assert "m***@e***.net" in html and "d***@e***.com" in html
+
+
 def test_nothing_is_written_unless_asked(customers: EntitySpec, tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.chdir(tmp_path)
     result = validate(customers, "erp", good_rows(3), key_column="CUST_NO")

@@ -20,17 +20,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from d365sync.airflow import settings
+from d365sync.engine import pii
 
 log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 300
 TIMEOUT_SECONDS = 10
-_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
-    (re.compile(r"(?i)\b(pwd|password|secret|client_secret|token|key|sig|uid|user)=([^;&\s]*)"), r"\1=***"),
-    (re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"'<>]+"), "<url>"),
-    (re.compile(r"[^@\s\"'<>]+@[^@\s\"'<>]+\.[A-Za-z]{2,}"), "<email>"),
-    (re.compile(r"\+?\d[\d\s().-]{6,}\d"), "<number>"),
-)
+# On top of :mod:`d365sync.engine.pii`'s credentials, e-mails and phones, an alert leaves the
+# project: it also drops every URL and every long digit run (account, card, order numbers).
+_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"'<>]+")
+_DIGITS = re.compile(r"\+?\d[\d\s().-]{6,}\d")
 
 
 @dataclass(frozen=True)
@@ -70,9 +68,17 @@ class Alert:
 
 
 def redact(message: str) -> str:
-    """Strip what could be a secret or personal data from an error message, and cap its length."""
-    for pattern, replacement in _REDACTIONS:
-        message = pattern.sub(replacement, message)
+    """Strip what could be a secret or personal data from an error message, and cap its length.
+
+    Credentials (``PWD=``, ``Password:``, ``AccountKey=``, ``SharedAccessKey=``, ``client_secret``,
+    tokens, URL userinfo…) become ``***`` (:func:`d365sync.engine.pii.redact_secrets`), e-mails
+    ``<email>``, URLs ``<url>``, phones and long digit runs ``<number>``.
+    """
+    message = pii.redact_secrets(message)
+    message = pii.EMAIL_IN_TEXT.sub("<email>", message)
+    message = _URL.sub("<url>", message)
+    message = pii.PHONE_IN_TEXT.sub("<number>", message)
+    message = _DIGITS.sub("<number>", message)
     message = " ".join(message.split())
     return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 1] + "…"
 

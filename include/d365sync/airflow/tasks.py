@@ -177,8 +177,33 @@ def _log_requests(ctx: Any) -> None:
         log.info("Dataverse: %s", counters.snapshot())
 
 
+# Manifest keys whose values are free text about records (quarantine reasons, alert summaries,
+# samples): XCom is readable by the Viewer role and the returned value is also written to the
+# task log, so these are masked once more here, whatever the stage put in them.
+TEXT_KEYS = frozenset({"samples", "alerts", "parked_items", "reason", "error", "errors"})
+
+
+def xcom_safe(value: Any) -> Any:
+    """A manifest as it may go to XCom and the task log: free text masked (:mod:`d365sync.engine.pii`).
+
+    File names, counts and timings pass untouched (masking a staging path would lose the file);
+    the values under :data:`TEXT_KEYS` keep record keys, fields and rules readable.
+    """
+    from d365sync.engine.pii import mask_any
+
+    if isinstance(value, dict):
+        return {
+            k: mask_any(str(k), v, by_shape=False) if k in TEXT_KEYS else xcom_safe(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [xcom_safe(v) for v in value]
+    return value
+
+
 def _with_requests(manifest: dict[str, Any], ctx: Any, started: float | None = None) -> dict[str, Any]:
-    """The manifest plus this task's Dataverse counters and, given ``started``, its stage seconds."""
+    """The manifest (:func:`xcom_safe`) plus this task's Dataverse counters and, given ``started``,
+    its stage seconds."""
     counters = getattr(ctx.dynamics, "counters", None)
     snap = counters.snapshot() if counters is not None else {}
     manifest["dataverse"] = {
@@ -189,7 +214,7 @@ def _with_requests(manifest: dict[str, Any], ctx: Any, started: float | None = N
     }
     if started is not None:
         manifest["seconds"] = round(time.perf_counter() - started, 3)
-    return manifest
+    return xcom_safe(manifest)
 
 
 def _arm_fault(ctx: Any, side: str) -> None:
@@ -291,6 +316,7 @@ def report(entity: str, committed: dict[str, Any]) -> dict[str, Any]:
     summary["run_time"] = run_time(context).isoformat()
     summary["window"] = window_of(context) is not None
     summary["staging"] = finish_run(run.dag_id, run.run_id)
+    summary = xcom_safe(summary)
     log.info("summary: %s", summary)
     return summary
 

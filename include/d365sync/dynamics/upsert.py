@@ -26,6 +26,7 @@ from d365sync.dynamics.errors import DynamicsApiError, DynamicsError, parse_erro
 from d365sync.dynamics.odata import KeyValue, dumps_json, entity_id, entity_path, key_of, select_clause
 from d365sync.dynamics.retry import Verdict, retry_after_seconds
 from d365sync.dynamics.transport import Transport
+from d365sync.engine.pii import mask_text
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ class Upserter:
             try:
                 return run(entity_set, logical_name, key_attributes, chunk)
             except DynamicsApiError as exc:
-                log.error("Chunk of %d rows for %s failed: %s", len(chunk.indices), entity_set, exc)
+                log.error(
+                    "Chunk of %d rows for %s failed: %s", len(chunk.indices), entity_set, mask_text(str(exc))
+                )
                 return _chunk_failed(chunk, exc)
 
         with ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="dv-upsert") as pool:

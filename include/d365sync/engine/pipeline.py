@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from d365sync.engine.pii import mask_text
 from d365sync.engine.stages import (
     RunContext,
     RunValidationFailed,
@@ -97,7 +98,7 @@ class Plan:
         lines += _section("parked children (waiting for a parent)", self.parked, limit, _parked)
         lines += _section("reported, not applied", self.reports, limit, _report)
         lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in self.totals.items()))
-        return "\n".join(lines)
+        return "\n".join(mask_text(line) for line in lines)  # printed: never a raw e-mail, phone or secret
 
 
 def _section(
@@ -185,7 +186,11 @@ def run_entity(
         if not dry_run:
             store.discard_watermarks(ctx.entity, ctx.run_id)
             store.finish_run(
-                ctx.run_id, ctx.entity, "failed", timings=timings, error=f"{type(exc).__name__}: {exc}"[:2000]
+                ctx.run_id,
+                ctx.entity,
+                "failed",
+                timings=timings,
+                error=mask_text(f"{type(exc).__name__}: {exc}")[:2000],
             )
         raise
     finally:

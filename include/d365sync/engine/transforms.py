@@ -62,6 +62,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from d365sync.engine.pii import mask_any, mask_key, mask_text
+
 Side = Literal["dynamics", "erp"]
 Disposition = Literal["quarantine", "manual_review", "park"]
 Row = Mapping[str, Any]
@@ -100,14 +102,26 @@ class TransformError(ValueError):
         return self
 
     def __str__(self) -> str:
-        where = [f"record {self.key!r}" if self.key is not None else None]
+        """``record 'C1': field 'email': rule 'email': not a valid e-mail address (value 'j***@e***.com')``.
+
+        The text travels to dead letters, CLI output, task logs and XCom, so the value (and any
+        e-mail, phone or credential inside the message) is masked (:mod:`d365sync.engine.pii`);
+        record key, field and rule stay readable. The raw value stays in :attr:`value`.
+        """
+        key = mask_key(self.key) if isinstance(self.key, str) else self.key
+        where = [f"record {key!r}" if self.key is not None else None]
         where += [
             f"field {self.field!r}" if self.field else None,
             f"rule {self.rule!r}" if self.rule else None,
         ]
-        shown = "" if self.value is _UNSET else f" (value {self.value!r})"
+        shown = (
+            ""
+            if self.value is _UNSET
+            else f" (value {mask_any(self.field or '', self.value, by_shape=False)!r})"
+        )
+        message = mask_text(self.message)
         prefix = ": ".join(w for w in where if w)
-        return f"{prefix}: {self.message}{shown}" if prefix else f"{self.message}{shown}"
+        return f"{prefix}: {message}{shown}" if prefix else f"{message}{shown}"
 
 
 class MissingParent(TransformError):

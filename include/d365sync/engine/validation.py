@@ -29,9 +29,10 @@ Decisions (documented in the report and the tests):
   ``result_format=COMPLETE`` and ``unexpected_index_column_names=[*key, _ROW]``; the unexpected
   indexes are mapped back to rows. ``_ROW`` (the row's position) is added because keys are not
   unique when ``unique`` fails, or absent when ``not_null`` on the key fails.
-* **PII**: quarantine reasons, the results JSON and Data Docs show e-mails/phones masked
-  (:mod:`d365sync.engine.pii`); only ``QuarantinedRow.row`` keeps the original values, because
-  the quarantine table must allow a replay.
+* **PII**: quarantine reasons, the results JSON and Data Docs show e-mails, phones and
+  credentials masked, also inside longer text (:mod:`d365sync.engine.pii`); only
+  ``QuarantinedRow.row`` keeps the original values, because the quarantine table must allow a
+  replay. Data Docs values are also HTML-escaped: GX renders them unescaped.
 * **Chunks**: ``unique`` is checked within the batch given; duplicates split across chunks are
   not seen here (the key map in the state store is the cross-chunk guard).
 
@@ -41,6 +42,7 @@ GX and pandas are imported inside the functions: DAG files import the engine at 
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
@@ -55,7 +57,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from d365sync.engine.pii import mask_value
+from d365sync.engine.pii import mask_any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -480,7 +482,7 @@ def _quarantine(
             rules[i],
             expectations[i].gx()[0],
             expectations[i].column,
-            mask_value(expectations[i].column, row.get(expectations[i].column)),
+            mask_any(expectations[i].column, row.get(expectations[i].column)),
         )
         for i in seen
     )
@@ -534,19 +536,37 @@ def _build_docs(
 
 
 def _sanitize(result: dict[str, Any], column: str) -> None:
+    """What Data Docs may render of one expectation's result: masked, HTML-escaped values.
+
+    GX's renderer puts unexpected values into the HTML as they are (no escaping), and the docs
+    are served on the Airflow origin: an account named ``<img src=x onerror=…>`` would run as
+    script in the viewer's browser. So every value (and key) is masked
+    (:func:`d365sync.engine.pii.mask_any`) and then escaped, and the full lists are dropped.
+    """
     for name in _FULL_KEYS:
         result.pop(name, None)
     if "partial_unexpected_list" in result:
-        result["partial_unexpected_list"] = [mask_value(column, v) for v in result["partial_unexpected_list"]]
+        result["partial_unexpected_list"] = [_for_docs(column, v) for v in result["partial_unexpected_list"]]
     if "partial_unexpected_counts" in result:
         result["partial_unexpected_counts"] = [
-            {**c, "value": mask_value(column, c.get("value"))} for c in result["partial_unexpected_counts"]
+            {**c, "value": _for_docs(column, c.get("value"))} for c in result["partial_unexpected_counts"]
         ]
     if "partial_unexpected_index_list" in result:
         result["partial_unexpected_index_list"] = [
-            {k: mask_value(column, v) if k == column else _plain(v) for k, v in item.items()}
+            {k: _for_docs(k, v, by_shape=k == column) for k, v in item.items()}
             for item in result["partial_unexpected_index_list"]
         ]
+    if isinstance(result.get("observed_value"), str):
+        result["observed_value"] = _for_docs(column, result["observed_value"])
+
+
+def _for_docs(column: str, value: Any, by_shape: bool = True) -> Any:
+    """A value as Data Docs may show it: personal data masked, then HTML-escaped (keys of the
+    index list pass ``by_shape=False``: a numeric record key stays readable)."""
+    shown = mask_any(column, _plain(value), by_shape=by_shape)
+    if isinstance(shown, list):
+        return [_for_docs(column, v, by_shape) for v in shown]
+    return html.escape(shown) if isinstance(shown, str) else shown
 
 
 # --------------------------------------------------------------------------------- helpers

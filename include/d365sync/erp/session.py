@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import pyodbc
 
+from d365sync.engine.pii import mask_text
 from d365sync.erp.dialects import Dialect, detect_dialect, dialect_for
 from d365sync.erp.errors import ErpConnectionError
 from d365sync.erp.retry import RetryPolicy, is_transient
@@ -68,7 +69,12 @@ class Session:
                         f"ERP connection failed after {attempt} attempt(s); the chunk was rolled back: "
                         f"{driver_message(exc)}"
                     ) from exc
-                log.warning("transient ERP failure (attempt %d), retrying in %.1fs: %s", attempt, delay, exc)
+                log.warning(
+                    "transient ERP failure (attempt %d), retrying in %.1fs: %s",
+                    attempt,
+                    delay,
+                    driver_message(exc),
+                )
                 self.retry.sleep(delay)
                 attempt += 1
 
@@ -99,10 +105,14 @@ class Session:
 
 
 def driver_message(exc: BaseException) -> str:
-    """The driver's text without the ODBC boilerplate, short enough for a log line."""
+    """The driver's text without the ODBC boilerplate, short enough for a log line.
+
+    Drivers quote rejected values (``Truncated value: 'anna@example.com'``) and sometimes the
+    connection string, so e-mails, phones and credentials are masked (:mod:`d365sync.engine.pii`).
+    """
     args = getattr(exc, "args", ())
     text = str(args[1] if len(args) > 1 else (args[0] if args else exc))
     for noise in ("[unixODBC]", "(SQLExecDirectW)", "(SQLExecute)", "(SQLPrepare)", "(SQLEndTran)"):
         text = text.replace(noise, "")
-    text = " ".join(text.split())
+    text = mask_text(" ".join(text.split()))
     return text if len(text) <= 400 else text[:397] + "..."

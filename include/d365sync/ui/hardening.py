@@ -9,9 +9,16 @@ Why these values:
   (``frame-ancestors 'self'`` and ``X-Frame-Options: SAMEORIGIN``), never for other sites.
 * ``Cache-Control: no-store``: pages show unmasked values to operators; no shared or disk cache
   may keep them. A route that sets its own ``Cache-Control`` (the stylesheet) keeps it.
-* Data Docs are third-party HTML (Great Expectations renders inline scripts and CDN links), so
-  they get a ``sandbox`` CSP instead: they run in an opaque origin, without this origin's
-  cookies or the operator's session.
+* Data Docs are third-party HTML (Great Expectations renders inline scripts, CDN links and the
+  quarantined values themselves), so they get a ``sandbox`` CSP without ``allow-scripts`` and
+  ``script-src 'none'``: no script runs at all (the pages are static tables; only GX's table
+  filters and charts need script), and the document lives in an opaque origin. That is what
+  protects Airflow's ``_token`` cookie: Airflow's own login page (SimpleAuthManager) sets it
+  from JavaScript, so it is script-readable until the API server re-issues it ``HttpOnly``, and
+  the project cannot change that cookie. Its only cookie, ``d365sync_csrf``, is ``HttpOnly``,
+  ``SameSite=Strict`` and ``Secure`` over https (:class:`~d365sync.ui.auth.CsrfCookieMiddleware`).
+  The values are masked and HTML-escaped before GX renders them as well
+  (:func:`d365sync.engine.validation._sanitize`).
 * A NUL byte in the path or query is never meaningful and breaks file-system and database
   calls further down (``ValueError: embedded null byte``), so it is refused up front.
 """
@@ -24,7 +31,11 @@ PAGE_CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
     "frame-ancestors 'self'; base-uri 'none'"
 )
-DOCS_CSP = "sandbox allow-scripts allow-popups; frame-ancestors 'self'"
+DOCS_CSP = (
+    "sandbox allow-popups; default-src 'none'; script-src 'none'; object-src 'none'; "
+    "style-src 'self' 'unsafe-inline' https:; font-src 'self' data: https:; img-src 'self' data: https:; "
+    "form-action 'none'; frame-ancestors 'self'; base-uri 'none'"
+)
 HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-frame-options", b"SAMEORIGIN"),
     (b"x-content-type-options", b"nosniff"),

@@ -2,53 +2,20 @@
 
 Why here and not in the templates: "no page shows an unmasked e-mail or phone to a viewer" is
 a rule, so it lives in one function every template goes through (``show``/``text``), and the
-tests check the rendered pages, not the templates.
+tests check the rendered pages, not the templates. The masking rules themselves live in
+:mod:`d365sync.engine.pii`, the one module every masking caller uses.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
-from d365sync.engine.pii import mask_email, mask_phone, mask_value
+from d365sync.engine.pii import mask_any, mask_key, mask_text
 
 EMPTY: Final = "(empty)"
-_EMAIL_IN_TEXT: Final = re.compile(r"[\w.+\-]+@[\w\-]+(?:\.[\w\-]+)+")
-_PHONE_IN_TEXT: Final = re.compile(
-    r"\+\s?\d[\d\s().\-/]{5,}\d"  # international
-    r"|\(?\b\d{3}\)?[\s.\-]\d{3}[\s.\-]\d{2,4}\b"  # 555-123-4567, (555) 123 4567
-)
-_EMAIL_KEY: Final = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-
-
-def mask_deep(field: str, value: Any) -> Any:
-    """Mask e-mails and phones anywhere inside a value (dicts by their own field names)."""
-    if isinstance(value, dict):
-        return {k: mask_deep(str(k), v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [mask_deep(field, v) for v in value]
-    if isinstance(value, str):
-        masked = mask_value(field, value)
-        return mask_text(masked) if masked == value else masked
-    return value
-
-
-def mask_text(text: str | None) -> str:
-    """Mask e-mails and phone numbers inside free text (errors, reasons, comments)."""
-    if not text:
-        return text or ""
-    text = _EMAIL_IN_TEXT.sub(lambda m: mask_email(m.group(0)), text)
-    return _PHONE_IN_TEXT.sub(lambda m: mask_phone(m.group(0)), text)
-
-
-def mask_key(key: str) -> str:
-    """Record keys: an e-mail used as a key is masked; numeric keys stay searchable."""
-    if _EMAIL_KEY.match(key):
-        return mask_email(key)
-    return mask_phone(key) if key.startswith("+") else key
 
 
 def as_text(value: Any) -> str:
@@ -66,7 +33,7 @@ def as_text(value: Any) -> str:
 
 def show(field: str, value: Any, reveal: bool) -> str:
     """The value of ``field`` for a reader; masked unless ``reveal``."""
-    return as_text(value if reveal else mask_deep(field, value))
+    return as_text(value if reveal else mask_any(field, value))
 
 
 def text(value: str | None, reveal: bool) -> str:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from d365sync.engine.merge import Base
+from d365sync.engine.pii import mask_text
 from d365sync.engine.staging import PathLike, Staging
 from d365sync.engine.state import Failure, StateStore
 
@@ -84,8 +85,13 @@ class RunContext:
         return self.window is not None
 
     def dead_letter(self, stage: str, failures: Iterable[Failure]) -> int:
-        """Queue failures, unless this is a dry run (which must leave the store untouched)."""
-        failures = list(failures)
+        """Queue failures, unless this is a dry run (which must leave the store untouched).
+
+        The ``error`` text is shown to every reader of the queue (UI viewers, the CLI, the soak
+        report), so whatever a stage or a foreign error message put in it is masked here once
+        more (:func:`d365sync.engine.pii.mask_text`); the payload keeps the raw rows for a replay.
+        """
+        failures = [replace(f, error=mask_text(f.error)) for f in failures]
         if self.dry_run or not failures:
             return len(failures)
         return self.store.dead_letter(self.entity, stage, self.run_id, failures)

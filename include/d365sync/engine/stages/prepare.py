@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from d365sync.engine.pii import mask_value, personal_field
+from d365sync.engine.pii import mask_any, mask_text
 from d365sync.engine.stages.context import (
     SIDES,
     Manifest,
@@ -129,9 +129,9 @@ def _unreadable(ctx: RunContext, side: Side, entries: list[dict[str, Any]]) -> d
 
 
 def _unreadable_reason(p: Mapping[str, Any]) -> str:
-    value = mask_value(p["column"], p["value"]) if personal_field(p["column"]) else p["value"]
+    value = mask_any(p["column"], p["value"], by_shape=False)
     where = f"{p['table']} key={p['key']} column {p['column']}"
-    return f"{where}: unreadable {p['rule']}: {p['message']} (value {value!r})"
+    return f"{where}: unreadable {p['rule']}: {mask_text(str(p['message']))} (value {value!r})"
 
 
 def _run_validator(ctx: RunContext, side: Side, rows: list[dict[str, Any]]) -> Any:
