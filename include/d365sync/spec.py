@@ -25,6 +25,7 @@ stdlib at module level; schema catalogs and the ERP client's spec types load laz
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from pydantic import (
     model_validator,
 )
 
+from d365sync import ENTITIES_DIR
 from d365sync.engine.transforms import (
     BuildEnv,
     Chain,
@@ -655,6 +657,12 @@ class EntitySpec(Model):
         """Canonical fields marked ``pii: true`` (encrypted at rest, erased per subject)."""
         return frozenset(name for name, f in self.fields.items() if f.pii)
 
+    def pii_columns(self, side: str) -> frozenset[str]:
+        """The ``side`` ("dynamics" or "erp") column names of the ``pii: true`` fields."""
+        return frozenset(
+            column for name in self.pii_fields if (column := getattr(self.fields[name], side, None))
+        )
+
     def merge_fields(self) -> list[MergeField]:
         """Per-field rules for the three-way merge, in the merge module's vocabulary."""
         return [MergeField.of(f) for f in self.fields.values()]
@@ -912,6 +920,20 @@ def load_entity(
         raise SpecError([_issue(path, name, i) for i in issues])
     spec._attach(path, catalog, plan)
     return spec
+
+
+def entities_dir() -> Path:
+    """Where the entity files are: ``D365SYNC_ENTITIES_DIR``, else the shipped ``include/entities``."""
+    return Path(os.environ.get("D365SYNC_ENTITIES_DIR") or ENTITIES_DIR)
+
+
+def personal_names(specs: Mapping[str, EntitySpec]) -> frozenset[str]:
+    """Every name a ``pii: true`` value goes by: canonical fields and both sides' columns."""
+    return frozenset(
+        name
+        for spec in specs.values()
+        for name in spec.pii_fields | spec.pii_columns("dynamics") | spec.pii_columns("erp")
+    )
 
 
 def load_entities(directory: Path | str, catalog: Catalog | None = None) -> dict[str, EntitySpec]:

@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from d365sync import ENTITIES_DIR
 from d365sync.engine import connections as c
 from d365sync.engine.pii import mask_text
-
-ENTITIES_DIR = Path(__file__).resolve().parents[1] / "entities"
 
 
 class Unreachable(RuntimeError):

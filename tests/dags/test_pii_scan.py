@@ -66,6 +66,8 @@ EMAILS = {
 PHONES = {"in_name": "+44 20 7946 0111", "too_long": "+44 (0)20 7946 0222 ext. 999"}
 XSS = "<img src=x onerror=alert(document.cookie)>"
 NAME = f"Call {PHONES['in_name']} or write to {EMAILS['in_name']}, Password: {DATA_PASSWORD} ({'x' * 20})"
+# a personal name (pii: true) past its 60-character rule: shown as a letter and a length only
+LONG_NAME = "Margarethe Oberhuber-Wittgenstein Immobilienverwaltung und Beteiligungen"
 SECRETS = (ERP_PASSWORD, ERP_EXTRA_TOKEN, STATE_PASSWORD, CLIENT_SECRET, DATA_PASSWORD)
 # What must appear nowhere: each full value, and the distinctive parts of it.
 LEAKS = (
@@ -76,6 +78,7 @@ LEAKS = (
     "tom kid",
     "lena.vogt",
     *PHONES.values(),
+    "Oberhuber-Wittgenstein",
     "7946 0111",
     "7946 0222",
     *SECRETS,
@@ -135,6 +138,7 @@ def _plant(env: SyncEnv) -> dict[str, str]:
         "in_name": accounts[1],
         "too_long": accounts[2],
         "xss": accounts[3],
+        "long_name": accounts[4],
     }
     for what in ("validate_erp", "transform_quoted", "transform_domain"):
         env.erp_update("CUST_MASTER", "CUST_NO", planted[what], CUST_EMAIL_ID=EMAILS[what])
@@ -142,7 +146,8 @@ def _plant(env: SyncEnv) -> dict[str, str]:
         "validate_dynamics": {"emailaddress1": EMAILS["validate_dynamics"]},
         "in_name": {"name": NAME},
         "too_long": {"telephone1": PHONES["too_long"]},
-        "xss": {"name": f"{XSS} {'y' * 30}"},
+        "xss": {"address1_country": XSS},  # not personal data: shown, so it must be escaped
+        "long_name": {"name": LONG_NAME},
     }
     for what, body in patches.items():
         env.dv("PATCH", f"accounts(accountnumber='{planted[what]}')", body)
@@ -222,9 +227,11 @@ def test_the_run_dead_lettered_the_planted_records_naming_key_field_and_rule(sca
             in letter.error
         )
     assert "o***@e***.com" in letters[p["transform_domain"]].error
-    assert "name='Call +44 *** *** 11 or write to l***@e***.de, Password: ***" in letters[p["in_name"]].error
+    assert f"name='C*** ({len(NAME)} chars)'" in letters[p["in_name"]].error  # pii: a letter and a length
+    assert f"name='M*** ({len(LONG_NAME)} chars)'" in letters[p["long_name"]].error
     assert "telephone1='+44 *** *** 99'" in letters[p["too_long"]].error
-    assert {letters[p[w]].stage for w in ("validate_dynamics", "in_name", "too_long", "xss")} == {"validate"}
+    planted_in_dynamics = ("validate_dynamics", "in_name", "too_long", "xss", "long_name")
+    assert {letters[p[w]].stage for w in planted_in_dynamics} == {"validate"}
 
 
 def test_dead_letter_errors_hold_no_planted_value(scan: Scan) -> None:
@@ -317,8 +324,8 @@ def test_data_docs_served_to_a_viewer_hold_no_planted_value_and_run_no_script(
         assert csp.startswith("sandbox") and "allow-scripts" not in csp and "script-src 'none'" in csp
         assert response.headers["x-content-type-options"] == "nosniff"
         served += response.text
-    assert "&lt;img src=x onerror" in served and XSS not in served  # the name is text, not markup
-    assert "l***@e***.de" in served
+    assert "&lt;img src=x onerror" in served and XSS not in served  # the value is text, not markup
+    assert f"C*** ({len(NAME)} chars)" in served  # a pii name: a letter and a length
     assert leaks_in(served) == []
 
 

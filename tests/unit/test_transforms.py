@@ -362,6 +362,12 @@ def test_error_text_names_record_field_rule_and_value() -> None:
     assert str(err) == "record 'C1': field 'name': rule 'trim': bad (value 'v')"
 
 
+def test_a_personal_field_shows_a_letter_and_the_length_only() -> None:
+    err = TransformError("longer than CHAR(10)", value="Maria Schneider-Hofmann", rule="pad")
+    err.located(key="C1", field="name").personal = frozenset({"name"})
+    assert str(err) == "record 'C1': field 'name': rule 'pad': longer than CHAR(10) (value 'M*** (23 chars)')"
+
+
 @pytest.mark.parametrize(
     ("address", "shown"),
     [

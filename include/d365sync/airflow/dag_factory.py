@@ -23,12 +23,10 @@ Per entity DAG ``sync_<entity>``:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from airflow.sdk import (
@@ -47,18 +45,19 @@ from d365sync.airflow import alerts, settings
 from d365sync.airflow.docs import entity_doc_md
 from d365sync.airflow.retry import SyncRetryPolicy
 from d365sync.airflow.run_state import record_failed_run
-from d365sync.spec import EntitySpec, dependencies, dependency_order, load_entities
+from d365sync.spec import (
+    EntitySpec,
+    dependencies,
+    dependency_order,
+    entities_dir,
+    load_entities,
+)
 
-ENTITIES_DIR = Path(__file__).resolve().parents[2] / "entities"
 DAG_PREFIX = "sync_"
 TAGS = ("d365sync",)
 DYNAMICS_TASKS = frozenset({"extract_dynamics", "transform", "load_dynamics"})
 MIN_DEADLINE, MAX_DEADLINE = timedelta(minutes=5), timedelta(minutes=120)
 START = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def entities_dir() -> Path:
-    return Path(os.environ.get("D365SYNC_ENTITIES_DIR") or ENTITIES_DIR)
 
 
 @cache

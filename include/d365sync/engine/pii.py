@@ -16,6 +16,7 @@ Keep every masking rule here (a duplicate-code check runs over the project): cal
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any, Final
 
 _EMAIL_FIELD: Final = re.compile(r"e_?mail", re.IGNORECASE)
@@ -74,23 +75,36 @@ def mask_value(field: str, value: Any) -> Any:
     return value
 
 
-def mask_any(field: str, value: Any, *, by_shape: bool = True) -> Any:
+def mask_any(field: str, value: Any, *, by_shape: bool = True, personal: Collection[str] = ()) -> Any:
     """A value of any shape with every e-mail, phone and credential in it masked.
 
     A string is masked as ``field``'s value (:func:`mask_value`: by the field's name and, with
     ``by_shape``, by the whole value's shape), else searched as free text (:func:`mask_text`).
     Error texts pass ``by_shape=False``: a bare digit run (a date, an amount) in a field that
-    is not personal stays readable there. Dicts are masked by their own keys, lists and tuples
-    item by item; other values pass through.
+    is not personal stays readable there. A field in ``personal`` (the spec's ``pii: true``
+    columns: names, streets) that is no e-mail or phone keeps its first letter and its length
+    (:func:`mask_personal`). Dicts are masked by their own keys, lists and tuples item by item;
+    other values pass through.
     """
     if isinstance(value, dict):
-        return {k: mask_any(str(k), v, by_shape=by_shape) for k, v in value.items()}
+        return {k: mask_any(str(k), v, by_shape=by_shape, personal=personal) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [mask_any(field, v, by_shape=by_shape) for v in value]
+        return [mask_any(field, v, by_shape=by_shape, personal=personal) for v in value]
+    if isinstance(value, str) and field in personal:
+        masked = mask_value(field, value)
+        return masked if masked != value else mask_personal(value)
     if isinstance(value, str):
         masked = mask_value(field, value) if by_shape or personal_field(field) else value
         return mask_text(masked) if masked == value else masked
     return value
+
+
+def mask_personal(value: Any) -> Any:
+    """A personal value that is no e-mail or phone (a name, a street): ``N*** (84 chars)``, enough
+    to recognise a length or blank problem without showing the value."""
+    if not isinstance(value, str) or not value:
+        return value
+    return f"{value[:1]}*** ({len(value)} chars)"
 
 
 def personal_field(field: str) -> bool:

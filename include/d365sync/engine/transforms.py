@@ -76,6 +76,9 @@ class TransformError(ValueError):
     """A value a rule refused; says which record, field, rule and value, and what to do next."""
 
     disposition: Disposition = "quarantine"
+    # fields and columns whose values are personal data (the spec's ``pii: true``): shown as a
+    # letter and a length, set by whoever knows the spec (the transform stage)
+    personal: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -114,11 +117,9 @@ class TransformError(ValueError):
             f"field {self.field!r}" if self.field else None,
             f"rule {self.rule!r}" if self.rule else None,
         ]
-        shown = (
-            ""
-            if self.value is _UNSET
-            else f" (value {mask_any(self.field or '', self.value, by_shape=False)!r})"
-        )
+        field = self.field or ""
+        masked = mask_any(field, self.value, by_shape=False, personal=self.personal)
+        shown = "" if self.value is _UNSET else f" (value {masked!r})"
         message = mask_text(self.message)
         prefix = ": ".join(w for w in where if w)
         return f"{prefix}: {message}{shown}" if prefix else f"{message}{shown}"

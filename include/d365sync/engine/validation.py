@@ -280,7 +280,8 @@ def _evaluate(
             failures.setdefault(pos, []).append((i, expectations[i].column))
     docs = None
     if docs_dir is not None:
-        docs = _build_docs(context, Path(docs_dir), run, gx_batch.id, name, expectations)
+        personal = spec.pii_columns(side)
+        docs = _build_docs(context, Path(docs_dir), run, gx_batch.id, name, expectations, personal)
     return failures, success, docs
 
 
@@ -447,8 +448,10 @@ def _assemble(
 ) -> ValidationResult:
     """Split the batch into valid and quarantined rows, in the batch's order, and count."""
     rules = [rule_text(e) for e in expectations]
+    personal = spec.pii_columns(side)
     quarantined = [
-        _quarantine(batch[pos], keys, expectations, rules, failures[pos]) for pos in sorted(failures)
+        _quarantine(batch[pos], keys, expectations, rules, failures[pos], personal)
+        for pos in sorted(failures)
     ]
     valid = [row for pos, row in enumerate(batch) if pos not in failures]
     per_rule = Counter(i for hits in failures.values() for i in {i for i, _ in hits})
@@ -474,6 +477,7 @@ def _quarantine(
     expectations: list[Any],
     rules: list[str],
     hits: list[tuple[int, str]],
+    personal: frozenset[str] = frozenset(),
 ) -> QuarantinedRow:
     key = row.get(keys[0]) if len(keys) == 1 else tuple(row.get(k) for k in keys)
     seen = sorted({i for i, _ in hits})
@@ -482,7 +486,7 @@ def _quarantine(
             rules[i],
             expectations[i].gx()[0],
             expectations[i].column,
-            mask_any(expectations[i].column, row.get(expectations[i].column)),
+            mask_any(expectations[i].column, row.get(expectations[i].column), personal=personal),
         )
         for i in seen
     )
@@ -508,7 +512,13 @@ def _write_results(directory: Path, name: str, result: ValidationResult) -> Path
 
 
 def _build_docs(
-    context: Any, docs_dir: Path, run: Any, batch_id: str, name: str, expectations: list[Any]
+    context: Any,
+    docs_dir: Path,
+    run: Any,
+    batch_id: str,
+    name: str,
+    expectations: list[Any],
+    personal: frozenset[str],
 ) -> Path:
     """Store a masked, trimmed copy of the result and render the docs site into ``docs_dir``.
 
@@ -522,7 +532,7 @@ def _build_docs(
     )
 
     for res in run.results:
-        _sanitize(res.result, expectations[int(res.expectation_config.meta[_META_INDEX])].column)
+        _sanitize(res.result, expectations[int(res.expectation_config.meta[_META_INDEX])].column, personal)
     run_id = RunIdentifier(run_name=name, run_time=datetime.now(UTC))
     run.meta.update(run_id=run_id, validation_time=run_id.run_time)
     key = ValidationResultIdentifier(
@@ -535,7 +545,7 @@ def _build_docs(
     return docs_dir.resolve() / "index.html"
 
 
-def _sanitize(result: dict[str, Any], column: str) -> None:
+def _sanitize(result: dict[str, Any], column: str, personal: frozenset[str] = frozenset()) -> None:
     """What Data Docs may render of one expectation's result: masked, HTML-escaped values.
 
     GX's renderer puts unexpected values into the HTML as they are (no escaping), and the docs
@@ -546,26 +556,29 @@ def _sanitize(result: dict[str, Any], column: str) -> None:
     for name in _FULL_KEYS:
         result.pop(name, None)
     if "partial_unexpected_list" in result:
-        result["partial_unexpected_list"] = [_for_docs(column, v) for v in result["partial_unexpected_list"]]
+        result["partial_unexpected_list"] = [
+            _for_docs(column, v, personal=personal) for v in result["partial_unexpected_list"]
+        ]
     if "partial_unexpected_counts" in result:
         result["partial_unexpected_counts"] = [
-            {**c, "value": _for_docs(column, c.get("value"))} for c in result["partial_unexpected_counts"]
+            {**c, "value": _for_docs(column, c.get("value"), personal=personal)}
+            for c in result["partial_unexpected_counts"]
         ]
     if "partial_unexpected_index_list" in result:
         result["partial_unexpected_index_list"] = [
-            {k: _for_docs(k, v, by_shape=k == column) for k, v in item.items()}
+            {k: _for_docs(k, v, by_shape=k == column, personal=personal) for k, v in item.items()}
             for item in result["partial_unexpected_index_list"]
         ]
     if isinstance(result.get("observed_value"), str):
-        result["observed_value"] = _for_docs(column, result["observed_value"])
+        result["observed_value"] = _for_docs(column, result["observed_value"], personal=personal)
 
 
-def _for_docs(column: str, value: Any, by_shape: bool = True) -> Any:
+def _for_docs(column: str, value: Any, by_shape: bool = True, personal: frozenset[str] = frozenset()) -> Any:
     """A value as Data Docs may show it: personal data masked, then HTML-escaped (keys of the
     index list pass ``by_shape=False``: a numeric record key stays readable)."""
-    shown = mask_any(column, _plain(value), by_shape=by_shape)
+    shown = mask_any(column, _plain(value), by_shape=by_shape, personal=personal)
     if isinstance(shown, list):
-        return [_for_docs(column, v, by_shape) for v in shown]
+        return [_for_docs(column, v, by_shape, personal) for v in shown]
     return html.escape(shown) if isinstance(shown, str) else shown
 
 

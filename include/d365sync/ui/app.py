@@ -13,6 +13,7 @@ mounts and FastAPI's built-in routes would bypass app-level dependencies.
 
 from __future__ import annotations
 
+import functools
 import html
 import threading
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ def create_app(
         authenticator=authenticator or AirflowAuthenticator(settings.role_map, settings.replay_dag_id),
         csrf=Csrf(settings.secret),
         airflow=airflow_api or AirflowApi(settings.airflow_api_url),
-        templates=_templates(),
+        templates=_templates(settings),
     )
     app.add_middleware(CsrfCookieMiddleware, cookie_path=lambda scope: scope.get("root_path") or "/")
     app.add_middleware(SecurityHeadersMiddleware)  # added last: outermost, so every answer gets it
@@ -107,9 +108,13 @@ def create_app(
     return app
 
 
-def _templates() -> Jinja2Templates:
+def _templates(settings: UiSettings) -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.globals.update(show=present.show, text=present.text, key=present.key)
+    personal = settings.personal_fields
+    if personal is None:
+        personal = present.personal_fields()
+    show = functools.partial(present.show, personal=personal)
+    templates.env.globals.update(show=show, text=present.text, key=present.key)
     return templates
 
 

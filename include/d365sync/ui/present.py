@@ -9,6 +9,8 @@ tests check the rendered pages, not the templates. The masking rules themselves 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Collection
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
@@ -16,6 +18,7 @@ from typing import Any, Final
 from d365sync.engine.pii import mask_any, mask_key, mask_text
 
 EMPTY: Final = "(empty)"
+log = logging.getLogger(__name__)
 
 
 def as_text(value: Any) -> str:
@@ -31,9 +34,22 @@ def as_text(value: Any) -> str:
     return str(value)
 
 
-def show(field: str, value: Any, reveal: bool) -> str:
-    """The value of ``field`` for a reader; masked unless ``reveal``."""
-    return as_text(value if reveal else mask_any(field, value))
+def show(field: str, value: Any, reveal: bool, personal: Collection[str] = ()) -> str:
+    """The value of ``field`` for a reader; masked unless ``reveal`` (``personal``: the names of
+    ``pii: true`` fields and columns, shown as a letter and a length)."""
+    return as_text(value if reveal else mask_any(field, value, personal=personal))
+
+
+def personal_fields() -> frozenset[str]:
+    """The ``pii: true`` names of the entity files the DAGs use (``D365SYNC_ENTITIES_DIR``, else
+    the shipped ones); every e-mail and phone is masked by shape whatever this finds."""
+    from d365sync.spec import entities_dir, load_entities, personal_names
+
+    try:
+        return personal_names(load_entities(entities_dir()))
+    except Exception as exc:  # the DAGs report a broken spec; the pages still mask by shape
+        log.warning("personal fields unknown (%s): names and addresses are not masked for viewers", exc)
+        return frozenset()
 
 
 def text(value: str | None, reveal: bool) -> str:

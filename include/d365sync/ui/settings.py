@@ -59,6 +59,9 @@ class UiSettings:
     secret: str | None = None
     role_map: Mapping[str, str] = field(default_factory=dict)
     stale_review_days: int = 7
+    # names of the pii: true fields and columns, masked for readers who may not reveal (None: read
+    # from the entity files, D365SYNC_ENTITIES_DIR or the shipped ones, when the app is built)
+    personal_fields: frozenset[str] | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> UiSettings:

@@ -36,7 +36,7 @@ from d365sync.engine.stages.context import (
 )
 from d365sync.engine.state import Failure, ParkedChild, ReviewItem
 from d365sync.engine.transforms import MissingParent, TransformError
-from d365sync.spec import EntityLookup
+from d365sync.spec import EntityLookup, personal_names
 
 MAX_SAMPLES = 50
 log = logging.getLogger(__name__)
@@ -332,6 +332,7 @@ class _Errors:
         self.samples: list[dict[str, Any]] = []
 
     def add(self, side: Side, entry: Mapping[str, Any], exc: TransformError) -> None:
+        exc.personal = personal_names({self.ctx.entity: self.ctx.spec})
         key = norm_key(exc.key) or entry["key"] or entry["id"] or "?"
         payload = replay_payload({side: entry["row"]})
         self.held.add(key)
