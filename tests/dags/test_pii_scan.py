@@ -25,10 +25,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from d365sync.engine.validation import validate
 from d365sync.spec import EntitySpec, load_entities
 from tests.dags.conftest import REPO, AirflowEnv, RunResult, assert_success
 from tests.dags.sync_env import SyncEnv, connections_env, sqlite_sync_env
-from tests.dags.test_alerts import _Receiver
+from tests.dags.test_alerts import webhook_receiver
 from tests.sandbox_fixtures import SandboxFactory
 from tests.ui import conftest as ui_conftest
 
@@ -102,13 +100,8 @@ class Scan:
 
 @pytest.fixture(scope="module")
 def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    server.bodies = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", server.bodies  # type: ignore[attr-defined]
-    server.shutdown()
-    server.server_close()
+    with webhook_receiver() as hook:
+        yield hook
 
 
 def _entities(folder: Path) -> Path:
