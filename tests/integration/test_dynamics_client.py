@@ -245,6 +245,22 @@ def test_keys_with_quotes_and_url_characters_round_trip(client: DynamicsClient, 
         assert row is not None and row["name"] == f"v2 {number}"
 
 
+def test_iter_in_reads_many_keys_and_ids_in_few_requests(private_client: DynamicsClient) -> None:
+    prefix = _prefix("in")
+    records = _accounts(prefix, 1200) + [{"accountnumber": f"{prefix}{s}", "name": s} for s in SPECIAL_KEYS]
+    assert all(o.ok for o in private_client.upsert_many("accounts", "accountnumber", records))
+    numbers = [r["accountnumber"] for r in records]
+    before = private_client.counters.requests
+    rows = list(
+        private_client.iter_in("accounts", ACCOUNT_SELECT, "accountnumber", [*numbers, f"{prefix}none"])
+    )
+    assert sorted(r["accountnumber"] for r in rows) == sorted(numbers)
+    assert private_client.counters.requests - before == 2  # an eq/or chain of 20 terms: 61 requests
+    ids = [uuid.UUID(r["accountid"]) for r in rows[:500]] + [r["accountid"].upper() for r in rows[500:]]
+    by_id = list(private_client.iter_in("accounts", ACCOUNT_SELECT, "accountid", ids, page_size=700))
+    assert sorted(r["accountid"] for r in by_id) == sorted(r["accountid"] for r in rows)
+
+
 def test_stale_etag_gives_a_concurrency_conflict(client: DynamicsClient) -> None:
     key = {"accountnumber": f"{_prefix('et')}1"}
     client.upsert_many("accounts", "accountnumber", [{**key, "name": "v1"}])

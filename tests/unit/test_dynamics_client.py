@@ -121,6 +121,34 @@ def test_iter_rows_sends_standard_headers_and_follows_next_links_verbatim(make_c
     assert client.counters.requests == 2
 
 
+def test_iter_in_reads_many_keys_with_in_filters_and_pages(make_client: Any) -> None:
+    next_link = f"{API}/accounts?$skiptoken=2"
+    client, adapter, _ = make_client(
+        _replies(
+            (200, {}, {"value": [{"accountnumber": "A"}], "@odata.nextLink": next_link}),
+            (200, {}, {"value": [{"accountnumber": "B"}]}),
+            (200, {}, {"value": [{"accountnumber": "K-01999"}]}),
+        )
+    )
+    keys = ["A", "B", *(f"K-{i:05d}" for i in range(2000))]
+    rows = list(client.iter_in("accounts", ["accountnumber"], "accountnumber", keys, page_size=100))
+    assert [r["accountnumber"] for r in rows] == ["A", "B", "K-01999"]
+    first, second, third = (unquote(call.url or "") for call in adapter.calls)
+    assert first.startswith(
+        f"{API}/accounts?$select=accountnumber&$filter=Microsoft.Dynamics.CRM.In("
+        """PropertyName='accountnumber',PropertyValues=["A","B","K-00000","""
+    )
+    assert second == unquote(next_link) and third.endswith(""","K-01999"])""")
+    assert all(len(call.url or "") < 32 * 1024 for call in adapter.calls)
+    assert adapter.calls[0].headers["Prefer"] == "odata.maxpagesize=100"
+
+
+def test_iter_in_without_values_sends_nothing(make_client: Any) -> None:
+    client, adapter, _ = make_client(_replies())
+    assert list(client.iter_in("accounts", ["name"], "accountid", [])) == []
+    assert adapter.calls == []
+
+
 def test_a_repeated_next_link_raises_instead_of_looping(make_client: Any) -> None:
     page = {"value": [{"name": "a"}], "@odata.nextLink": f"{API}/accounts?$skiptoken=x"}
     client, _, _ = make_client(lambda request: (200, {}, page))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -9,7 +10,16 @@ from decimal import Decimal
 import pytest
 
 from d365sync.dynamics import DynamicsConfig, DynamicsConfigError, RetrySettings
-from d365sync.dynamics.odata import dumps_json, entity_id, entity_path, key_of, literal, query_string
+from d365sync.dynamics.odata import (
+    IN_FILTER_BUDGET,
+    dumps_json,
+    entity_id,
+    entity_path,
+    in_filters,
+    key_of,
+    literal,
+    query_string,
+)
 
 GUID = "6f9619ff-8b86-d011-b42d-00c04fc964ff"
 
@@ -94,3 +104,53 @@ def test_query_string_keeps_odata_options_readable() -> None:
 def test_dumps_json_handles_sync_value_types() -> None:
     payload = {"d": datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC), "m": Decimal("12.50"), "g": uuid.UUID(GUID)}
     assert dumps_json(payload) == (f'{{"d":"2024-01-02T03:04:05Z","m":12.5,"g":"{GUID}"}}').encode()
+
+
+# --- Microsoft.Dynamics.CRM.In filters for reads by many keys (issue 12) ---------------------------
+
+
+def _encoded(text: str) -> int:
+    return len(query_string({"f": text})) - len("f=")
+
+
+def test_in_filter_writes_values_as_json_strings() -> None:
+    values = [
+        "A-1",
+        "O'Brien",
+        'say "hi"',
+        "back\\slash",
+        uuid.UUID(GUID),
+        42,
+        True,
+        datetime(2024, 5, 1, 12),
+    ]
+    (where,) = in_filters("accountnumber", values)
+    assert where == (
+        'Microsoft.Dynamics.CRM.In(PropertyName=\'accountnumber\',PropertyValues=["A-1","O\'Brien",'
+        '"say \\"hi\\"","back\\\\slash",'
+        f'"{GUID}","42","true","2024-05-01T12:00:00Z"])'
+    )
+
+
+def test_in_filter_sends_each_value_once_in_first_seen_order() -> None:
+    (where,) = in_filters("accountnumber", ["b", "A", "a", "B", "c", "b"])
+    assert where.endswith('PropertyValues=["b","A","c"])')
+    assert in_filters("accountnumber", []) == []
+
+
+def test_in_filters_are_cut_to_the_url_budget() -> None:
+    keys = [f"ACC-{i:06d}" for i in range(5000)] + ["Zoë & Co/#1?"] * 3
+    filters = in_filters("accountnumber", keys)
+    assert len(filters) > 1
+    assert all(_encoded(where) <= IN_FILTER_BUDGET for where in filters)
+    assert max(_encoded(where) for where in filters) > IN_FILTER_BUDGET - 100  # chunks are filled
+    sent = [value for where in filters for value in json.loads(where.split("PropertyValues=")[1][:-1])]
+    assert sent == [*keys[:5000], "Zoë & Co/#1?"]
+
+
+def test_a_value_longer_than_the_budget_gets_a_filter_of_its_own() -> None:
+    filters = in_filters("name", ["x" * 100, "y", "z"], budget=90)
+    assert [json.loads(where.split("PropertyValues=")[1][:-1]) for where in filters] == [
+        ["x" * 100],
+        ["y", "z"],
+    ]

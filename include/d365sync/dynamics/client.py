@@ -1,7 +1,7 @@
 """``DynamicsClient``: the one object the sync engine talks to for Dataverse.
 
 It wires config → session → tokens → retrying transport, and exposes reads (paged, delta,
-time-window), bulk upserts with per-record outcomes, and the few single-record writes the
+time-window, by many keys or ids), bulk upserts with per-record outcomes, and the few single-record writes the
 engine needs. Every read sends ``$select``: Dataverse otherwise returns every column.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -25,9 +25,11 @@ from d365sync.dynamics.errors import ConcurrencyConflict, DynamicsApiError, Dyna
 from d365sync.dynamics.limiter import AdaptiveLimiter
 from d365sync.dynamics.odata import (
     IdOrKey,
+    KeyValue,
     dumps_json,
     entity_path,
     format_datetime,
+    in_filters,
     literal,
     query_string,
     select_clause,
@@ -88,6 +90,24 @@ class DynamicsClient:
         query = query_string({"$select": select_clause(select), "$filter": filter, "$orderby": orderby})
         prefer = f"odata.maxpagesize={self._page_size(page_size)}"
         yield from self._paginator(f"{entity_set}?{query}", prefer).rows()
+
+    def iter_in(
+        self,
+        entity_set: str,
+        select: Sequence[str],
+        attribute: str,
+        values: Iterable[KeyValue],
+        page_size: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Rows whose ``attribute`` is one of ``values`` (keys, GUIDs): one
+        ``Microsoft.Dynamics.CRM.In`` query per few hundred values (see ``odata.in_filters``).
+
+        ``attribute`` is the logical name (``transactioncurrencyid``, not ``_…_value``).  A row
+        whose value matches two values that differ only in accents may come twice; callers that
+        key rows by id or key are unaffected.
+        """
+        for where in in_filters(attribute, values):
+            yield from self.iter_rows(entity_set, select, filter=where, page_size=page_size)
 
     def iter_window(
         self,

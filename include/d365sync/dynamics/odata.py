@@ -2,14 +2,15 @@
 
 Keys reach URLs from ERP data (``O'Brien``, ``A/B #1``), so quoting and percent-encoding are done
 in one place: single quotes are doubled per OData, then anything that is not safe inside a path
-segment is percent-encoded.
+segment is percent-encoded.  Reads by many keys or ids use ``Microsoft.Dynamics.CRM.In`` filters
+cut to a URL budget (:func:`in_filters`).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -17,6 +18,13 @@ from urllib.parse import quote, urlencode
 
 KeyValue = str | int | float | Decimal | bool | uuid.UUID | datetime | date
 IdOrKey = str | uuid.UUID | Mapping[str, KeyValue]
+
+IN_FUNCTION = "Microsoft.Dynamics.CRM.In"
+# A GET URL may hold 32 KB (reference §2).  An In filter gets half: the base URL and $select take
+# the rest, and the @odata.nextLink Dataverse builds from a query (the same query plus a skip-token
+# cookie) must fit too.
+IN_FILTER_BUDGET = 16 * 1024
+_QUERY_SAFE = "$,()'"  # characters query_string leaves unencoded
 
 
 def literal(value: KeyValue) -> str:
@@ -81,7 +89,53 @@ def key_of(record: Mapping[str, Any], key_attributes: Sequence[str]) -> dict[str
 def query_string(params: Mapping[str, str | None]) -> str:
     """Encode system query options keeping ``$`` and ``,`` readable, dropping Nones."""
     present = {k: v for k, v in params.items() if v is not None}
-    return urlencode(present, safe="$,()'", quote_via=quote) if present else ""
+    return urlencode(present, safe=_QUERY_SAFE, quote_via=quote) if present else ""
+
+
+def _encoded_length(text: str) -> int:
+    """Length of ``text`` once :func:`query_string` has encoded it (encoding is per character)."""
+    return len(quote(text, safe=_QUERY_SAFE))
+
+
+def _property_value(value: KeyValue) -> str:
+    """A value as the string ``PropertyValues`` (a ``Collection(Edm.String)``) carries."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return format_datetime(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+def in_filters(attribute: str, values: Iterable[KeyValue], budget: int = IN_FILTER_BUDGET) -> list[str]:
+    """``Microsoft.Dynamics.CRM.In`` filters over ``values``, each at most ``budget`` characters
+    once URL-encoded, so a read by many keys costs one request per few hundred keys instead of one
+    per handful of ``eq`` terms.  None when ``values`` is empty.
+
+    ``attribute`` is the column's logical name: ``parentcustomerid``, not ``_parentcustomerid_value``
+    (Dataverse refuses that name in query functions).  Values go as JSON strings in double quotes,
+    Microsoft's advice for values with an apostrophe.  Values equal but for case are sent once, as
+    Dataverse compares them case-insensitively anyway; a value longer than ``budget`` gets a
+    filter of its own (which the service will then refuse as too long).
+    """
+    head = f"{IN_FUNCTION}(PropertyName={literal(attribute)},PropertyValues=["
+    tail = "])"
+    unique: dict[str, str] = {}
+    for value in values:
+        text = _property_value(value)
+        unique.setdefault(text.casefold(), text)
+    chunks: list[list[str]] = []
+    size = 0
+    for text in unique.values():
+        item = json.dumps(text, ensure_ascii=False)
+        cost = _encoded_length(item) + 1  # with its comma (one too many per chunk: a safety margin)
+        if not chunks or size + cost > budget:
+            chunks.append([])
+            size = _encoded_length(head + tail)
+        chunks[-1].append(item)
+        size += cost
+    return [f"{head}{','.join(chunk)}{tail}" for chunk in chunks]
 
 
 def select_clause(select: Sequence[str]) -> str:

@@ -170,11 +170,11 @@ def _queue(ctx: RunContext, drift: list[dict[str, Any]], raws: dict[str, dict[st
     keys = [d["key"] for d in drift if d["kind"] == "differs"]
     if not keys:
         return 0
-    spec = ctx.spec
+    spec, key_attr = ctx.spec, ctx.spec.dynamics.key
+    rows = ctx.dynamics.iter_in(spec.dynamics.entity_set, spec.dynamics_select, key_attr, keys)
+    current = {str(norm_key(row.get(key_attr))).casefold(): row for row in rows}  # keys match ignoring case
     for key in keys:
-        raws[key]["dynamics"] = ctx.dynamics.get(
-            spec.dynamics.entity_set, {spec.dynamics.key: key}, spec.dynamics_select
-        )
+        raws[key]["dynamics"] = current.get(key.casefold())
     sides = {d["key"]: repair_sides(d["why"]) for d in drift if d["kind"] == "differs"}
     failures = [
         Failure(k, "drift found by reconcile", {**replay_payload(raws[k]), "repair": sides[k]}) for k in keys

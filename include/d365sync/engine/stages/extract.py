@@ -35,8 +35,6 @@ from d365sync.engine.stages.context import (
     now,
 )
 
-KEY_QUERY_CHUNK = 20  # `key eq … or …` terms per Dataverse query (URL length)
-
 
 def extract(ctx: RunContext, side: Side) -> Manifest:
     """Read one side's changes into ``extract/<side>/NNNNN.parquet`` and stage its watermark."""
@@ -164,20 +162,22 @@ class _Pending:
         yield from self._current_dynamics(keys)
 
     def _current_dynamics(self, keys: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-        from d365sync.dynamics.odata import literal
-
+        """Rows by GUID where the key map knows one, else by key: ``Microsoft.Dynamics.CRM.In``
+        reads of a few hundred values each; a row both reads find comes once."""
         spec = self.ctx.spec
         primary, key_attr = spec.dynamics_select[0], spec.dynamics.key
         by_id = {self.ids[k]: k for k in keys if k in self.ids}
         by_key = [k for k in keys if k not in self.ids]
-        clauses = [f"{primary} eq {guid}" for guid in by_id] + [f"{key_attr} eq {literal(k)}" for k in by_key]
-        for part in chunked(clauses, KEY_QUERY_CHUNK):
-            rows = self.ctx.dynamics.iter_rows(
-                spec.dynamics.entity_set, spec.dynamics_select, filter=" or ".join(part)
+        seen: set[str] = set()
+        for attribute, values in ((primary, list(by_id)), (key_attr, by_key)):
+            rows = self.ctx.dynamics.iter_in(
+                spec.dynamics.entity_set, spec.dynamics_select, attribute, values
             )
             for row in rows:
-                key = by_id.get(str(row.get(primary) or "").lower()) or norm_key(row.get(key_attr))
-                if key in self.due:
+                row_id = str(row.get(primary) or "").lower()
+                key = by_id.get(row_id) or norm_key(row.get(key_attr))
+                if key in self.due and row_id not in seen:
+                    seen.add(row_id)
                     yield key, row
 
 

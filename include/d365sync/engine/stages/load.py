@@ -35,7 +35,6 @@ from d365sync.engine.stages.context import (
 )
 from d365sync.engine.state import AuditEntry, BaseRow, Failure, KeyPair
 
-ID_QUERY_CHUNK = 20
 CLOCK_MARGIN = timedelta(minutes=5)
 
 
@@ -155,19 +154,18 @@ def _state_change(ctx: RunContext, entry: Mapping[str, Any], op: str, errors: di
 def _fetch_ids(ctx: RunContext, keys: list[str], since: datetime) -> dict[str, str]:
     """GUIDs of records just created in Dataverse, so children can bind to them this run.
 
-    A few keys: one ``key eq … or …`` query. Many: one paged ``createdon ge`` query over the
-    chunk's creation window (a margin for clock skew; rows created by others are ignored),
-    which costs pages of 5,000 instead of a request per handful of keys.
+    Keys that fit one ``Microsoft.Dynamics.CRM.In`` query (a few hundred): that query. More: one
+    paged ``createdon ge`` query over the chunk's creation window (a margin for clock skew; rows
+    created by others are ignored), which costs pages of 5,000 instead of a request per few
+    hundred keys.
     """
     if not keys:
         return {}
-    from d365sync.dynamics.odata import format_datetime, literal
+    from d365sync.dynamics.odata import format_datetime, in_filters
 
     key_attr, primary = ctx.spec.dynamics.key, ctx.spec.dynamics_select[0]
-    if len(keys) <= ID_QUERY_CHUNK:
-        where = " or ".join(f"{key_attr} eq {literal(k)}" for k in keys)
-    else:
-        where = f"createdon ge {format_datetime(since - CLOCK_MARGIN)}"
+    by_key = in_filters(key_attr, keys)
+    where = by_key[0] if len(by_key) == 1 else f"createdon ge {format_datetime(since - CLOCK_MARGIN)}"
     wanted, found = set(keys), {}
     for row in ctx.dynamics.iter_rows(ctx.spec.dynamics.entity_set, [primary, key_attr], filter=where):
         key = norm_key(row.get(key_attr))

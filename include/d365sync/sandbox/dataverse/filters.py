@@ -5,22 +5,26 @@ differ from plain OData in ways the library's SQL visitor does not model: lookup
 as ``_x_value``, string comparisons are case-insensitive (the columns use ``COLLATE NOCASE``),
 GUIDs and dates are normalised to the stored text forms, navigation paths like
 ``transactioncurrencyid/isocurrencycode`` become correlated sub-queries, and error messages
-use Dataverse wording.
+use Dataverse wording.  ``Microsoft.Dynamics.CRM.*`` query functions are compiled by
+:mod:`d365sync.sandbox.dataverse.functions`; the JSON array literal they take for
+``PropertyValues`` is read by this module's lexer (see :class:`DataverseLexer`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from odata_query import ast
 from odata_query.exceptions import ODataException, ParsingException, TokenizingException
 from odata_query.grammar import ODataLexer, ODataParser
+from sly.lex import Token
 
 from d365sync.sandbox.dataverse import errors
-from d365sync.sandbox.dataverse.records import ISO_FORMAT, parse_datetime, parse_guid
+from d365sync.sandbox.dataverse.functions import FunctionCompiler, read_collection, source_text
+from d365sync.sandbox.dataverse.records import parse_datetime, parse_value
 from d365sync.sandbox.dataverse.schema import (
+    GUID_TYPES,
     STRING_TYPES,
     TABLES,
     AttrType,
@@ -40,7 +44,6 @@ _NUMERIC = frozenset(
         AttrType.STATUS,
     }
 )
-_GUIDISH = frozenset({AttrType.UNIQUEIDENTIFIER, AttrType.LOOKUP, AttrType.CUSTOMER, AttrType.OWNER})
 _OPERATORS: dict[type, str] = {
     ast.Eq: "=",
     ast.NotEq: "<>",
@@ -79,10 +82,32 @@ def unknown_property(table: Table, name: str) -> errors.DataverseError:
     return errors.bad_request(f"Could not find a property named '{name}' on type '{table.type_name}'.")
 
 
+class DataverseLexer(ODataLexer):
+    """odata-query's lexer plus the JSON array literal Dataverse's query functions take.
+
+    ``Microsoft.Dynamics.CRM.In(PropertyName='accountnumber',PropertyValues=['A','B'])`` is a
+    syntax error for odata-query 0.10: its lexer has no token for ``[`` (the library knows only
+    OData's ``('A','B')`` list), so tokenizing stops at that character.  Its grammar cannot be
+    extended by subclassing either (SLY builds a parser from the rules in its own class body, so a
+    subclass would restate every rule), so this lexer reads the whole array itself and hands the
+    unchanged parser one primitive-literal token whose value is the
+    :class:`~d365sync.sandbox.dataverse.functions.Collection` node.  A ``[`` inside a string
+    literal is part of that string token and never reaches this rule.
+    """
+
+    tokens = {*ODataLexer.tokens, "COLLECTION"}
+
+    @_(r"\[")  # type: ignore[name-defined]  # noqa: F821 - SLY's rule decorator, set by its metaclass
+    def COLLECTION(self, token: Token) -> Token:
+        token.value, self.index = read_collection(self.text, token.index)
+        token.type = "STRING"  # any primitive-literal type: the parser passes the value through
+        return token
+
+
 def parse(text: str) -> ast._Node:
     """Parse a ``$filter`` expression, turning parser failures into Dataverse 400s."""
     try:
-        return ODataParser().parse(ODataLexer().tokenize(text))
+        return ODataParser().parse(DataverseLexer().tokenize(text))
     except TokenizingException as exc:
         position = getattr(exc.token, "index", 0)
         raise errors.bad_request(
@@ -92,8 +117,16 @@ def parse(text: str) -> ast._Node:
     except ParsingException as exc:
         if exc.eof or exc.token is None:
             raise errors.bad_request(f"Syntax error: unexpected end of expression in '{text}'.") from exc
+        near = source_text(exc.token.value) if isinstance(exc.token.value, ast._Node) else exc.token.value
         raise errors.bad_request(
-            f"Syntax error at position {exc.token.index} in '{text}' near '{exc.token.value}'."
+            f"Syntax error at position {exc.token.index} in '{text}' near '{near}'."
+        ) from exc
+    except AttributeError as exc:
+        # odata-query 0.10's rule for three or more named parameters reads a symbol it never
+        # defined (``p.list_items``), so such a call raises AttributeError inside the parser.
+        raise errors.bad_request(
+            f"Syntax error in '{text}': the sandbox's parser reads at most two named parameters in a "
+            "function call."
         ) from exc
     except (ODataException, RecursionError, ValueError, TypeError) as exc:
         raise errors.bad_request(f"Invalid $filter expression '{text}': {exc}") from exc
@@ -191,7 +224,8 @@ class FilterCompiler:
     def call(self, node: ast.Call) -> Operand:
         name = node.func.name.lower()
         if node.func.namespace:
-            return self._crm_function(node)
+            sql, params = FunctionCompiler(self.table, self.alias).compile(node)
+            return Operand(sql, params)
         if name in ("contains", "startswith", "endswith"):
             if len(node.args) != 2:
                 raise errors.bad_request(f"The function '{name}' takes two arguments.")
@@ -203,29 +237,6 @@ class FilterCompiler:
             del pattern
             return Operand(f"({subject.sql} LIKE ? ESCAPE '\\')", [*subject.params, like])
         raise errors.bad_request(f"The function '{node.func.name}' is not supported in $filter.")
-
-    def _crm_function(self, node: ast.Call) -> Operand:
-        """A few ``Microsoft.Dynamics.CRM.*`` query functions useful to a sync."""
-        name = node.func.name
-        args = {a.name.name: a.param for a in node.args if isinstance(a, ast.NamedParam)}
-        prop = args.get("PropertyName")
-        if not isinstance(prop, ast.String):
-            raise errors.bad_request(f"The function 'Microsoft.Dynamics.CRM.{name}' needs PropertyName.")
-        column = self._column(prop.val)
-        subject = f'{self.alias}."{column.name}"'
-        value = args.get("PropertyValue")
-        now = datetime.now(UTC)
-        if name in ("LastXDays", "LastXHours", "LastXMinutes") and isinstance(value, ast.Integer):
-            unit = {"LastXDays": "days", "LastXHours": "hours", "LastXMinutes": "minutes"}[name]
-            since = (now - timedelta(**{unit: int(value.val)})).strftime(ISO_FORMAT)
-            return Operand(f"({subject} >= ?)", [since])
-        if name in ("OnOrAfter", "OnOrBefore") and value is not None:
-            stamp = parse_datetime(str(getattr(value, "val", "")))
-            if stamp is None:
-                raise errors.bad_request(f"Invalid PropertyValue for Microsoft.Dynamics.CRM.{name}.")
-            op = ">=" if name == "OnOrAfter" else "<="
-            return Operand(f"({subject} {op} ?)", [stamp])
-        raise errors.bad_request(f"The function 'Microsoft.Dynamics.CRM.{name}' is not supported in $filter.")
 
     # -- value level ---------------------------------------------------------------------------
     def value(self, node: ast._Node) -> Operand:
@@ -299,16 +310,14 @@ class FilterCompiler:
 
     @staticmethod
     def _coerce_pair(operand: Operand, other: Operand) -> Operand:
-        """Strings compared with GUID columns are GUIDs; normalise their case and format."""
+        """Strings compared with GUID or date/time columns are GUIDs or date/times: normalise their
+        case and format (a string that is neither is compared as it is)."""
         column = other.column
         if column is None or not isinstance(operand.literal, ast.String):
             return operand
-        if column.type in _GUIDISH:
-            parsed = parse_guid(operand.params[0])
-            return Operand("?", [parsed or operand.params[0]], literal=operand.literal)
-        if column.type == AttrType.DATETIME:
-            stamp = parse_datetime(operand.params[0])
-            return Operand("?", [stamp or operand.params[0]], literal=operand.literal)
+        if column.type in GUID_TYPES or column.type == AttrType.DATETIME:
+            parsed = parse_value(column, operand.params[0])
+            return Operand("?", [operand.params[0] if parsed is None else parsed], literal=operand.literal)
         return operand
 
     @staticmethod

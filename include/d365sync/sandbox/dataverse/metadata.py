@@ -36,13 +36,9 @@ from d365sync.sandbox.dataverse.schema import (
     AttrType,
     Column,
     Table,
+    schema_name,
 )
 
-_SCHEMA_NAMES = {
-    "transactioncurrency": "TransactionCurrency",
-    "salesorder": "SalesOrder",
-    "new_shipstatus": "new_ShipStatus",
-}
 _METADATA_TYPES = {
     AttrType.UNIQUEIDENTIFIER: "UniqueIdentifierAttributeMetadata",
     AttrType.STRING: "StringAttributeMetadata",
@@ -62,10 +58,6 @@ _METADATA_TYPES = {
 }
 
 
-def _schema_name(name: str) -> str:
-    return _SCHEMA_NAMES.get(name, name[:1].upper() + name[1:])
-
-
 def _label(text: str) -> dict[str, Any]:
     localized = {"Label": text, "LanguageCode": 1033}
     return {"LocalizedLabels": [localized], "UserLocalizedLabel": localized}
@@ -76,10 +68,10 @@ def entity_definition(table: Table) -> dict[str, Any]:
         "@odata.type": "#Microsoft.Dynamics.CRM.EntityMetadata",
         "MetadataId": table.metadata_id,
         "LogicalName": table.logical_name,
-        "SchemaName": _schema_name(table.logical_name),
+        "SchemaName": schema_name(table.logical_name),
         "EntitySetName": table.entity_set,
         "LogicalCollectionName": table.entity_set,
-        "CollectionSchemaName": _schema_name(table.entity_set),
+        "CollectionSchemaName": schema_name(table.entity_set),
         "PrimaryIdAttribute": table.primary_id,
         "PrimaryNameAttribute": table.primary_name,
         "ObjectTypeCode": table.object_type_code,
@@ -90,7 +82,7 @@ def entity_definition(table: Table) -> dict[str, Any]:
         "IsIntersect": False,
         "TableType": "Standard",
         "OwnershipType": "UserOwned",
-        "DisplayName": _label(_schema_name(table.logical_name)),
+        "DisplayName": _label(schema_name(table.logical_name)),
     }
 
 
@@ -104,7 +96,7 @@ def attribute_definition(table: Table, column: Column) -> dict[str, Any]:
         "@odata.type": f"#Microsoft.Dynamics.CRM.{_METADATA_TYPES[column.type]}",
         "MetadataId": str(uuid.uuid5(METADATA_NAMESPACE, f"attribute:{table.logical_name}.{column.name}")),
         "LogicalName": column.name,
-        "SchemaName": _schema_name(column.name),
+        "SchemaName": schema_name(column.name),
         "EntityLogicalName": table.logical_name,
         "AttributeType": column.type.value,
         "AttributeTypeName": {"Value": f"{column.type.value}Type"},

@@ -7,6 +7,7 @@ codes behave the same against the sandbox as against a real environment.
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 import uuid
 from collections.abc import Iterable
@@ -15,7 +16,14 @@ from typing import Any
 
 from d365sync.sandbox.dataverse import errors
 from d365sync.sandbox.dataverse.errors import DataverseError
-from d365sync.sandbox.dataverse.schema import AttrType, Column, Table, type_column
+from d365sync.sandbox.dataverse.schema import (
+    GUID_TYPES,
+    STRING_TYPES,
+    AttrType,
+    Column,
+    Table,
+    type_column,
+)
 
 ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -37,8 +45,8 @@ def parse_guid(text: str) -> str | None:
         return None
 
 
-def parse_datetime(text: str) -> str | None:
-    """Normalise an ISO date/time to UTC ``YYYY-MM-DDTHH:MM:SSZ`` (None if unparseable)."""
+def parse_moment(text: str) -> datetime | None:
+    """An ISO date or date/time as an aware UTC datetime (naive means UTC; None if unparseable)."""
     raw = text.strip()
     if raw.endswith("Z"):
         raw = raw[:-1] + "+00:00"
@@ -48,7 +56,42 @@ def parse_datetime(text: str) -> str | None:
         return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC).strftime(ISO_FORMAT)
+    return parsed.astimezone(UTC)
+
+
+def format_moment(moment: datetime) -> str:
+    """UTC ``YYYY-MM-DDTHH:MM:SSZ``, the stored form (four-digit years, so text order is time order)."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+
+
+def parse_datetime(text: str) -> str | None:
+    """Normalise an ISO date/time to UTC ``YYYY-MM-DDTHH:MM:SSZ`` (None if unparseable)."""
+    moment = parse_moment(text)
+    return None if moment is None else format_moment(moment)
+
+
+_INTEGER_TEXT = re.compile(r"[+-]?\d+")
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_BOOLEAN_TEXT = {"true": 1, "false": 0, "1": 1, "0": 0}
+
+
+def parse_value(col: Column, text: str) -> Any:
+    """A value given as text (a query function's ``PropertyValues``) in the form SQLite stores for
+    ``col``: GUIDs lower-case, date/times UTC ISO, numbers and booleans parsed; None if it is not
+    one.  Strings stay as they are (their columns compare case-insensitively)."""
+    raw = text.strip()
+    kind = col.type
+    if kind in STRING_TYPES:
+        return text
+    if kind in GUID_TYPES:
+        return parse_guid(raw)
+    if kind == AttrType.DATETIME:
+        return parse_datetime(raw)
+    if kind == AttrType.BOOLEAN:
+        return _BOOLEAN_TEXT.get(raw.lower())
+    if kind in (AttrType.DECIMAL, AttrType.MONEY):
+        return float(raw) if _DECIMAL_TEXT.fullmatch(raw) else None
+    return int(raw) if _INTEGER_TEXT.fullmatch(raw) else None
 
 
 def _payload_error(table: Table, value: Any, col: Column) -> DataverseError:

@@ -35,6 +35,7 @@ class AttrType(StrEnum):
 
 
 LOOKUP_TYPES = frozenset({AttrType.LOOKUP, AttrType.CUSTOMER, AttrType.OWNER})
+GUID_TYPES = LOOKUP_TYPES | {AttrType.UNIQUEIDENTIFIER}
 STRING_TYPES = frozenset({AttrType.STRING, AttrType.MEMO})
 EDM_TYPES: dict[AttrType, str] = {
     AttrType.UNIQUEIDENTIFIER: "Edm.Guid",
@@ -68,6 +69,16 @@ SQL_TYPES: dict[AttrType, str] = {
 }
 
 METADATA_NAMESPACE = uuid.UUID("6f9619ff-8b86-d011-b42d-00c04fc964ff")
+_SCHEMA_NAMES = {
+    "transactioncurrency": "TransactionCurrency",
+    "salesorder": "SalesOrder",
+    "new_shipstatus": "new_ShipStatus",
+}
+
+
+def schema_name(name: str) -> str:
+    """The ``SchemaName`` of a table, entity set or column (``salesorder`` → ``SalesOrder``)."""
+    return _SCHEMA_NAMES.get(name, name[:1].upper() + name[1:])
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,10 @@ class Table:
     @property
     def type_name(self) -> str:
         return f"Microsoft.Dynamics.CRM.{self.logical_name}"
+
+    @property
+    def schema_name(self) -> str:
+        return schema_name(self.logical_name)
 
     @property
     def metadata_id(self) -> str:
