@@ -66,15 +66,6 @@ def env(
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _dag_logic_on_sqlite_only(env: SyncEnv) -> None:
-    """The operations DAGs and failure bookkeeping are backend-independent DAG logic, shown on
-    SQLite; on PostgreSQL this module proves the runs themselves (initial sync, edits on both
-    sides, quiet third run), and tests/integration/test_state_postgres.py the state store. Each
-    run here costs a DAG run of task processes: CI time goes where it proves something new."""
-    if env.backend.name != "sqlite":
-        pytest.skip("backend-independent DAG logic: shown on SQLite")
-
-
 def _plan(env: SyncEnv) -> dict[str, dict[str, int]]:
     """Writes a dry run of every entity would make now: empty when both systems agree."""
     runs = env.run(conf={"dry_run": True})
@@ -159,7 +150,6 @@ def test_backend_is_what_was_asked(env: SyncEnv) -> None:
 
 
 def test_reconcile_finds_a_change_that_bypassed_the_cursor_and_the_next_run_repairs_it(env: SyncEnv) -> None:
-    _dag_logic_on_sqlite_only(env)
     accounts = env.dv_rows("accounts", "accountnumber,creditlimit,statecode", top=200)
     keys = sorted(a["accountnumber"] for a in accounts if a["statecode"] == 0 and a["accountnumber"])
     key = next(
@@ -204,7 +194,6 @@ def test_reconcile_finds_a_change_that_bypassed_the_cursor_and_the_next_run_repa
 
 
 def test_review_decision_from_a_manual_dag_run_is_applied_by_the_next_run(env: SyncEnv) -> None:
-    _dag_logic_on_sqlite_only(env)
     with env.store() as store:
         review = store.reviews("invoices")[0]
     (decide,) = env.run(
@@ -221,7 +210,6 @@ def test_review_decision_from_a_manual_dag_run_is_applied_by_the_next_run(env: S
 
 
 def test_replay_dead_letters_from_a_manual_dag_run(env: SyncEnv) -> None:
-    _dag_logic_on_sqlite_only(env)
     conf = {"entity": "orders", "keys": ["NO-SUCH-KEY"]}
     (replay,) = env.run("replay_dead_letters", conf=conf, env=triggered_as("op"))
     assert_success([replay])
@@ -229,7 +217,6 @@ def test_replay_dead_letters_from_a_manual_dag_run(env: SyncEnv) -> None:
 
 
 def test_a_failed_run_is_recorded_as_failed_in_the_state_store(env: SyncEnv, tmp_path: Path) -> None:
-    _dag_logic_on_sqlite_only(env)
     empty = tmp_path / "empty.db"  # an ERP without tables: extract_erp fails
     empty_erp = {"conn_type": "erp_odbc", "schema": str(empty), "extra": {"driver": "SQLite3"}}
     (run,) = env.run("sync_customers", env={"AIRFLOW_CONN_ERP_DEFAULT": json.dumps(empty_erp)})
