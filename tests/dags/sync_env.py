@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from d365sync.engine.state import StateStore
 from d365sync.erp import ErpClient
 from d365sync.sandbox.dataverse.process import DataverseSandbox
 from d365sync.sandbox.erp import sqlite_airflow_connection
-from tests.conftest import SERVICES
 from tests.dags.conftest import AirflowEnv, RunResult
 
 WRITE_OPS = ("create", "update", "deactivate", "delete", "reactivate")
@@ -53,33 +51,6 @@ def sqlite_backend(folder: Path) -> Backend:
         f"DRIVER={{SQLite3}};Database={erp};",
         {"conn_type": "sqlite", "host": str(state)},
         f"sqlite:///{state}",
-    )
-
-
-def postgres_backend() -> Backend:
-    host, port = SERVICES["postgres"]
-    schema = f"dagtest_{uuid.uuid4().hex[:10]}"
-    return Backend(
-        "postgres",
-        {
-            "conn_type": "erp_odbc",
-            "host": host,
-            "port": port,
-            "schema": "test",
-            "login": "postgres",
-            "extra": {"driver": "PostgreSQL Unicode"},
-        },
-        f"DRIVER={{PostgreSQL Unicode}};SERVER={host};PORT={port};DATABASE=test;UID=postgres;PWD=;",
-        {
-            "conn_type": "postgres",
-            "host": host,
-            "port": port,
-            "schema": "test",
-            "login": "postgres",
-            "extra": {"schema": schema},
-        },
-        f"postgresql+psycopg2://postgres@{host}:{port}/test",
-        schema,
     )
 
 

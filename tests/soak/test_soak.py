@@ -3,7 +3,7 @@
 One soak per module (:func:`d365sync.sandbox.soak.run_soak`, the same runner as ``make soak``):
 Dataverse sandbox, SQLite ERP over ODBC and state store, Airflow api-server + scheduler +
 dag-processor (LocalExecutor, parallelism 4) with every entity DAG on ``* * * * *``, and the
-simulator editing both systems for three minutes, one bad value of each kind included. Small seed
+simulator editing both systems for two minutes, one bad value of each kind included. Small seed
 (40 ERP customers, 20 Dataverse accounts): the time goes to Airflow's task processes, not to data.
 
 Each test is one item of the acceptance criteria, read from the runner's report; a failure shows
@@ -26,7 +26,7 @@ from d365sync.sandbox.soak import SoakOptions, SoakReport, run_soak
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("D365SYNC_SOAK_ARTIFACTS") or REPO / "var" / "test-artifacts" / "soak")
-DURATION = 180.0  # seconds of user activity: three scheduled cycles at the least
+DURATION = 120.0  # seconds of user activity: two scheduled cycles at the least
 PHASE_TIMEOUT = 1500.0
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(4 * PHASE_TIMEOUT + DURATION + 900)]
