@@ -31,16 +31,32 @@ developer visits cannot change the sandbox; :class:`.process.DataverseSandbox` s
     ``requests`` (HTTP calls to the Web API), ``operations`` ($batch parts and bulk targets counted
     one by one), ``throttled``, ``auth_failures``, ``statuses`` / ``routes`` (HTTP level, e.g.
     ``"GET accounts"``, ``"PATCH accounts()"``, ``"POST $batch"``), ``operation_routes`` /
-    ``operation_statuses``, ``token_requests``, ``token_failures``, ``tokens_issued``.
+    ``operation_statuses``, ``token_requests``, ``token_failures``, ``tokens_issued``,
+    ``throttled_codes`` (429s by error code), ``execution_ms`` (measured server time of all API
+    requests), ``execution_time_window_ms`` (per user id: server time in the current
+    execution-time window), ``in_flight`` / ``max_in_flight`` (API requests the server worked on at
+    once) and ``max_parallel_cost`` (requests spending simulated server time at once).
 ``POST /_sandbox/counters/reset``
     Zero all counters (send ``{}`` as the body).
 ``GET /_sandbox/knobs`` / ``POST /_sandbox/knobs``
-    JSON object, any subset of: ``latency_ms`` (added per API request), ``error_rate`` (0..1 share
-    of injected 5xx) and ``error_status`` (default 503), ``throttle_next`` (the next N API requests
-    get 429) with ``throttle_retry_after`` seconds, ``random_seed``, ``expire_tokens_now: true``
-    (every token issued so far becomes expired), ``limits: {"requests", "window_seconds",
-    "concurrency"}``, ``reset_limits: true`` (clear the sliding windows), ``retention_seconds``
-    (change-tracking retention), ``token_lifetime``.  Returns the resulting settings.
+    JSON object, any subset of: ``latency_ms`` (added per API request, like network latency: not
+    server time), ``record_cost_ms`` (server time per record written: a bulk action of N targets
+    costs N times it) and ``request_cost_ms`` (server time per API request) — both spent outside
+    any lock, so parallel requests overlap, and charged to the execution-time limit —
+    ``error_rate`` (0..1 share of injected 5xx) and ``error_status`` (default 503),
+    ``throttle_next`` (the next N API requests get 429) with ``throttle_retry_after`` seconds,
+    ``random_seed``, ``expire_tokens_now: true`` (every token issued so far becomes expired),
+    ``limits: {"requests", "window_seconds", "concurrency", "execution_time_ms",
+    "execution_window_seconds"}``, ``reset_limits: true`` (clear the sliding windows),
+    ``retention_seconds`` (change-tracking retention), ``token_lifetime``.  Returns the resulting
+    settings.
+
+Service protection (reference §6), per application user, all answering 429 with ``Retry-After``
+and the Dataverse error body: requests per sliding window (``0x80072322``; each ``$batch``
+operation counts), combined execution time per sliding window (``0x80072321``; every API
+request's measured server time, cost knobs included, default 1,200,000 ms per 300 s), and
+concurrent requests (``0x80072326``).  Requests run in parallel up to the concurrency limit; only
+SQLite's write transaction is serialised (see :mod:`.store`).
 
 Module layout: :mod:`.schema` (declarative tables), :mod:`.store` (SQLite), :mod:`.records`
 (value validation/rendering), :mod:`.filters` ($filter → SQL), :mod:`.query` (reads, paging,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -73,7 +74,7 @@ class Sandbox:
             counters,
             limiter,
             knobs,
-            Dataverse(config, store, counters, limiter),
+            Dataverse(config, store, counters, limiter, knobs),
         )
 
     def apply_admin(self, values: dict[str, Any]) -> None:
@@ -82,10 +83,10 @@ class Sandbox:
         if values.get("expire_tokens_now"):
             self.tokens.expire_all()
         for name, value in (values.get("limits") or {}).items():
-            if name in ("requests", "concurrency"):
+            if name in ("requests", "concurrency", "execution_time_ms"):
                 setattr(self.limiter.limits, name, int(value))
-            elif name == "window_seconds":
-                self.limiter.limits.window_seconds = float(value)
+            elif name in ("window_seconds", "execution_window_seconds"):
+                setattr(self.limiter.limits, name, float(value))
         if values.get("reset_limits"):
             self.limiter.reset()
         if "retention_seconds" in values:
@@ -101,6 +102,8 @@ class Sandbox:
                 "requests": limits.requests,
                 "window_seconds": limits.window_seconds,
                 "concurrency": limits.concurrency,
+                "execution_time_ms": limits.execution_time_ms,
+                "execution_window_seconds": limits.execution_window_seconds,
             },
             "retention_seconds": self.service.reader.retention_seconds,
             "token_lifetime": self.config.token_lifetime,
@@ -121,6 +124,10 @@ def create_app(config: SandboxConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Requests run in worker threads; allow as many as the concurrency limit admits (anyio's
+        # default of 40 would queue requests the limit lets in).
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, config.limits.concurrency + 8)
         try:
             yield
         finally:
@@ -244,7 +251,9 @@ def _admin_routes(app: FastAPI, sandbox: Sandbox) -> None:
 
     @app.get("/_sandbox/counters")
     async def counters() -> Response:
-        return JSONResponse(sandbox.counters.snapshot(sandbox.tokens.tokens_issued))
+        snapshot = sandbox.counters.snapshot(sandbox.tokens.tokens_issued)
+        snapshot["execution_time_window_ms"] = sandbox.limiter.execution_time_used()
+        return JSONResponse(snapshot)
 
     @app.post("/_sandbox/counters/reset")
     async def reset(request: Request) -> Response:
@@ -306,6 +315,7 @@ async def _serve(sandbox: Sandbox, request: Request, version: str, path: str, ba
         if forced is not None:
             raise forced
         with sandbox.limiter.concurrent(user_id):
+            sandbox.limiter.check_execution_time(user_id)
             remaining = None if is_batch else sandbox.limiter.charge(user_id, 1)
             if sandbox.knobs.latency_ms > 0:
                 await asyncio.sleep(sandbox.knobs.latency_ms / 1000)
@@ -324,6 +334,8 @@ async def _serve(sandbox: Sandbox, request: Request, version: str, path: str, ba
             )
             result: ApiResponse = await run_in_threadpool(sandbox.service.handle, api_request)
     except DataverseError as exc:
+        if exc.status == 429:
+            sandbox.counters.refused(exc.code)
         return _dataverse_error(exc)
     response = Response(result.body, result.status, headers=result.headers)
     if remaining is not None:

@@ -67,6 +67,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--limit-requests", type=int, help="requests per window per user (default 6000)")
     parser.add_argument("--limit-window", type=float, help="sliding window seconds (default 300)")
     parser.add_argument("--limit-concurrency", type=int, help="concurrent requests per user (default 52)")
+    parser.add_argument(
+        "--limit-execution-ms",
+        type=int,
+        help="combined server time per user per execution window, in ms (default 1200000)",
+    )
+    parser.add_argument(
+        "--limit-execution-window", type=float, help="execution-time sliding window seconds (default 300)"
+    )
+    parser.add_argument(
+        "--record-cost-ms",
+        type=float,
+        help="simulated server time per record written, in ms (default 0; parallel requests overlap)",
+    )
+    parser.add_argument(
+        "--request-cost-ms", type=float, help="simulated server time per API request, in ms (default 0)"
+    )
     parser.add_argument("--knobs", help="JSON test knobs, e.g. '{\"latency_ms\": 20}'")
     parser.set_defaults(func=run)
     return parser
@@ -77,8 +93,19 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
         "requests": args.limit_requests,
         "window_seconds": args.limit_window,
         "concurrency": args.limit_concurrency,
+        "execution_time_ms": args.limit_execution_ms,
+        "execution_window_seconds": args.limit_execution_window,
     }
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _knobs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--knobs`` JSON with the cost flags on top."""
+    knobs: dict[str, Any] = json.loads(args.knobs) if args.knobs else {}
+    for name in ("record_cost_ms", "request_cost_ms"):
+        if getattr(args, name) is not None:
+            knobs[name] = getattr(args, name)
+    return knobs or None
 
 
 class _Server(uvicorn.Server):
@@ -174,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         retention_seconds=args.retention_seconds,
         token_lifetime=args.token_lifetime,
         limits=_limits(args),
-        knobs=json.loads(args.knobs) if args.knobs else None,
+        knobs=_knobs(args),
         seed=args.seed,
     )
     config.env_url = (config.env_url or base_url).rstrip("/")

@@ -6,8 +6,9 @@
       "users": [{"client_id": "...", "client_secret": "...", "name": "Second app"}],
       "change_tracking_retention_seconds": 604800,
       "token_lifetime_seconds": 3600,
-      "limits": {"requests": 6000, "window_seconds": 300, "concurrency": 52},
-      "knobs": {"latency_ms": 0, "error_rate": 0.0}
+      "limits": {"requests": 6000, "window_seconds": 300, "concurrency": 52,
+                 "execution_time_ms": 1200000, "execution_window_seconds": 300},
+      "knobs": {"latency_ms": 0, "record_cost_ms": 0, "request_cost_ms": 0, "error_rate": 0.0}
     }
 
 Flags given on the command line win over the file; the file wins over the defaults.
@@ -60,6 +61,9 @@ class Limits:
     requests: int = 6000
     window_seconds: float = 300.0
     concurrency: int = 52
+    execution_time_ms: int = 1_200_000
+    """Combined server time per user over ``execution_window_seconds``."""
+    execution_window_seconds: float = 300.0
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """Service-protection limits, test knobs and counters.
 
-The limiter models Dataverse's per-user sliding window (each ``$batch`` operation counts) and
-its concurrency cap (reference §6).  Knobs inject faults for client tests: added latency, a
-share of 5xx answers and forced 429 bursts.  Counters let tests and benchmarks assert how many
-calls a client really made.
+The limiter models Dataverse's three service protection limits per user (reference §6): the
+request count over a sliding window (each ``$batch`` operation counts), the combined execution
+time over a sliding window (the server time each request consumed, measured), and the
+concurrency cap.  Knobs inject faults for client tests — added latency, a share of 5xx answers,
+forced 429 bursts — and simulate server cost: ``record_cost_ms`` per record written and
+``request_cost_ms`` per API request, spent outside any lock so parallel requests overlap as on a
+real tenant.  Counters let tests and benchmarks assert how many calls a client really made, how
+much server time they took and how many ran at once.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ class ServiceProtection:
         self._lock = threading.Lock()
         self._window: dict[str, deque[tuple[float, int]]] = {}
         self._inflight: Counter[str] = Counter()
+        self._spent: dict[str, deque[tuple[float, float]]] = {}
 
-    def _prune(self, events: deque[tuple[float, int]], now: float) -> int:
-        horizon = now - self.limits.window_seconds
+    @staticmethod
+    def _prune(events: deque[tuple[float, Any]], now: float, window: float) -> Any:
+        horizon = now - window
         while events and events[0][0] <= horizon:
             events.popleft()
         return sum(n for _, n in events)
@@ -47,7 +53,7 @@ class ServiceProtection:
         now = time.monotonic()
         with self._lock:
             events = self._window.setdefault(user_id, deque())
-            used = self._prune(events, now)
+            used = self._prune(events, now, self.limits.window_seconds)
             limit = self.limits.requests
             if used and used + operations > limit:
                 raise _throttled(
@@ -66,6 +72,45 @@ class ServiceProtection:
             if used + wanted <= self.limits.requests:
                 return math.ceil(stamp + self.limits.window_seconds - now)
         return math.ceil(self.limits.window_seconds)
+
+    def check_execution_time(self, user_id: str) -> float:
+        """Raise 429 once the user's server time in the window exceeds the budget; else return
+        the milliseconds left.  Like Dataverse, a request is only refused after the budget is
+        exceeded: the one that crosses it runs to completion."""
+        now = time.monotonic()
+        window, budget = self.limits.execution_window_seconds, self.limits.execution_time_ms
+        with self._lock:
+            events = self._spent.setdefault(user_id, deque())
+            used = self._prune(events, now, window)
+            if used > budget:
+                retry_after = math.ceil(window)
+                for stamp, spent in events:
+                    used -= spent
+                    if used <= budget:
+                        retry_after = math.ceil(stamp + window - now)
+                        break
+                raise _throttled(
+                    errors.EXECUTION_TIME_LIMIT,
+                    f"Combined execution time of incoming requests exceeded limit of {budget:,} "
+                    f"milliseconds over time window of {int(window)} seconds. Decrease number of "
+                    "concurrent requests or reduce the duration of requests and try again later.",
+                    retry_after,
+                )
+            return budget - used
+
+    def spend(self, user_id: str, milliseconds: float) -> None:
+        """Add a finished request's server time to the user's execution-time window."""
+        with self._lock:
+            self._spent.setdefault(user_id, deque()).append((time.monotonic(), milliseconds))
+
+    def execution_time_used(self) -> dict[str, float]:
+        """Milliseconds of server time in each user's current window."""
+        now = time.monotonic()
+        with self._lock:
+            return {
+                user: round(self._prune(events, now, self.limits.execution_window_seconds), 1)
+                for user, events in self._spent.items()
+            }
 
     @contextmanager
     def concurrent(self, user_id: str) -> Iterator[None]:
@@ -87,6 +132,7 @@ class ServiceProtection:
     def reset(self) -> None:
         with self._lock:
             self._window.clear()
+            self._spent.clear()
 
 
 @dataclass
@@ -94,6 +140,8 @@ class Knobs:
     """Fault injection, off by default.  Settable at runtime via ``POST /_sandbox/knobs``."""
 
     latency_ms: float = 0.0
+    record_cost_ms: float = 0.0
+    request_cost_ms: float = 0.0
     error_rate: float = 0.0
     error_status: int = 503
     throttle_next: int = 0
@@ -104,7 +152,7 @@ class Knobs:
 
     def update(self, values: dict[str, Any]) -> None:
         with self._lock:
-            for name in ("latency_ms", "error_rate"):
+            for name in ("latency_ms", "record_cost_ms", "request_cost_ms", "error_rate"):
                 if name in values:
                     setattr(self, name, float(values[name]))
             for name in ("error_status", "throttle_next", "throttle_retry_after"):
@@ -140,6 +188,8 @@ class Knobs:
     def snapshot(self) -> dict[str, Any]:
         return {
             "latency_ms": self.latency_ms,
+            "record_cost_ms": self.record_cost_ms,
+            "request_cost_ms": self.request_cost_ms,
             "error_rate": self.error_rate,
             "error_status": self.error_status,
             "throttle_next": self.throttle_next,
@@ -149,10 +199,13 @@ class Knobs:
 
 
 class Counters:
-    """What clients did: HTTP requests, operations (batch/bulk items one by one), statuses."""
+    """What clients did: HTTP requests, operations (batch/bulk items one by one), statuses,
+    server time, and how many requests the server worked on at once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.in_flight = 0
+        self.cost_in_flight = 0
         self.reset()
 
     def reset(self) -> None:
@@ -167,6 +220,10 @@ class Counters:
             self.operation_statuses: Counter[str] = Counter()
             self.token_requests = 0
             self.token_failures = 0
+            self.throttled_codes: Counter[str] = Counter()
+            self.execution_ms = 0.0
+            self.max_in_flight = self.in_flight
+            self.max_parallel_cost = self.cost_in_flight
 
     def http(self, route: str, status: int) -> None:
         with self._lock:
@@ -183,6 +240,40 @@ class Counters:
             self.operations += count
             self.operation_routes[route] += count
             self.operation_statuses[str(status)] += count
+
+    def refused(self, code: str) -> None:
+        """A 429 answer, by error code (request count, execution time, concurrency)."""
+        with self._lock:
+            self.throttled_codes[code] += 1
+
+    @contextmanager
+    def executing(self) -> Iterator[None]:
+        """One API request inside the dispatcher."""
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def server_time(self, milliseconds: float) -> None:
+        """A finished API request's measured server time."""
+        with self._lock:
+            self.execution_ms += milliseconds
+
+    @contextmanager
+    def costing(self) -> Iterator[None]:
+        """One request spending simulated server time (the cost knobs)."""
+        with self._lock:
+            self.cost_in_flight += 1
+            self.max_parallel_cost = max(self.max_parallel_cost, self.cost_in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.cost_in_flight -= 1
 
     def token(self, ok: bool) -> None:
         with self._lock:
@@ -205,4 +296,9 @@ class Counters:
                 "token_failures": self.token_failures,
                 "tokens_issued": self.token_requests - self.token_failures,
                 "tokens_issued_total": tokens_issued,
+                "throttled_codes": dict(self.throttled_codes),
+                "execution_ms": round(self.execution_ms, 1),
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
+                "max_parallel_cost": self.max_parallel_cost,
             }

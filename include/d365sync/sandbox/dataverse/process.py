@@ -40,6 +40,8 @@ class DataverseSandbox:
         token_lifetime: int | None = None,
         limits: dict[str, Any] | None = None,
         knobs: dict[str, Any] | None = None,
+        record_cost_ms: float | None = None,
+        request_cost_ms: float | None = None,
         tenant: str = DEFAULT_TENANT,
         client_id: str = DEFAULT_CLIENT_ID,
         client_secret: str = DEFAULT_CLIENT_SECRET,
@@ -48,6 +50,8 @@ class DataverseSandbox:
         self.tenant, self.client_id, self.client_secret = tenant, client_id, client_secret
         self.ca_bundle: str | None = str(tls[0]) if tls else None
         self._tls = tls
+        costs = {"record_cost_ms": record_cost_ms, "request_cost_ms": request_cost_ms}
+        knobs = {**(knobs or {}), **{k: v for k, v in costs.items() if v is not None}}
         self._args = self._build_args(seed, retention_seconds, token_lifetime, limits, knobs)
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = data_dir / "sandbox.log"
@@ -86,6 +90,8 @@ class DataverseSandbox:
             ("requests", "--limit-requests"),
             ("window_seconds", "--limit-window"),
             ("concurrency", "--limit-concurrency"),
+            ("execution_time_ms", "--limit-execution-ms"),
+            ("execution_window_seconds", "--limit-execution-window"),
         ):
             if limits and name in limits:
                 args += [flag, str(limits[name])]
@@ -249,7 +255,8 @@ class DataverseSandbox:
         self._admin("POST", "/_sandbox/counters/reset")
 
     def set_knobs(self, **knobs: Any) -> dict[str, Any]:
-        """E.g. ``set_knobs(throttle_next=3, throttle_retry_after=1)`` or ``expire_tokens_now=True``."""
+        """E.g. ``set_knobs(throttle_next=3, throttle_retry_after=1)``, ``expire_tokens_now=True``,
+        ``record_cost_ms=2`` or ``limits={"execution_time_ms": 500}``."""
         return self._admin("POST", "/_sandbox/knobs", knobs)
 
     def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -6,12 +6,20 @@ every :class:`DataverseError` into the Dataverse JSON error shape.  The FastAPI 
 ordinary requests; the ``$batch`` handler parses the multipart body with the shared codec and calls
 it once per part, wrapping changesets in a SAVEPOINT so they are atomic.  Because both paths
 share this function, a write behaves identically whichever way it arrives.
+
+Requests run in parallel (one worker thread each); only the SQLite write transaction is
+serialised (:class:`~.store.Store`).  The cost knobs (``record_cost_ms`` per record written,
+``request_cost_ms`` per request) are spent as a sleep outside the write lock — inside a
+changeset's transaction the cost is owed and paid once the request's transaction has ended — and
+every request's measured time is charged to the caller's execution-time window.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -26,7 +34,7 @@ from d365sync.dynamics.multipart import (
 from d365sync.sandbox.dataverse import errors, metadata, writes
 from d365sync.sandbox.dataverse.config import SandboxConfig
 from d365sync.sandbox.dataverse.errors import DataverseError
-from d365sync.sandbox.dataverse.limits import Counters, ServiceProtection
+from d365sync.sandbox.dataverse.limits import Counters, Knobs, ServiceProtection
 from d365sync.sandbox.dataverse.protocol import (
     API_VERSIONS,
     MAX_BATCH_URL_LENGTH,
@@ -42,7 +50,7 @@ from d365sync.sandbox.dataverse.protocol import (
 )
 from d365sync.sandbox.dataverse.query import Reader, parse_options
 from d365sync.sandbox.dataverse.records import etag, render
-from d365sync.sandbox.dataverse.schema import ENTITY_SETS, Table
+from d365sync.sandbox.dataverse.schema import ENTITY_SETS, Column, Table
 from d365sync.sandbox.dataverse.store import Store
 
 log = logging.getLogger(__name__)
@@ -85,25 +93,62 @@ class Dataverse:
         store: Store,
         counters: Counters,
         limiter: ServiceProtection,
+        knobs: Knobs | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.counters = counters
         self.limiter = limiter
+        self.knobs = knobs or Knobs()
         self.reader = Reader(store, config.retention_seconds)
+        self._owed = threading.local()  # cost incurred inside a write transaction, paid after it
 
     # -- entry points ---------------------------------------------------------------------------
     def handle(self, req: ApiRequest) -> ApiResponse:
-        """One HTTP request (a ``$batch`` counts its parts itself)."""
-        outcome = self.execute(req)
-        return outcome.response
+        """One HTTP request (a ``$batch`` counts its parts itself).
+
+        Its server time — from here to the answer, cost knobs included — is measured and charged
+        to the caller's execution-time window.
+        """
+        start = time.perf_counter()
+        try:
+            with self.counters.executing():
+                self._cost(self.knobs.request_cost_ms)
+                try:
+                    return self.execute(req).response
+                finally:
+                    self._cost(getattr(self._owed, "ms", 0.0))
+                    self._owed.ms = 0.0
+        finally:
+            elapsed = (time.perf_counter() - start) * 1000
+            self.counters.server_time(elapsed)
+            self.limiter.spend(req.caller.user.systemuserid, elapsed)
+
+    def _records_cost(self, records: int) -> None:
+        """Spend ``record_cost_ms`` per record written: now, outside the write lock, or — inside a
+        changeset's transaction — once the request has left it (so the lock is never held
+        while sleeping)."""
+        milliseconds = records * self.knobs.record_cost_ms
+        if milliseconds <= 0:
+            return
+        if self.store.in_transaction():
+            self._owed.ms = getattr(self._owed, "ms", 0.0) + milliseconds
+        else:
+            self._cost(milliseconds)
+
+    def _cost(self, milliseconds: float) -> None:
+        """Simulated server work: a sleep that holds no lock, so parallel requests overlap."""
+        if milliseconds > 0:
+            with self.counters.costing():
+                time.sleep(milliseconds / 1000)
 
     def execute(self, req: ApiRequest) -> Outcome:
         """Run one operation and count it; never raises for client mistakes."""
         try:
-            with self.store.lock:
-                outcome = self._route(req)
+            outcome = self._route(req)
         except DataverseError as exc:
+            if exc.status == 429:
+                self.counters.refused(exc.code)
             outcome = Outcome(error_response(exc))
         except sqlite3.IntegrityError as exc:
             outcome = Outcome(error_response(DataverseError(412, errors.DUPLICATE_RECORD, str(exc))))
@@ -166,8 +211,10 @@ class Dataverse:
             self._require(req, "GET", "POST")
             if req.method == "GET":
                 return Outcome(self.reader.collection(req, table))
+            body = req.json_object()
+            self._records_cost(1)
             with self.store.atomic():
-                row = writes.create(self._ctx(req), table, req.json_object())
+                row = writes.create(self._ctx(req), table, body)
             return Outcome(
                 self._written(req, table, row, created=True), entity=(table, row[table.primary_id])
             )
@@ -184,7 +231,10 @@ class Dataverse:
         body = req.json_object()
         targets = body.get("Targets")
         count = len(targets) if isinstance(targets, list) else 1
-        ids = writes.bulk(self._ctx(req), table, action, targets)
+        ctx = self._ctx(req)
+        prepared = writes.prepare_bulk(ctx, table, action, targets)  # no lock: runs in parallel
+        self._records_cost(len(prepared))
+        ids = writes.apply_bulk(ctx, table, action, prepared)  # one short write transaction
         if action == "CreateMultiple":
             payload = {
                 "@odata.context": f"{req.api_url}/$metadata#Microsoft.Dynamics.CRM.CreateMultipleResponse",
@@ -204,6 +254,7 @@ class Dataverse:
                 raise locator.missing()
             return Outcome(self.reader.single(req, table, row))
         if req.method == "DELETE":
+            self._records_cost(1)
             with self.store.atomic():
                 row = writes.find(self.store, locator)
                 if row is None:
@@ -212,6 +263,7 @@ class Dataverse:
                 writes.delete(ctx, table, row)
             return Outcome(empty_response(204))
         body = req.json_object()
+        self._records_cost(1)
         with self.store.atomic():
             row, created = writes.upsert(
                 ctx, locator, body, req.header("if-match"), req.header("if-none-match")
@@ -222,19 +274,15 @@ class Dataverse:
         if len(rest) != 1:
             raise errors.segment_not_found(rest[-1])
         self._require(req, "GET", "DELETE", "PUT")
+        if req.method == "GET":
+            row, column = self._property_row(table, locator, rest[0])
+            value = render(table, row, [column])[column.value_name]
+            entity = f"{table.entity_set}({row[table.primary_id]})"
+            context = f"{req.api_url}/$metadata#{entity}/{column.value_name}"
+            return Outcome(json_response(200, {"@odata.context": context, "value": value}))
+        self._records_cost(1)
         with self.store.atomic():
-            row = writes.find(self.store, locator)
-            if row is None:
-                raise locator.missing()
-            column = table.by_value_name(rest[0]) or table.column(rest[0])
-            if column is None:
-                raise errors.segment_not_found(rest[0])
-            if req.method == "GET":
-                value = render(table, row, [column])[column.value_name]
-                context = (
-                    f"{req.api_url}/$metadata#{table.entity_set}({row[table.primary_id]})/{column.value_name}"
-                )
-                return Outcome(json_response(200, {"@odata.context": context, "value": value}))
+            row, column = self._property_row(table, locator, rest[0])
             if req.method == "DELETE":
                 writes.clear_column(self._ctx(req), table, row, column.name)
             else:
@@ -243,6 +291,15 @@ class Dataverse:
                     raise errors.bad_request('PUT on a property needs a body like {"value": ...}.')
                 writes.update(self._ctx(req), table, row, {column.name: body["value"]})
         return Outcome(empty_response(204))
+
+    def _property_row(self, table: Table, locator: writes.Locator, name: str) -> tuple[sqlite3.Row, Column]:
+        row = writes.find(self.store, locator)
+        if row is None:
+            raise locator.missing()
+        column = table.by_value_name(name) or table.column(name)
+        if column is None:
+            raise errors.segment_not_found(name)
+        return row, column
 
     def _written(self, req: ApiRequest, table: Table, row: sqlite3.Row, *, created: bool) -> ApiResponse:
         """204 + OData-EntityId, or the row itself under ``Prefer: return=representation``."""

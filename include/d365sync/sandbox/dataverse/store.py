@@ -1,12 +1,18 @@
 """SQLite persistence for the sandbox: one SQL table per Dataverse table plus tombstones.
 
-Why one connection behind a re-entrant lock: SQLite allows a single writer anyway, and
-serialising every operation makes change-tracking snapshots trivially consistent (a delta
-read never sees a half-committed write).  Concurrency limits and latency knobs live outside
-the lock, in the HTTP layer, so the sandbox can still model concurrent clients.
+The database runs in WAL mode with one writer connection and a pool of reader connections (one
+per worker thread), so reads never wait for writes and concurrent requests proceed in parallel,
+as on a real tenant with many application servers.  Writes are serialised behind :attr:`Store.lock`,
+held only from ``BEGIN IMMEDIATE`` to ``COMMIT`` (:meth:`Store.atomic`): callers validate and convert
+their input, and spend simulated server time, before they take it.  Every read-modify-write
+therefore sees the latest committed data — no lost updates, no alternate-key duplicates.
 
 ``versionnumber`` is a global, strictly increasing counter shared by all tables and the
 tombstone table, just like Dataverse's rowversion; it is recovered from the data on start.
+Versions are handed out inside the write transaction, so they increase in commit order.
+:attr:`Store.current_version` is the *committed* watermark: every version at or below it is
+either committed or rolled back, so a change-tracking snapshot taken at the watermark never
+misses a write that commits later with a lower version.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ _TOO_COMPLEX = (
 )
 
 DB_FILE = "dataverse.sqlite3"
+BUSY_TIMEOUT_MS = 30_000
 
 _SYSTEM_DDL = (
     "CREATE TABLE IF NOT EXISTS _tombstone ("
@@ -47,11 +54,15 @@ class Store:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / DB_FILE
         self.lock = threading.RLock()
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
+        """The write lock: held for a whole write transaction; reads do not take it."""
+        self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
         self._depth = 0
+        self._owner: int | None = None  # the thread inside a write transaction
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
         for statement in _SYSTEM_DDL:
             self._conn.execute(statement)
         for table in TABLES.values():
@@ -61,9 +72,21 @@ class Store:
             for statement in missing_columns(table, present):  # a data dir from an older schema
                 self._conn.execute(statement)
         self._version = self._recover_version()
+        self._committed = self._version
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
 
     def close(self) -> None:
-        with self.lock:
+        with self.lock, self._readers_lock:
+            self._closed = True
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
             self._conn.close()
 
     def _recover_version(self) -> int:
@@ -72,10 +95,33 @@ class Store:
         row = self._conn.execute(f"SELECT MAX(v) FROM ({' UNION ALL '.join(parts)})").fetchone()
         return int(row[0] or 1000)
 
+    # -- connections -----------------------------------------------------------------------
+    def in_transaction(self) -> bool:
+        """Whether the calling thread is inside :meth:`atomic` (it then holds the write lock)."""
+        return self._owner == threading.get_ident()
+
+    def _reader(self) -> sqlite3.Connection:
+        """The connection a read uses: the writer's inside a transaction (to see its own
+        uncommitted rows), else this thread's own read-only connection."""
+        if self.in_transaction():
+            return self._conn
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only=1")
+            with self._readers_lock:
+                if self._closed:
+                    conn.close()
+                    raise sqlite3.ProgrammingError("the sandbox store is closed")
+                self._readers.append(conn)
+            self._local.conn = conn
+        return conn
+
     # -- versions and transactions -------------------------------------------------------
     @property
     def current_version(self) -> int:
-        return self._version
+        """The committed watermark: no write still in progress holds a version at or below it."""
+        return self._committed
 
     def next_version(self) -> int:
         """Reserve the next rowversion.  Gaps after a rollback are harmless (Dataverse has them)."""
@@ -85,11 +131,16 @@ class Store:
 
     @contextmanager
     def atomic(self) -> Iterator[None]:
-        """A transaction, or a SAVEPOINT when already inside one (batch changesets, bulk actions)."""
+        """A transaction, or a SAVEPOINT when already inside one (batch changesets, bulk actions).
+
+        The outermost level holds the write lock from ``BEGIN IMMEDIATE`` to ``COMMIT`` and then
+        publishes the versions it used through :attr:`current_version`.
+        """
         with self.lock:
             name = f"sp{self._depth}"
             if self._depth == 0:
                 self._conn.execute("BEGIN IMMEDIATE")
+                self._owner = threading.get_ident()
             else:
                 self._conn.execute(f"SAVEPOINT {name}")
             self._depth += 1
@@ -98,25 +149,41 @@ class Store:
             except BaseException:
                 self._depth -= 1
                 if self._depth == 0:
-                    self._conn.execute("ROLLBACK")
+                    self._finish("ROLLBACK")
                 else:
                     self._conn.execute(f"ROLLBACK TO {name}")
                     self._conn.execute(f"RELEASE {name}")
                 raise
             self._depth -= 1
             if self._depth == 0:
-                self._conn.execute("COMMIT")
+                self._finish("COMMIT")
             else:
                 self._conn.execute(f"RELEASE {name}")
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Inside the caller's transaction, or a transaction of its own (no savepoint per row)."""
+        if self.in_transaction():
+            yield
+        else:
+            with self.atomic():
+                yield
+
+    def _finish(self, statement: str) -> None:
+        try:
+            self._conn.execute(statement)
+        finally:
+            self._committed = self._version
+            self._owner = None
+
     # -- reads -----------------------------------------------------------------------------
     def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self.lock, _query_limits():
-            return self._conn.execute(sql, params).fetchall()
+        with _query_limits():
+            return self._reader().execute(sql, params).fetchall()
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        with self.lock, _query_limits():
-            row = self._conn.execute(sql, params).fetchone()
+        with _query_limits():
+            row = self._reader().execute(sql, params).fetchone()
             return row[0] if row else None
 
     def get(self, table: Table, record_id: str) -> sqlite3.Row | None:
@@ -137,14 +204,14 @@ class Store:
     def insert(self, table: Table, values: dict[str, Any]) -> None:
         names = ", ".join(f'"{n}"' for n in values)
         marks = ", ".join("?" for _ in values)
-        with self.lock:
+        with self._writing():
             self._conn.execute(
                 f'INSERT INTO "{table.logical_name}" ({names}) VALUES ({marks})', list(values.values())
             )
 
     def update(self, table: Table, record_id: str, values: dict[str, Any]) -> None:
         assignments = ", ".join(f'"{n}" = ?' for n in values)
-        with self.lock:
+        with self._writing():
             self._conn.execute(
                 f'UPDATE "{table.logical_name}" SET {assignments} WHERE "{table.primary_id}" = ?',
                 [*values.values(), record_id],
@@ -152,7 +219,7 @@ class Store:
 
     def delete(self, table: Table, record_id: str, version: int, deletedon: str) -> None:
         """Delete a row and leave a tombstone so change tracking can report it."""
-        with self.lock:
+        with self._writing():
             self._conn.execute(
                 f'DELETE FROM "{table.logical_name}" WHERE "{table.primary_id}" = ?', (record_id,)
             )
@@ -165,7 +232,7 @@ class Store:
         """Fast path for seeding: one executemany inside the caller's transaction."""
         names = ", ".join(f'"{n}"' for n in columns)
         marks = ", ".join("?" for _ in columns)
-        with self.lock:
+        with self._writing():
             self._conn.executemany(f'INSERT INTO "{table.logical_name}" ({names}) VALUES ({marks})', rows)
 
     def reserve_versions(self, count: int) -> int:
@@ -179,7 +246,7 @@ class Store:
         return self.scalar("SELECT value FROM _meta WHERE key = ?", (key,))
 
     def set_meta(self, key: str, value: str) -> None:
-        with self.lock:
+        with self._writing():
             self._conn.execute("INSERT OR REPLACE INTO _meta (key, value) VALUES (?, ?)", (key, value))
 
 

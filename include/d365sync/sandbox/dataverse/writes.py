@@ -3,6 +3,10 @@
 Single HTTP writes, ``$batch`` parts and the ``*Multiple`` bulk actions all end up here, so
 validation, lookup binding, alternate-key uniqueness and version stamping behave identically
 whichever way a client sends the data.  Every write takes a fresh global ``versionnumber``.
+
+Bulk actions run in two steps so that parallel requests overlap: :func:`prepare_bulk` validates
+and converts the targets without the database (no lock), :func:`apply_bulk` then looks rows and
+bind targets up and writes them inside one short write transaction.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from d365sync.sandbox.dataverse import errors
 from d365sync.sandbox.dataverse.identity import Caller
 from d365sync.sandbox.dataverse.protocol import parse_key_values, parse_segment
 from d365sync.sandbox.dataverse.records import coerce, now_iso, parse_guid
-from d365sync.sandbox.dataverse.schema import ENTITY_SETS, TABLES, Table, type_column
+from d365sync.sandbox.dataverse.schema import ENTITY_SETS, TABLES, Column, Table, type_column
 from d365sync.sandbox.dataverse.store import Store
 
 
@@ -83,8 +87,20 @@ def find(store: Store, locator: Locator) -> sqlite3.Row | None:
 
 
 # -- lookup binds ----------------------------------------------------------------------------
-def _bind_target(value: Any, nav: str, ctx: WriteContext) -> tuple[Table, str]:
-    """Resolve an ``@odata.bind`` value to (target table, id)."""
+@dataclass
+class PendingBind:
+    """An ``@odata.bind`` checked without the database; the target row is looked up at write time."""
+
+    lookup: Column
+    target: Table
+    locator: Locator
+    mismatch: errors.DataverseError | None = None
+    """The bind names the wrong entity set: reported once the row is known to exist."""
+
+
+def _bind_reference(value: Any, nav: str, ctx: WriteContext) -> tuple[Table, str | Locator]:
+    """Parse an ``@odata.bind`` value: (target table, id) for a ``$n`` reference, else
+    (target table, the locator still to look up)."""
     if not isinstance(value, str) or not value.strip():
         raise errors.bad_request(f"The value of '{nav}@odata.bind' must be an entity reference string.")
     text = value.strip()
@@ -105,16 +121,18 @@ def _bind_target(value: Any, nav: str, ctx: WriteContext) -> tuple[Table, str]:
             f"The @odata.bind value '{value}' for '{nav}' is not a valid entity reference "
             "(expected '/<entityset>(<id>)')."
         )
-    row = find(ctx.store, locate(target, key))
-    if row is None:
-        raise errors.bad_request(
-            f"{target.logical_name} With Id = {locate(target, key).describe()} Does Not Exist",
-            errors.OBJECT_DOES_NOT_EXIST,
-        )
-    return target, row[target.primary_id]
+    return target, locate(target, key)
 
 
-def _apply_bind(table: Table, key: str, value: Any, ctx: WriteContext, out: dict[str, Any]) -> None:
+def _set_lookup(lookup: Column, target: Table | None, target_id: str | None, out: dict[str, Any]) -> None:
+    out[lookup.name] = target_id
+    if lookup.is_polymorphic:
+        out[type_column(lookup)] = target.logical_name if target is not None else None
+
+
+def _parse_bind(
+    table: Table, key: str, value: Any, ctx: WriteContext, out: dict[str, Any], pending: list[PendingBind]
+) -> None:
     nav_name = key.split("@", 1)[0]
     nav = table.navigation(nav_name)
     if nav is None:
@@ -127,28 +145,41 @@ def _apply_bind(table: Table, key: str, value: Any, ctx: WriteContext, out: dict
     if lookup.readonly:
         return
     if value is None:
-        out[lookup.name] = None
-        if lookup.is_polymorphic:
-            out[type_column(lookup)] = None
+        _set_lookup(lookup, None, None, out)
         return
-    target, target_id = _bind_target(value, nav_name, ctx)
+    target, reference = _bind_reference(value, nav_name, ctx)
+    mismatch = None
     if target.logical_name != expected:
-        raise errors.bad_request(
+        mismatch = errors.bad_request(
             f"The @odata.bind value '{value}' for '{nav_name}' references entity set "
             f"'{target.entity_set}', but '{nav_name}' expects '{TABLES[expected].entity_set}'."
         )
-    out[lookup.name] = target_id
-    if lookup.is_polymorphic:
-        out[type_column(lookup)] = target.logical_name
+    if isinstance(reference, Locator):
+        pending.append(PendingBind(lookup, target, reference, mismatch))
+    elif mismatch is not None:
+        raise mismatch
+    else:
+        _set_lookup(lookup, target, reference, out)
 
 
 # -- body → values -------------------------------------------------------------------------------
-def body_values(table: Table, body: dict[str, Any], ctx: WriteContext) -> dict[str, Any]:
-    """Validate a JSON body and return the SQLite values it sets (read-only columns dropped)."""
+@dataclass
+class ParsedBody:
+    """A request body validated and converted without touching the database (so bulk actions can
+    do it outside the write lock); :func:`resolve` adds the looked-up bind targets."""
+
+    values: dict[str, Any]
+    binds: list[PendingBind] = field(default_factory=list)
+
+
+def parse_body(table: Table, body: dict[str, Any], ctx: WriteContext) -> ParsedBody:
+    """Validate a JSON body: the SQLite values it sets (read-only columns dropped) and the binds
+    whose target rows are still to be looked up."""
     out: dict[str, Any] = {}
+    pending: list[PendingBind] = []
     for key, value in body.items():
         if key.endswith("@odata.bind"):
-            _apply_bind(table, key, value, ctx, out)
+            _parse_bind(table, key, value, ctx, out, pending)
         elif key.startswith("@"):
             _check_annotation(table, key, value)
         elif "@" in key:
@@ -162,7 +193,29 @@ def body_values(table: Table, body: dict[str, Any], ctx: WriteContext) -> dict[s
                 )
             if not column.readonly:
                 out[column.name] = coerce(table, column, value)
+    return ParsedBody(out, pending)
+
+
+def resolve(ctx: WriteContext, parsed: ParsedBody) -> dict[str, Any]:
+    """The values of a parsed body with its binds looked up (inside the write transaction, so a
+    bound row cannot vanish before the write commits)."""
+    out = dict(parsed.values)
+    for bind in parsed.binds:
+        row = find(ctx.store, bind.locator)
+        if row is None:
+            raise errors.bad_request(
+                f"{bind.target.logical_name} With Id = {bind.locator.describe()} Does Not Exist",
+                errors.OBJECT_DOES_NOT_EXIST,
+            )
+        if bind.mismatch is not None:
+            raise bind.mismatch
+        _set_lookup(bind.lookup, bind.target, row[bind.target.primary_id], out)
     return out
+
+
+def body_values(table: Table, body: dict[str, Any], ctx: WriteContext) -> dict[str, Any]:
+    """Validate a JSON body and return the SQLite values it sets (read-only columns dropped)."""
+    return resolve(ctx, parse_body(table, body, ctx))
 
 
 def _check_annotation(table: Table, key: str, value: Any) -> None:
@@ -222,7 +275,13 @@ def create(
     ctx: WriteContext, table: Table, body: dict[str, Any], preset: dict[str, Any] | None = None
 ) -> sqlite3.Row:
     """Insert a row; ``preset`` carries id/alternate-key values taken from the URL."""
-    values = body_values(table, body, ctx)
+    return _reload(ctx, table, _insert(ctx, table, body_values(table, body, ctx), preset))
+
+
+def _insert(
+    ctx: WriteContext, table: Table, values: dict[str, Any], preset: dict[str, Any] | None = None
+) -> str:
+    """Insert a row from resolved ``values``; returns its id."""
     values.update(preset or {})
     record_id = values.pop(table.primary_id, None) or str(uuid.uuid4())
     if ctx.store.get(table, record_id) is not None:
@@ -247,7 +306,7 @@ def create(
         "versionnumber": ctx.store.next_version(),
     }
     ctx.store.insert(table, row)
-    return _reload(ctx, table, record_id)
+    return record_id
 
 
 def update(
@@ -258,14 +317,24 @@ def update(
     strip: dict[str, Any] | None = None,
 ) -> sqlite3.Row:
     """Change the columns in ``body``; alternate-key values from the URL are stripped."""
-    values = body_values(table, body, ctx)
+    return _reload(ctx, table, _change(ctx, table, existing, body_values(table, body, ctx), strip))
+
+
+def _change(
+    ctx: WriteContext,
+    table: Table,
+    existing: sqlite3.Row,
+    values: dict[str, Any],
+    strip: dict[str, Any] | None = None,
+) -> str:
+    """Update a row from resolved ``values``; returns its id."""
     values.pop(table.primary_id, None)
     for name in strip or {}:
         values.pop(name, None)
     merged = {**dict(existing), **values}
     _finish(table, merged, values)
     merged.update(values)
-    record_id = existing[table.primary_id]
+    record_id: str = existing[table.primary_id]
     _check_keys(ctx, table, merged, record_id)
     values.update(
         modifiedon=now_iso(),
@@ -273,7 +342,7 @@ def update(
         versionnumber=ctx.store.next_version(),
     )
     ctx.store.update(table, record_id, values)
-    return _reload(ctx, table, record_id)
+    return record_id
 
 
 def delete(ctx: WriteContext, table: Table, existing: sqlite3.Row) -> None:
@@ -320,19 +389,29 @@ def upsert(
     """PATCH semantics: update if found, else create (unless ``If-Match`` forbids it)."""
     table = locator.table
     existing = find(ctx.store, locator)
+    if existing is None and if_match:
+        raise locator.missing()
+    if existing is not None:
+        if if_none_match and if_none_match.strip() == "*":
+            raise errors.DataverseError(
+                412, errors.DUPLICATE_RECORD, "A record with matching key values already exists."
+            )
+        check_if_match(table, existing, if_match)
+    record_id, created = _upsert(ctx, locator, existing, body_values(table, body, ctx))
+    return _reload(ctx, table, record_id), created
+
+
+def _upsert(
+    ctx: WriteContext, locator: Locator, existing: sqlite3.Row | None, values: dict[str, Any]
+) -> tuple[str, bool]:
+    """Update ``existing`` or create the row ``locator`` names; (id, created)."""
+    table = locator.table
     if existing is None:
-        if if_match:
-            raise locator.missing()
         preset = (
             {table.primary_id: locator.record_id} if locator.record_id else dict(locator.key_values or {})
         )
-        return create(ctx, table, body, preset), True
-    if if_none_match and if_none_match.strip() == "*":
-        raise errors.DataverseError(
-            412, errors.DUPLICATE_RECORD, "A record with matching key values already exists."
-        )
-    check_if_match(table, existing, if_match)
-    return update(ctx, table, existing, body, strip=locator.key_values), False
+        return _insert(ctx, table, values, preset), True
+    return _change(ctx, table, existing, values, strip=locator.key_values), False
 
 
 def target_locator(table: Table, target: dict[str, Any]) -> Locator | None:
@@ -362,28 +441,44 @@ def target_locator(table: Table, target: dict[str, Any]) -> Locator | None:
     return None
 
 
-def bulk(ctx: WriteContext, table: Table, action: str, targets: Any) -> list[str]:
-    """``CreateMultiple`` / ``UpdateMultiple`` / ``UpsertMultiple`` in one atomic transaction."""
+@dataclass
+class BulkTarget:
+    """One ``Targets`` item of a bulk action, checked and converted outside the write lock."""
+
+    locator: Locator | None
+    body: ParsedBody
+
+
+def prepare_bulk(ctx: WriteContext, table: Table, action: str, targets: Any) -> list[BulkTarget]:
+    """Validate and convert every target without the database (safe to run concurrently)."""
     if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
         raise errors.bad_request(f"{action} requires a 'Targets' array of entity objects.")
+    prepared: list[BulkTarget] = []
+    for target in targets:
+        locator = None if action == "CreateMultiple" else target_locator(table, target)
+        if action == "UpdateMultiple" and locator is None:
+            raise errors.bad_request(f"UpdateMultiple targets must include '{table.primary_id}'.")
+        body = {k: v for k, v in target.items() if k != "@odata.id"}
+        prepared.append(BulkTarget(locator, parse_body(table, body, ctx)))
+    return prepared
+
+
+def apply_bulk(ctx: WriteContext, table: Table, action: str, targets: list[BulkTarget]) -> list[str]:
+    """Write prepared targets in one atomic transaction (the only part under the write lock)."""
     ids: list[str] = []
     with ctx.store.atomic():
         for target in targets:
-            body = {k: v for k, v in target.items() if k != "@odata.id"}
-            if action == "CreateMultiple":
-                ids.append(create(ctx, table, body)[table.primary_id])
+            locator = target.locator
+            if locator is None:  # CreateMultiple, or an UpsertMultiple target without a key
+                ids.append(_insert(ctx, table, resolve(ctx, target.body)))
                 continue
-            locator = target_locator(table, target)
-            if action == "UpdateMultiple":
-                if locator is None:
-                    raise errors.bad_request(f"UpdateMultiple targets must include '{table.primary_id}'.")
-                existing = find(ctx.store, locator)
-                if existing is None:
-                    raise locator.missing()
-                ids.append(update(ctx, table, existing, body, strip=locator.key_values)[table.primary_id])
-            else:
-                if locator is None:
-                    ids.append(create(ctx, table, body)[table.primary_id])
-                else:
-                    ids.append(upsert(ctx, locator, body)[0][table.primary_id])
+            existing = find(ctx.store, locator)
+            if existing is None and action == "UpdateMultiple":
+                raise locator.missing()
+            ids.append(_upsert(ctx, locator, existing, resolve(ctx, target.body))[0])
     return ids
+
+
+def bulk(ctx: WriteContext, table: Table, action: str, targets: Any) -> list[str]:
+    """``CreateMultiple`` / ``UpdateMultiple`` / ``UpsertMultiple`` in one atomic transaction."""
+    return apply_bulk(ctx, table, action, prepare_bulk(ctx, table, action, targets))
