@@ -6,6 +6,7 @@ instance is enough, or ``dataverse_sandbox_factory(**options)`` for a private on
 
     def test_something(dataverse_sandbox_factory):
         sandbox = dataverse_sandbox_factory(seed=20_000, limits={"requests": 10})
+        slow = dataverse_sandbox_factory(record_cost_ms=2, limits={"execution_time_ms": 5_000})
         token = sandbox.token()
         requests.get(f"{sandbox.api_url}/accounts", headers=sandbox.headers(), verify=sandbox.verify)
 
