@@ -31,47 +31,64 @@ def _throttled(code: str, message: str, retry_after: int) -> DataverseError:
     return DataverseError(429, code, message, {"Retry-After": str(max(1, retry_after))})
 
 
+class _Window:
+    """Amounts stamped in time, with their running total (pruning is amortised O(1))."""
+
+    def __init__(self) -> None:
+        self.events: deque[tuple[float, float]] = deque()
+        self.total = 0.0
+
+    def used(self, now: float, seconds: float) -> float:
+        """The total of the last ``seconds``, dropping what fell out of the window."""
+        horizon = now - seconds
+        while self.events and self.events[0][0] <= horizon:
+            self.total -= self.events.popleft()[1]
+        if not self.events:
+            self.total = 0.0  # no float drift left behind
+        return self.total
+
+    def add(self, now: float, amount: float) -> None:
+        self.events.append((now, amount))
+        self.total += amount
+
+    def retry_after(self, used: float, room: float, now: float, seconds: float) -> int:
+        """Seconds until enough of the oldest amounts leave the window to bring ``used`` down to
+        ``room``."""
+        for stamp, amount in self.events:
+            used -= amount
+            if used <= room:
+                return math.ceil(stamp + seconds - now)
+        return math.ceil(seconds)
+
+
 class ServiceProtection:
-    """Sliding-window request counting and a concurrency cap per application user."""
+    """Per application user: sliding-window request counting, sliding-window execution time and
+    a concurrency cap."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._lock = threading.Lock()
-        self._window: dict[str, deque[tuple[float, int]]] = {}
+        self._requests: dict[str, _Window] = {}
         self._inflight: Counter[str] = Counter()
-        self._spent: dict[str, deque[tuple[float, float]]] = {}
-
-    @staticmethod
-    def _prune(events: deque[tuple[float, Any]], now: float, window: float) -> Any:
-        horizon = now - window
-        while events and events[0][0] <= horizon:
-            events.popleft()
-        return sum(n for _, n in events)
+        self._spent: dict[str, _Window] = {}
 
     def charge(self, user_id: str, operations: int) -> int:
         """Count ``operations`` against the window or raise 429; returns the remaining budget."""
         now = time.monotonic()
+        window = self.limits.window_seconds
         with self._lock:
-            events = self._window.setdefault(user_id, deque())
-            used = self._prune(events, now, self.limits.window_seconds)
+            events = self._requests.setdefault(user_id, _Window())
+            used = int(events.used(now, window))
             limit = self.limits.requests
             if used and used + operations > limit:
                 raise _throttled(
                     errors.REQUEST_LIMIT,
                     f"Number of requests exceeded the limit of {limit} over time window of "
-                    f"{int(self.limits.window_seconds)} seconds.",
-                    self._retry_after(events, used, operations, now),
+                    f"{int(window)} seconds.",
+                    events.retry_after(used, limit - operations, now, window),
                 )
-            events.append((now, operations))
+            events.add(now, operations)
             return max(0, limit - used - operations)
-
-    def _retry_after(self, events: deque[tuple[float, int]], used: int, wanted: int, now: float) -> int:
-        """Seconds until enough old requests leave the window for ``wanted`` more."""
-        for stamp, count in events:
-            used -= count
-            if used + wanted <= self.limits.requests:
-                return math.ceil(stamp + self.limits.window_seconds - now)
-        return math.ceil(self.limits.window_seconds)
 
     def check_execution_time(self, user_id: str) -> float:
         """Raise 429 once the user's server time in the window exceeds the budget; else return
@@ -80,37 +97,29 @@ class ServiceProtection:
         now = time.monotonic()
         window, budget = self.limits.execution_window_seconds, self.limits.execution_time_ms
         with self._lock:
-            events = self._spent.setdefault(user_id, deque())
-            used = self._prune(events, now, window)
+            spent = self._spent.setdefault(user_id, _Window())
+            used = spent.used(now, window)
             if used > budget:
-                retry_after = math.ceil(window)
-                for stamp, spent in events:
-                    used -= spent
-                    if used <= budget:
-                        retry_after = math.ceil(stamp + window - now)
-                        break
                 raise _throttled(
                     errors.EXECUTION_TIME_LIMIT,
                     f"Combined execution time of incoming requests exceeded limit of {budget:,} "
                     f"milliseconds over time window of {int(window)} seconds. Decrease number of "
                     "concurrent requests or reduce the duration of requests and try again later.",
-                    retry_after,
+                    spent.retry_after(used, budget, now, window),
                 )
             return budget - used
 
     def spend(self, user_id: str, milliseconds: float) -> None:
         """Add a finished request's server time to the user's execution-time window."""
         with self._lock:
-            self._spent.setdefault(user_id, deque()).append((time.monotonic(), milliseconds))
+            self._spent.setdefault(user_id, _Window()).add(time.monotonic(), milliseconds)
 
     def execution_time_used(self) -> dict[str, float]:
         """Milliseconds of server time in each user's current window."""
         now = time.monotonic()
+        window = self.limits.execution_window_seconds
         with self._lock:
-            return {
-                user: round(self._prune(events, now, self.limits.execution_window_seconds), 1)
-                for user, events in self._spent.items()
-            }
+            return {user: round(spent.used(now, window), 1) for user, spent in self._spent.items()}
 
     @contextmanager
     def concurrent(self, user_id: str) -> Iterator[None]:
@@ -131,7 +140,7 @@ class ServiceProtection:
 
     def reset(self) -> None:
         with self._lock:
-            self._window.clear()
+            self._requests.clear()
             self._spent.clear()
 
 

@@ -1,7 +1,7 @@
 """SQLite persistence for the sandbox: one SQL table per Dataverse table plus tombstones.
 
-The database runs in WAL mode with one writer connection and a pool of reader connections (one
-per worker thread), so reads never wait for writes and concurrent requests proceed in parallel,
+The database runs in WAL mode with one writer connection and a pool of read-only connections (as
+many as reads run at once), so reads never wait for writes and concurrent requests proceed in parallel,
 as on a real tenant with many application servers.  Writes are serialised behind :attr:`Store.lock`,
 held only from ``BEGIN IMMEDIATE`` to ``COMMIT`` (:meth:`Store.atomic`): callers validate and convert
 their input, and spend simulated server time, before they take it.  Every read-modify-write
@@ -59,8 +59,7 @@ class Store:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._depth = 0
         self._owner: int | None = None  # the thread inside a write transaction
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []  # reader connections not in use
         self._readers_lock = threading.Lock()
         self._closed = False
         for statement in _SYSTEM_DDL:
@@ -84,9 +83,9 @@ class Store:
     def close(self) -> None:
         with self.lock, self._readers_lock:
             self._closed = True
-            for reader in self._readers:
+            for reader in self._idle:
                 reader.close()
-            self._readers.clear()
+            self._idle.clear()
             self._conn.close()
 
     def _recover_version(self) -> int:
@@ -100,22 +99,28 @@ class Store:
         """Whether the calling thread is inside :meth:`atomic` (it then holds the write lock)."""
         return self._owner == threading.get_ident()
 
-    def _reader(self) -> sqlite3.Connection:
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
         """The connection a read uses: the writer's inside a transaction (to see its own
-        uncommitted rows), else this thread's own read-only connection."""
+        uncommitted rows), else a read-only one from the pool (as many as concurrent reads)."""
         if self.in_transaction():
-            return self._conn
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+            yield self._conn
+            return
+        with self._readers_lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the sandbox store is closed")
+            conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = self._connect()
             conn.execute("PRAGMA query_only=1")
+        try:
+            yield conn
+        finally:
             with self._readers_lock:
                 if self._closed:
                     conn.close()
-                    raise sqlite3.ProgrammingError("the sandbox store is closed")
-                self._readers.append(conn)
-            self._local.conn = conn
-        return conn
+                else:
+                    self._idle.append(conn)
 
     # -- versions and transactions -------------------------------------------------------
     @property
@@ -178,13 +183,13 @@ class Store:
 
     # -- reads -----------------------------------------------------------------------------
     def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with _query_limits():
-            return self._reader().execute(sql, params).fetchall()
+        with self._reading() as conn, _query_limits():
+            return conn.execute(sql, params).fetchall()
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        with _query_limits():
-            row = self._reader().execute(sql, params).fetchone()
-            return row[0] if row else None
+        with self._reading() as conn, _query_limits():
+            rows = conn.execute(sql, params).fetchall()  # drained: the read snapshot ends here
+            return rows[0][0] if rows else None
 
     def get(self, table: Table, record_id: str) -> sqlite3.Row | None:
         rows = self.fetch(
