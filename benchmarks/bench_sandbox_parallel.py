@@ -4,9 +4,10 @@ With the sandbox's ``record_cost_ms`` knob set, every record written costs that 
 spent outside the write lock (a real tenant spreads requests over many application servers).  The
 figures compare, in the same run and on new records each time:
 
-* four ``UpsertMultiple`` requests of N records sent one after another (the baseline),
-* the same four sent in parallel,
-* one ``UpsertMultiple`` of 4N records,
+* R ``UpsertMultiple`` requests of N records sent one after another (the baseline; R = 4 unless
+  ``--requests``),
+* the same R sent in parallel,
+* one ``UpsertMultiple`` of R x N records,
 
 and the same three with the cost knob off (the sandbox's own SQLite and Python time only). The
 speed-up is the sequential time divided by the row's time; the server columns come from the
@@ -24,8 +25,6 @@ from typing import Any
 import requests
 
 from _dataverse import print_table, sandbox, timed
-
-REQUESTS = 4
 
 
 def targets(prefix: str, count: int) -> list[dict[str, Any]]:
@@ -63,16 +62,16 @@ def parallel(instance, chunks: list[list[dict[str, Any]]]) -> None:  # type: ign
         list(pool.map(lambda chunk: upsert_many(instance, chunk), chunks))
 
 
-def scenarios(instance, tag: str, n: int) -> list[tuple[str, Callable[[], None]]]:  # type: ignore[no-untyped-def]
+def scenarios(instance, tag: str, r: int, n: int) -> list[tuple[str, Callable[[], None]]]:  # type: ignore[no-untyped-def]
     """(label, run) per shape; every run writes new records (``tag`` keeps the keys apart)."""
 
     def chunks(shape: str) -> list[list[dict[str, Any]]]:
-        return [targets(f"{tag}{shape}{c}", n) for c in range(REQUESTS)]
+        return [targets(f"{tag}{shape}{c}", n) for c in range(r)]
 
     return [
-        (f"{REQUESTS} x {n:,} sequential (baseline)", lambda: sequential(instance, chunks("S"))),
-        (f"{REQUESTS} x {n:,} parallel", lambda: parallel(instance, chunks("P"))),
-        (f"1 x {REQUESTS * n:,}", lambda: upsert_many(instance, targets(f"{tag}B", REQUESTS * n))),
+        (f"{r} x {n:,} sequential (baseline)", lambda: sequential(instance, chunks("S"))),
+        (f"{r} x {n:,} parallel", lambda: parallel(instance, chunks("P"))),
+        (f"1 x {r * n:,}", lambda: upsert_many(instance, targets(f"{tag}B", r * n))),
     ]
 
 
@@ -85,9 +84,10 @@ def measure(instance, run: Callable[[], None]) -> tuple[float, dict[str, Any]]: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=1000, help="records per request (N)")
+    parser.add_argument("--requests", type=int, default=4, help="requests per shape (R)")
     parser.add_argument("--record-cost-ms", type=float, default=1.0)
     args = parser.parse_args()
-    n = args.rows
+    n, r = args.rows, args.requests
     table: list[list[Any]] = []
     with sandbox(seed=0, record_cost_ms=args.record_cost_ms) as instance:
         instance.token()
@@ -95,7 +95,7 @@ def main() -> None:
         for cost in (args.record_cost_ms, 0.0):
             instance.set_knobs(record_cost_ms=cost, reset_limits=True)
             base = 0.0
-            for label, run in scenarios(instance, f"C{int(cost * 1000)}", n):
+            for label, run in scenarios(instance, f"C{int(cost * 1000)}", r, n):
                 seconds, counters = measure(instance, run)
                 base = base or seconds
                 table.append(
@@ -103,7 +103,7 @@ def main() -> None:
                         f"{cost:g} ms" if cost else "off",
                         label,
                         f"{seconds:.2f}",
-                        f"{REQUESTS * n / seconds:,.0f}",
+                        f"{r * n / seconds:,.0f}",
                         f"{counters['execution_ms'] / 1000:.2f}",
                         counters["max_in_flight"],
                         counters["max_parallel_cost"],
@@ -111,7 +111,7 @@ def main() -> None:
                     ]
                 )
     print_table(
-        f"UpsertMultiple of {REQUESTS * n:,} new accounts, record cost {args.record_cost_ms:g} ms",
+        f"UpsertMultiple of {r * n:,} new accounts, record cost {args.record_cost_ms:g} ms",
         [
             "record cost",
             "requests",
