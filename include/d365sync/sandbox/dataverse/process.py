@@ -50,9 +50,10 @@ class DataverseSandbox:
         self.tenant, self.client_id, self.client_secret = tenant, client_id, client_secret
         self.ca_bundle: str | None = str(tls[0]) if tls else None
         self._tls = tls
-        costs = {"record_cost_ms": record_cost_ms, "request_cost_ms": request_cost_ms}
-        knobs = {**(knobs or {}), **{k: v for k, v in costs.items() if v is not None}}
         self._args = self._build_args(seed, retention_seconds, token_lifetime, limits, knobs)
+        for flag, cost in (("--record-cost-ms", record_cost_ms), ("--request-cost-ms", request_cost_ms)):
+            if cost is not None:  # simulated server time (ms) per record written / per API request
+                self._args += [flag, str(cost)]
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = data_dir / "sandbox.log"
         self.port = 0
