@@ -92,6 +92,7 @@ def test_edit_between_extract_and_load_is_deferred_then_merged_with_ours(
     assert account["address1_city"] == "User City", "the user's edit was overwritten"
     load = first.manifests["load"]["dynamics"]
     assert (load["deferred"], load["failed"], load["freshness_checks"]) == (1, 0, 1)
+    assert first.counts["dynamics_deferred"] == 1  # in the run report, apart from failures
     assert account["creditlimit"] != 4321  # our write of this record waits for the next run
     (letter,) = env.store.dead_letters("customers")
     assert letter.record_key == KEY and letter.stage == "load"

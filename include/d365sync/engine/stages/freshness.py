@@ -17,7 +17,7 @@ A backfill has no delta token (it reads a ``modifiedon`` window): its check read
 modified since the window's start and compares ``versionnumber`` with the row the merge used.
 
 What remains: an edit landing between this check and the write it precedes (the time of one
-request) is not seen. See docs/conflicts.md.
+request) is not seen; README.md ("load") and BENCHMARKS.md give the cost.
 """
 
 from __future__ import annotations
