@@ -10,6 +10,7 @@ VENV := .venv
 # tests/integration/test_third_party_airbyte.py.
 VENV_AIRBYTE := .venv-airbyte
 AIRBYTE_PROJECT := tests/thirdparty/airbyte
+AIRBYTE_PYTHON ?= 3.11
 DEMO_DIR ?= var/demo
 DEMO_PORT ?= 8765
 AIRFLOW_PORT ?= 8080
@@ -37,7 +38,8 @@ $(VENV)/.synced: $(UV) uv.lock pyproject.toml
 venv: $(VENV)/.synced
 
 $(VENV_AIRBYTE)/.synced: $(UV) $(AIRBYTE_PROJECT)/uv.lock $(AIRBYTE_PROJECT)/pyproject.toml
-	UV_PROJECT_ENVIRONMENT=$(abspath $(VENV_AIRBYTE)) $(UV) sync --frozen --project $(AIRBYTE_PROJECT)
+	UV_PROJECT_ENVIRONMENT=$(abspath $(VENV_AIRBYTE)) UV_PYTHON=$(AIRBYTE_PYTHON) \
+		$(UV) sync --frozen --project $(AIRBYTE_PROJECT)
 	@touch $@
 
 venv-airbyte: $(VENV_AIRBYTE)/.synced
