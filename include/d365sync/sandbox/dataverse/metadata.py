@@ -1,21 +1,12 @@
 """Metadata endpoints: service document, ``$metadata`` (CSDL), ``EntityDefinitions`` and WhoAmI.
 
-All of it is generated from :mod:`.schema`.  ``EntityDefinitions`` answers in the shapes the Web
-API uses: managed properties as ``BooleanManagedProperty`` objects (``{"Value", "CanBeChanged",
-"ManagedPropertyLogicalName"}``: ``CanChangeTrackingBeEnabled``, ``IsAuditEnabled``,
-``IsCustomizable`` …; ``RequiredLevel`` likewise), labels as ``{"LocalizedLabels": [...],
-"UserLocalizedLabel": {...}}``, attributes typed by ``@odata.type`` with their subtype's
-properties, ``Keys`` as ``EntityKeyMetadata``.  It supports the requests clients make: ``$select``
-(``MetadataId`` always comes back; an expanded navigation property survives it, as in OData),
-``$filter`` (eq/ne/lt/le/gt/ge, ``and``/``or``/``not``, ``contains``/``startswith``/``endswith``,
-complex paths such as ``IsCustomizable/Value`` and enum literals such as
-``Microsoft.Dynamics.CRM.OwnershipTypes'UserOwned'``), ``(LogicalName='…')`` or ``(MetadataId)``,
-``/Attributes``, ``/Keys``, ``$expand=Attributes($select=…;$filter=…)|Keys`` and the cast to a
-derived attribute type, ``/Attributes/Microsoft.Dynamics.CRM.DateTimeAttributeMetadata`` (Airbyte
-reads ``DateTimeBehavior`` that way).  ``$metadata`` declares ``EntityDefinitions`` too
-(``EntityMetadata`` with its ``Keys`` and ``Attributes``, the attribute subtypes named by
-``@odata.type`` and the complex and enum types they use), so every entity set in the service
-document, and every property ``EntityDefinitions`` returns, can be typed from the CSDL.
+All of it is generated from :mod:`.schema`.  ``EntityDefinitions`` supports the requests the
+Microsoft Python SDK makes to resolve entity set names and attributes
+(``$select``, ``$filter=LogicalName eq '…'``, ``(LogicalName='…')``, ``/Attributes``, ``/Keys``,
+``$expand=Attributes|Keys``).  As in OData, ``$select`` never drops an expanded navigation
+property.  ``$metadata`` declares ``EntityDefinitions`` too (``EntityMetadata`` with its ``Keys`` and
+``Attributes`` and the attribute subtypes named by ``@odata.type``), so every entity set in the
+service document can be typed from the CSDL.
 """
 
 from __future__ import annotations
@@ -524,10 +515,19 @@ def _cast_type(segment: str) -> str:
 
 
 def entity_definitions(req: ApiRequest, segments: list[str]) -> ApiResponse:
-    """``EntityDefinitions`` and its sub-resources (read-only).
+    """``EntityDefinitions`` and its sub-resources (read-only), in the Web API's shapes.
 
-    ``EntityDefinitions(LogicalName='x')/Attributes/Microsoft.Dynamics.CRM.DateTimeAttributeMetadata``
-    casts the attributes to a derived type: only those of that type, with its properties.
+    Managed properties are ``BooleanManagedProperty`` objects (``{"Value", "CanBeChanged",
+    "ManagedPropertyLogicalName"}``: ``CanChangeTrackingBeEnabled``, ``IsAuditEnabled``,
+    ``IsCustomizable`` …; ``RequiredLevel`` likewise), labels ``{"LocalizedLabels": [...],
+    "UserLocalizedLabel": {...}}``, attributes carry ``@odata.type`` and their subtype's properties,
+    ``Keys`` are ``EntityKeyMetadata``; ``$metadata`` declares every property returned.  Supported:
+    ``$select`` (``MetadataId`` always comes back), ``$filter`` (eq/ne/lt/le/gt/ge, and/or/not,
+    contains/startswith/endswith, complex paths like ``IsCustomizable/Value``, enum literals like
+    ``Microsoft.Dynamics.CRM.OwnershipTypes'UserOwned'``), ``$expand=Attributes($select=…;$filter=…)``
+    and ``Keys``, keys by ``LogicalName`` or ``MetadataId``, and the cast to a derived attribute type,
+    ``(LogicalName='x')/Attributes/Microsoft.Dynamics.CRM.DateTimeAttributeMetadata`` (only attributes
+    of that type, with its properties; Airbyte reads ``DateTimeBehavior`` that way).
     """
     if req.method != "GET":
         raise errors.DataverseError(
