@@ -570,15 +570,8 @@ def entity_definitions(req: ApiRequest, segments: list[str]) -> ApiResponse:
         if not items:
             raise errors.not_found(f"Could not find {child} with key {child_key}.")
     shaped = _shape(items, select, None if child_key is not None else filter_text)
-    if cast:  # the declared type of a cast collection needs no @odata.type
-        shaped = [
-            {
-                k: v
-                for k, v in i.items()
-                if i.get("@odata.type") != f"#{_NAMESPACE}.{cast}" or k != "@odata.type"
-            }
-            for i in shaped
-        ]
+    if cast and cast != "AttributeMetadata":  # now the declared type: no @odata.type needed
+        shaped = [{k: v for k, v in i.items() if k != "@odata.type"} for i in shaped]
     if child_key is not None:
         return json_response(200, {"@odata.context": f"{context}{projection}/$entity", **shaped[0]})
     return json_response(200, {"@odata.context": f"{context}{projection}", "value": shaped})
