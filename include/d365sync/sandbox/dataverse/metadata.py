@@ -107,6 +107,14 @@ _DEFAULT_RANGES: dict[AttrType, tuple[float, float]] = {
     AttrType.DECIMAL: (-100000000000, 100000000000),
     AttrType.MONEY: (-922337203685477, 922337203685477),
 }
+# Subtypes that can be calculated or rollup columns (FormulaDefinition, SourceTypeMask).
+_FORMULA_TYPES = STRING_TYPES | {
+    AttrType.INTEGER,
+    AttrType.DECIMAL,
+    AttrType.MONEY,
+    AttrType.BOOLEAN,
+    AttrType.DATETIME,
+}
 # EntityMetadata's BooleanManagedProperty values for a table Microsoft ships (values and
 # CanBeChanged as an environment reports the account table): property → (ManagedPropertyLogicalName,
 # Value, CanBeChanged).
@@ -336,10 +344,7 @@ def _subtype_properties(column: Column, system: bool) -> dict[str, Any]:
         data["DefaultFormValue"] = None
     if column.is_lookup:
         data["Targets"] = list(column.targets)
-    if kind in STRING_TYPES | _DEFAULT_RANGES.keys() - {AttrType.BIGINT} | {
-        AttrType.BOOLEAN,
-        AttrType.DATETIME,
-    }:
+    if kind in _FORMULA_TYPES:
         data |= {"FormulaDefinition": None, "SourceTypeMask": 0}
     return data
 
