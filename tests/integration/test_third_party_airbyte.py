@@ -1,7 +1,8 @@
 """Airbyte's ``source-microsoft-dataverse`` connector, unmodified, against the Dataverse sandbox.
 
 Acceptance item (issue 12, "Dataverse fidelity"): the connector discovers the sandbox's tables
-with incremental support, and an incremental read syncs them (first sync, then a delta sync).
+with incremental support, and an incremental read syncs them (first sync, then a delta sync);
+``check`` passes too.
 
 The connector (PyPI ``airbyte-source-microsoft-dataverse==1.0.2``, on airbyte-cdk 0.80, pydantic 1,
 Python < 3.12) cannot share the project venv with Airflow, so it runs from its own locked venv
@@ -268,8 +269,14 @@ def discovery(world: AirbyteWorld) -> Discovery:
 
 
 # --------------------------------------------------------------------------------------------
-# discover
+# check and discover
 # --------------------------------------------------------------------------------------------
+
+
+def test_check_connection_succeeds(world: AirbyteWorld) -> None:
+    messages = world.run("check", "--config", str(world.config))
+    (status,) = [m["connectionStatus"] for m in messages if m["type"] == "CONNECTION_STATUS"]
+    assert status["status"] == "SUCCEEDED", status
 
 
 def test_discover_finds_every_table_with_its_key_and_incremental_cursor(discovery: Discovery) -> None:
