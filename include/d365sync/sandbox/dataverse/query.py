@@ -311,7 +311,7 @@ class Reader:
             "@odata.context": _context(req, table, options, "/$entity"),
             **self.render_rows(req, table, [row], options)[0],
         }
-        return json_response(200, body, {"ETag": current})
+        return json_response(200, body, {"ETag": current, **self._preference_headers(req, options, False)})
 
     # -- change tracking ----------------------------------------------------------------------
     def delta(

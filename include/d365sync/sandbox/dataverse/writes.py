@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from d365sync.sandbox.dataverse import errors
 from d365sync.sandbox.dataverse.identity import Caller
-from d365sync.sandbox.dataverse.protocol import parse_key_values, parse_segment
+from d365sync.sandbox.dataverse.protocol import parse_key_values, parse_segment, split_path
 from d365sync.sandbox.dataverse.records import coerce, now_iso, parse_guid
 from d365sync.sandbox.dataverse.schema import ENTITY_SETS, TABLES, Column, NavLink, Table, type_column
 from d365sync.sandbox.dataverse.store import Store
@@ -108,9 +108,10 @@ def _bad_reference(nav: str, value: Any, reason: str) -> errors.DataverseError:
     )
 
 
-def resolve_reference(value: Any, nav: str, ctx: WriteContext) -> tuple[Table, str]:
-    """Resolve an entity reference (an ``@odata.bind`` value, a ``$ref`` body's ``@odata.id``, a
-    ``$n`` Content-ID) to (table, id) of an existing row; a missing row is Dataverse's 404."""
+def resolve_reference(value: Any, nav: str, ctx: WriteContext, expected: Table) -> str:
+    """Resolve an entity reference for the navigation property ``nav`` (an ``@odata.bind`` value,
+    a ``$ref`` body's ``@odata.id``, a ``$n`` Content-ID) to the id of an existing row of
+    ``expected``: another table is a 400, a missing row Dataverse's 404."""
     if not isinstance(value, str) or not value.strip():
         raise _bad_reference(nav, value, "it must be a non-empty URL string.")
     text = value.strip()
@@ -118,10 +119,11 @@ def resolve_reference(value: Any, nav: str, ctx: WriteContext) -> tuple[Table, s
         ref = ctx.content_ids.get(text[1:])
         if ref is None:
             raise errors.bad_request(f"Content-ID Reference: '{text}' does not exist in the batch context.")
-        return ref
+        _check_target(value, nav, ref[0], expected)
+        return ref[1]
     path = reference_path(text)
-    if "/" in path or "?" in path:
-        raise _bad_reference(nav, value, "it must name a single record, not a property or a query.")
+    if len(split_path(path)) > 1:
+        raise _bad_reference(nav, value, "it must name a record, not one of its properties.")
     try:
         name, key = parse_segment(path) if path else ("", None)
     except errors.DataverseError:
@@ -131,11 +133,20 @@ def resolve_reference(value: Any, nav: str, ctx: WriteContext) -> tuple[Table, s
         raise _bad_reference(nav, value, f"Resource not found for the segment '{name}'.")
     if key is None:
         raise _bad_reference(nav, value, "it names an entity set, not a record.")
+    _check_target(value, nav, target, expected)
     locator = locate(target, key)
     row = find(ctx.store, locator)
     if row is None:
         raise locator.missing()
-    return target, row[target.primary_id]
+    return str(row[target.primary_id])
+
+
+def _check_target(value: Any, nav: str, target: Table, expected: Table) -> None:
+    if target.logical_name != expected.logical_name:
+        raise errors.bad_request(
+            f"The @odata.bind value '{value}' for '{nav}' references entity set '{target.entity_set}', "
+            f"but '{nav}' expects '{expected.entity_set}'."
+        )
 
 
 def _bind(table: Table, nav: str, value: Any, ctx: WriteContext, out: dict[str, Any]) -> None:
@@ -152,14 +163,7 @@ def _bind(table: Table, nav: str, value: Any, ctx: WriteContext, out: dict[str, 
     if value is None:
         _set_lookup(link, None, out)
         return
-    target, target_id = resolve_reference(value, nav, ctx)
-    if target.logical_name != link.target:
-        raise errors.bad_request(
-            f"The entity reference '{value}' bound to the navigation property '{nav}' is a "
-            f"'{target.type_name}', but '{nav}' points to '{TABLES[link.target].type_name}' "
-            f"(entity set '{TABLES[link.target].entity_set}')."
-        )
-    _set_lookup(link, target_id, out)
+    _set_lookup(link, resolve_reference(value, nav, ctx, TABLES[link.target]), out)
 
 
 def _set_lookup(link: NavLink, target_id: str | None, out: dict[str, Any]) -> None:
