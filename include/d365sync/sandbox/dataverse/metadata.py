@@ -6,7 +6,10 @@ Microsoft Python SDK makes to resolve entity set names and attributes
 ``$expand=Attributes|Keys``).  As in OData, ``$select`` never drops an expanded navigation
 property.  ``$metadata`` declares ``EntityDefinitions`` too (``EntityMetadata`` with its ``Keys`` and
 ``Attributes`` and the attribute subtypes named by ``@odata.type``), so every entity set in the
-service document can be typed from the CSDL.
+service document can be typed from the CSDL.  A lookup shows there as Dataverse shows it: an
+``Edm.Guid`` property ``_x_value``, a single-valued navigation property whose referential
+constraint names that property, and its partner, a collection-valued navigation property on the
+target table (both bound in the entity sets).
 """
 
 from __future__ import annotations

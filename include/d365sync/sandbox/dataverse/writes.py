@@ -36,11 +36,6 @@ class Locator:
     record_id: str | None = None
     key_values: dict[str, Any] | None = None
 
-    def describe(self) -> str:
-        if self.record_id:
-            return self.record_id
-        return ",".join(f"{k}={v}" for k, v in (self.key_values or {}).items())
-
     def missing(self) -> errors.DataverseError:
         if self.record_id:
             return errors.record_missing(self.table.logical_name, self.record_id)
