@@ -193,7 +193,8 @@ class Projector:
         self, table: Table, ids: Iterable[str], where: str = "", params: Iterable[Any] = ()
     ) -> list[sqlite3.Row]:
         """Rows of ``table`` with the given ids (and matching ``where``), a chunk at a time."""
-        wanted, found = sorted(ids), []  # type: list[str], list[sqlite3.Row]
+        wanted = sorted(ids)
+        found: list[sqlite3.Row] = []
         extra = f" AND ({where})" if where else ""
         for start in range(0, len(wanted), _CHUNK):
             chunk = wanted[start : start + _CHUNK]
