@@ -6,7 +6,10 @@ Microsoft Python SDK makes to resolve entity set names and attributes
 ``$expand=Attributes|Keys``).  As in OData, ``$select`` never drops an expanded navigation
 property.  ``$metadata`` declares ``EntityDefinitions`` too (``EntityMetadata`` with its ``Keys`` and
 ``Attributes`` and the attribute subtypes named by ``@odata.type``), so every entity set in the
-service document can be typed from the CSDL.
+service document can be typed from the CSDL.  A lookup shows there as Dataverse shows it: an
+``Edm.Guid`` property ``_x_value``, a single-valued navigation property whose referential
+constraint names that property, and its partner, a collection-valued navigation property on the
+target table (both bound in the entity sets).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from d365sync.sandbox.dataverse.schema import (
     AlternateKey,
     AttrType,
     Column,
+    NavLink,
     Table,
     schema_name,
 )
@@ -612,23 +616,37 @@ def _entity_type_xml(table: Table) -> str:
         f'<Key><PropertyRef Name="{table.primary_id}" /></Key>',
     ]
     lines += [_property_xml(c) for c in table.columns]
-    for column in table.columns:
-        for target in column.targets:
-            if target not in TABLES:
-                continue
-            nav = f"{column.name}_{target}" if column.is_polymorphic else column.name
-            lines.append(f'<NavigationProperty Name="{nav}" Type="Microsoft.Dynamics.CRM.{target}" />')
+    lines += [_lookup_navigation_xml(link) for link in table.navigations()]
+    lines += [_partner_navigation_xml(link) for link in table.partners()]
     lines.append("</EntityType>")
     return "".join(lines)
 
 
+def _lookup_navigation_xml(link: NavLink) -> str:
+    """A lookup's single-valued navigation property, as Dataverse declares it (``Nullable`` false,
+    the relationship as ``Partner``, the ``_x_value`` property as referential constraint)."""
+    return (
+        f'<NavigationProperty Name="{link.name}" Type="mscrm.{link.target}" Nullable="false" '
+        f'Partner="{link.partner}"><ReferentialConstraint Property="{link.column.value_name}" '
+        f'ReferencedProperty="{TABLES[link.target].primary_id}" /></NavigationProperty>'
+    )
+
+
+def _partner_navigation_xml(link: NavLink) -> str:
+    """The collection-valued side of a lookup's relationship, on the table it points at."""
+    return (
+        f'<NavigationProperty Name="{link.partner}" Type="Collection(mscrm.{link.table})" '
+        f'Partner="{link.name}" />'
+    )
+
+
 def _entity_set_xml(table: Table) -> str:
     bindings = "".join(
-        f'<NavigationPropertyBinding Path="{c.name + "_" + t if c.is_polymorphic else c.name}" '
-        f'Target="{TABLES[t].entity_set}" />'
-        for c in table.columns
-        for t in c.targets
-        if t in TABLES
+        f'<NavigationPropertyBinding Path="{path}" Target="{TABLES[target].entity_set}" />'
+        for path, target in (
+            *((link.name, link.target) for link in table.navigations()),
+            *((link.partner, link.table) for link in table.partners()),
+        )
     )
     tracking = (
         '<Annotation Term="Org.OData.Capabilities.V1.ChangeTracking"><Record>'

@@ -3,6 +3,13 @@
 Single HTTP writes, ``$batch`` parts and the ``*Multiple`` bulk actions all end up here, so
 validation, lookup binding, alternate-key uniqueness and version stamping behave identically
 whichever way a client sends the data.  Every write takes a fresh global ``versionnumber``.
+
+Lookups are written through navigation properties, as in Dataverse: ``nav@odata.bind`` takes
+``/contacts(<id>)``, ``contacts(<id>)``, an absolute URL, an alternate key
+(``/accounts(accountnumber='A1')``) or, in a ``$batch`` changeset, ``$<Content-ID>``; ``null``
+(``nav@odata.bind`` or ``nav`` itself) clears the lookup, and ``nav: {…}`` on create inserts the
+related row first (deep insert).  ``…/nav/$ref`` associates (PUT) and disassociates (DELETE).  A
+reference to a missing row is the 404 ``<table> With Id = <id> Does Not Exist`` (0x80040217).
 """
 
 from __future__ import annotations
@@ -15,9 +22,9 @@ from urllib.parse import urlsplit
 
 from d365sync.sandbox.dataverse import errors
 from d365sync.sandbox.dataverse.identity import Caller
-from d365sync.sandbox.dataverse.protocol import parse_key_values, parse_segment
+from d365sync.sandbox.dataverse.protocol import parse_key_values, parse_segment, split_path
 from d365sync.sandbox.dataverse.records import coerce, now_iso, parse_guid
-from d365sync.sandbox.dataverse.schema import ENTITY_SETS, TABLES, Table, type_column
+from d365sync.sandbox.dataverse.schema import ENTITY_SETS, TABLES, Column, NavLink, Table, type_column
 from d365sync.sandbox.dataverse.store import Store
 
 
@@ -28,11 +35,6 @@ class Locator:
     table: Table
     record_id: str | None = None
     key_values: dict[str, Any] | None = None
-
-    def describe(self) -> str:
-        if self.record_id:
-            return self.record_id
-        return ",".join(f"{k}={v}" for k, v in (self.key_values or {}).items())
 
     def missing(self) -> errors.DataverseError:
         if self.record_id:
@@ -83,86 +85,151 @@ def find(store: Store, locator: Locator) -> sqlite3.Row | None:
 
 
 # -- lookup binds ----------------------------------------------------------------------------
-def _bind_target(value: Any, nav: str, ctx: WriteContext) -> tuple[Table, str]:
-    """Resolve an ``@odata.bind`` value to (target table, id)."""
+def reference_path(text: str) -> str:
+    """An entity URL as written in a bind or ``@odata.id`` (absolute, ``/api/data/v9.x/…``,
+    ``/contacts(…)`` or ``contacts(…)``), reduced to the part after the service root."""
+    path = urlsplit(text).path if "://" in text else text
+    path = path.strip().lstrip("/")
+    if path.startswith("api/data/"):
+        path = path.split("/", 3)[3] if path.count("/") >= 3 else ""
+    return path
+
+
+def _bad_reference(nav: str, value: Any, reason: str) -> errors.DataverseError:
+    return errors.bad_request(
+        f"The value '{value}' of the '{nav}@odata.bind' annotation is not a valid entity reference: "
+        f"{reason} Use the form '/<entityset>(<id>)', '/<entityset>(<key>=<value>)' or, inside a "
+        "$batch changeset, '$<Content-ID>'."
+    )
+
+
+def resolve_reference(value: Any, nav: str, ctx: WriteContext, expected: Table) -> str:
+    """Resolve an entity reference for the navigation property ``nav`` (an ``@odata.bind`` value,
+    a ``$ref`` body's ``@odata.id``, a ``$n`` Content-ID) to the id of an existing row of
+    ``expected``: another table is a 400, a missing row Dataverse's 404."""
     if not isinstance(value, str) or not value.strip():
-        raise errors.bad_request(f"The value of '{nav}@odata.bind' must be an entity reference string.")
+        raise _bad_reference(nav, value, "it must be a non-empty URL string.")
     text = value.strip()
     if text.startswith("$"):
         ref = ctx.content_ids.get(text[1:])
         if ref is None:
             raise errors.bad_request(f"Content-ID Reference: '{text}' does not exist in the batch context.")
-        return ref
-    if "://" in text:
-        text = urlsplit(text).path
-    text = text.lstrip("/")
-    if text.startswith("api/data/"):
-        text = text.split("/", 3)[3] if text.count("/") >= 3 else ""
-    name, key = parse_segment(text) if text else ("", None)
+        _check_target(value, nav, ref[0], expected)
+        return ref[1]
+    path = reference_path(text)
+    if len(split_path(path)) > 1:
+        raise _bad_reference(nav, value, "it must name a record, not one of its properties.")
+    try:
+        name, key = parse_segment(path) if path else ("", None)
+    except errors.DataverseError:
+        raise _bad_reference(nav, value, "its key is not well formed.") from None
     target = ENTITY_SETS.get(name)
-    if target is None or key is None:
-        raise errors.bad_request(
-            f"The @odata.bind value '{value}' for '{nav}' is not a valid entity reference "
-            "(expected '/<entityset>(<id>)')."
-        )
-    row = find(ctx.store, locate(target, key))
+    if target is None:
+        raise _bad_reference(nav, value, f"Resource not found for the segment '{name}'.")
+    if key is None:
+        raise _bad_reference(nav, value, "it names an entity set, not a record.")
+    _check_target(value, nav, target, expected)
+    locator = locate(target, key)
+    row = find(ctx.store, locator)
     if row is None:
+        raise locator.missing()
+    return str(row[target.primary_id])
+
+
+def _check_target(value: Any, nav: str, target: Table, expected: Table) -> None:
+    if target.logical_name != expected.logical_name:
         raise errors.bad_request(
-            f"{target.logical_name} With Id = {locate(target, key).describe()} Does Not Exist",
-            errors.OBJECT_DOES_NOT_EXIST,
+            f"The @odata.bind value '{value}' for '{nav}' references entity set '{target.entity_set}', "
+            f"but '{nav}' expects '{expected.entity_set}'."
         )
-    return target, row[target.primary_id]
 
 
-def _apply_bind(table: Table, key: str, value: Any, ctx: WriteContext, out: dict[str, Any]) -> None:
-    nav_name = key.split("@", 1)[0]
-    nav = table.navigation(nav_name)
-    if nav is None:
+def _bind(table: Table, nav: str, value: Any, ctx: WriteContext, out: dict[str, Any]) -> None:
+    """``<nav>@odata.bind``: point the lookup at a row, or clear it with ``null``."""
+    link = table.navigation(nav)
+    if link is None:
         raise errors.bad_request(
-            f"An undeclared property '{nav_name}' which only has property annotations in the payload "
+            f"An undeclared property '{nav}' which only has property annotations in the payload "
             "but no property value was found in the payload. In OData, only declared navigation "
             "properties and declared named streams can be represented as properties without values."
         )
-    lookup, expected = nav
-    if lookup.readonly:
+    if link.column.readonly:
         return
     if value is None:
-        out[lookup.name] = None
-        if lookup.is_polymorphic:
-            out[type_column(lookup)] = None
+        _set_lookup(link, None, out)
         return
-    target, target_id = _bind_target(value, nav_name, ctx)
-    if target.logical_name != expected:
+    _set_lookup(link, resolve_reference(value, nav, ctx, TABLES[link.target]), out)
+
+
+def _set_lookup(link: NavLink, target_id: str | None, out: dict[str, Any]) -> None:
+    out[link.column.name] = target_id
+    if link.column.is_polymorphic:
+        out[type_column(link.column)] = link.target if target_id else None
+
+
+def _navigation_value(
+    link: NavLink, value: Any, ctx: WriteContext, out: dict[str, Any], *, creating: bool
+) -> None:
+    """A navigation property given a value: ``null`` clears it, an object is a deep insert."""
+    if value is None:
+        if not link.column.readonly:
+            _set_lookup(link, None, out)
+        return
+    if not isinstance(value, dict):
         raise errors.bad_request(
-            f"The @odata.bind value '{value}' for '{nav_name}' references entity set "
-            f"'{target.entity_set}', but '{nav_name}' expects '{TABLES[expected].entity_set}'."
+            "A 'PrimitiveValue' node with non-null value was found when trying to read the value of a "
+            "navigation property; however, a 'StartArray' node, a 'StartObject' node, or a "
+            "'PrimitiveValue' node with null value was expected."
         )
-    out[lookup.name] = target_id
-    if lookup.is_polymorphic:
-        out[type_column(lookup)] = target.logical_name
+    if not creating:
+        raise errors.bad_request(
+            f"Deep insert of '{link.name}' is only possible when creating a record; bind an existing "
+            f"record with '{link.name}@odata.bind' instead."
+        )
+    related = create(ctx, TABLES[link.target], value)
+    _set_lookup(link, related[TABLES[link.target].primary_id], out)
 
 
 # -- body → values -------------------------------------------------------------------------------
-def body_values(table: Table, body: dict[str, Any], ctx: WriteContext) -> dict[str, Any]:
-    """Validate a JSON body and return the SQLite values it sets (read-only columns dropped)."""
+def body_values(
+    table: Table, body: dict[str, Any], ctx: WriteContext, *, creating: bool = False
+) -> dict[str, Any]:
+    """Validate a JSON body and return the SQLite values it sets (read-only columns dropped).
+
+    Lookups are set through their navigation properties (``nav@odata.bind``, ``nav: null``, or
+    ``nav: {…}`` to create the related row first on create); ``_x_value`` is read-only.
+    """
     out: dict[str, Any] = {}
     for key, value in body.items():
         if key.endswith("@odata.bind"):
-            _apply_bind(table, key, value, ctx, out)
+            _bind(table, key.removesuffix("@odata.bind"), value, ctx, out)
         elif key.startswith("@"):
             _check_annotation(table, key, value)
         elif "@" in key:
             continue
+        elif (link := table.navigation(key)) is not None:
+            _navigation_value(link, value, ctx, out, creating=creating)
         else:
-            column = table.column(key)
-            if column is None or column.is_lookup:
-                raise errors.bad_request(
-                    f"The property '{key}' does not exist on type '{table.type_name}'. Make sure to only "
-                    "use property names that are defined by the type or mark the type as open type."
-                )
+            column = _writable_column(table, key)
             if not column.readonly:
                 out[column.name] = coerce(table, column, value)
     return out
+
+
+def _writable_column(table: Table, key: str) -> Column:
+    column = table.column(key)
+    if column is not None and not column.is_lookup:
+        return column
+    if (shadow := table.by_value_name(key)) is not None and shadow.is_lookup:
+        raise errors.bad_request(
+            "CRM do not support direct update of Entity Reference properties, Use Navigation "
+            "properties instead.",
+            errors.PAYLOAD_ERROR,
+        )
+    raise errors.bad_request(
+        f"The property '{key}' does not exist on type '{table.type_name}'. Make sure to only "
+        "use property names that are defined by the type or mark the type as open type."
+    )
 
 
 def _check_annotation(table: Table, key: str, value: Any) -> None:
@@ -221,8 +288,9 @@ def _check_keys(ctx: WriteContext, table: Table, merged: dict[str, Any], record_
 def create(
     ctx: WriteContext, table: Table, body: dict[str, Any], preset: dict[str, Any] | None = None
 ) -> sqlite3.Row:
-    """Insert a row; ``preset`` carries id/alternate-key values taken from the URL."""
-    values = body_values(table, body, ctx)
+    """Insert a row; ``preset`` carries id/alternate-key values taken from the URL.  The owner is
+    the caller unless the body assigns one (``ownerid@odata.bind``)."""
+    values = body_values(table, body, ctx, creating=True)
     values.update(preset or {})
     record_id = values.pop(table.primary_id, None) or str(uuid.uuid4())
     if ctx.store.get(table, record_id) is not None:
@@ -231,6 +299,7 @@ def create(
         )
     values.setdefault("statecode", 0)
     values.setdefault("statuscode", table.default_status.get(values["statecode"]))
+    values.setdefault("ownerid", ctx.caller.user.systemuserid)
     merged = dict(values)
     _finish(table, merged, values)
     merged.update(values)
@@ -243,7 +312,6 @@ def create(
         "modifiedon": now,
         "createdby": user,
         "modifiedby": user,
-        "ownerid": user,
         "versionnumber": ctx.store.next_version(),
     }
     ctx.store.insert(table, row)
@@ -283,10 +351,25 @@ def delete(ctx: WriteContext, table: Table, existing: sqlite3.Row) -> None:
 def clear_column(ctx: WriteContext, table: Table, existing: sqlite3.Row, name: str) -> sqlite3.Row:
     """``DELETE accounts(id)/description`` clears one column."""
     column = table.column(name)
-    if column is None or column.readonly or column.name == table.primary_id:
+    if column is None or column.readonly or column.is_lookup or column.name == table.primary_id:
         raise errors.segment_not_found(name)
-    body = {f"{name}@odata.bind": None} if column.is_lookup else {name: None}
-    return update(ctx, table, existing, body)
+    return update(ctx, table, existing, {name: None})
+
+
+def associate(
+    ctx: WriteContext, table: Table, existing: sqlite3.Row, link: NavLink, reference: Any
+) -> sqlite3.Row:
+    """``PUT accounts(id)/primarycontactid/$ref {"@odata.id": …}`` sets the lookup."""
+    return update(ctx, table, existing, {f"{link.name}@odata.bind": reference})
+
+
+def disassociate(ctx: WriteContext, table: Table, existing: sqlite3.Row, link: NavLink) -> sqlite3.Row:
+    """``DELETE accounts(id)/primarycontactid/$ref`` clears the lookup (when it points that way)."""
+    if existing[link.column.name] is None:
+        return existing
+    if link.column.is_polymorphic and existing[type_column(link.column)] != link.target:
+        return existing
+    return update(ctx, table, existing, {f"{link.name}@odata.bind": None})
 
 
 def _reload(ctx: WriteContext, table: Table, record_id: str) -> sqlite3.Row:
@@ -339,12 +422,7 @@ def target_locator(table: Table, target: dict[str, Any]) -> Locator | None:
     """How a bulk-action target names its row: ``@odata.id``, primary id, or alternate key."""
     odata_id = target.get("@odata.id")
     if isinstance(odata_id, str) and odata_id.strip():
-        text = odata_id.strip().lstrip("/")
-        if "://" in text:
-            text = urlsplit(text).path.lstrip("/")
-        if text.startswith("api/data/"):
-            text = text.split("/", 3)[3]
-        name, key = parse_segment(text)
+        name, key = parse_segment(reference_path(odata_id))
         if name != table.entity_set or key is None:
             raise errors.bad_request(
                 f"The @odata.id '{odata_id}' does not identify a row of {table.entity_set}."
