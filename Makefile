@@ -5,6 +5,12 @@ PYTHON ?= python3
 UV_VERSION := 0.13.8
 UV := .uv/bin/uv
 VENV := .venv
+# Airbyte's Dataverse source connector pins airbyte-cdk 0.80 (pydantic 1, Python <3.12), which
+# conflicts with Airflow: it gets its own venv, locked in tests/thirdparty/airbyte/uv.lock, for
+# tests/integration/test_third_party_airbyte.py.
+VENV_AIRBYTE := .venv-airbyte
+AIRBYTE_PROJECT := tests/thirdparty/airbyte
+AIRBYTE_PYTHON ?= 3.11
 DEMO_DIR ?= var/demo
 DEMO_PORT ?= 8765
 AIRFLOW_PORT ?= 8080
@@ -16,7 +22,7 @@ export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON := $(PYTHON)
 export UV_LINK_MODE := copy
 
-.PHONY: demo stop sync test lint bench soak system-deps venv clean
+.PHONY: demo stop sync test lint bench soak system-deps venv venv-airbyte clean
 
 system-deps:
 	@bash scripts/install-system-deps.sh
@@ -31,10 +37,17 @@ $(VENV)/.synced: $(UV) uv.lock pyproject.toml
 
 venv: $(VENV)/.synced
 
+$(VENV_AIRBYTE)/.synced: $(UV) $(AIRBYTE_PROJECT)/uv.lock $(AIRBYTE_PROJECT)/pyproject.toml
+	UV_PROJECT_ENVIRONMENT=$(abspath $(VENV_AIRBYTE)) UV_PYTHON=$(AIRBYTE_PYTHON) \
+		$(UV) sync --frozen --project $(AIRBYTE_PROJECT)
+	@touch $@
+
+venv-airbyte: $(VENV_AIRBYTE)/.synced
+
 lint: venv
 	$(VENV)/bin/ruff check include tests dags plugins benchmarks
 
-test: system-deps venv lint
+test: system-deps venv venv-airbyte lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The full stack (scripts/demo.sh): Dataverse sandbox, SQLite ERP via ODBC, connections, the
@@ -65,4 +78,4 @@ bench: venv
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(VENV)/bin/python $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) .uv var .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_AIRBYTE) .uv var .pytest_cache .ruff_cache

@@ -267,3 +267,19 @@ def test_execution_time_limit_defaults_and_retry_after():
     assert limiter.check_execution_time("other") == 1_200_000  # per user
     limiter.reset()
     assert limiter.check_execution_time("u") == 1_200_000
+
+
+def test_bulk_deep_insert_only_when_the_upsert_creates(sandbox):
+    """Targets are parsed before the write lock, when an upsert does not yet know whether it
+    creates: a deep insert is written for a new row and refused for an existing one."""
+    target = {"accountnumber": "DI-DEEP", "name": "Deep", "primarycontactid": {"lastname": "Deep CC"}}
+    assert _upsert_many(sandbox, [target]).status_code == 204
+    rows, _ = _pages(sandbox, "accounts?$select=_primarycontactid_value&$filter=accountnumber eq 'DI-DEEP'")
+    contact_id = rows[0]["_primarycontactid_value"]
+    contact = requests.get(
+        f"{sandbox.api_url}/contacts({contact_id})?$select=lastname", headers=sandbox.headers(), timeout=30
+    )
+    assert contact.json()["lastname"] == "Deep CC"
+    again = _upsert_many(sandbox, [target])
+    assert again.status_code == 400
+    assert "Deep insert of 'primarycontactid'" in again.json()["error"]["message"]

@@ -203,7 +203,8 @@ def test_entity_definitions_select_keeps_expanded_properties(dataverse_sandbox: 
         "&$expand=Keys($select=SchemaName,KeyAttributes),Attributes($select=LogicalName)",
     ).json()["value"]
     account = next(r for r in rows if r["LogicalName"] == "account")
-    assert set(account) == {"@odata.type", "MetadataId", "LogicalName", "EntitySetName", "Keys", "Attributes"}
+    # EntityMetadata is the declared type: no @odata.type, as in the Web API; MetadataId always.
+    assert set(account) == {"MetadataId", "LogicalName", "EntitySetName", "Keys", "Attributes"}
     assert [k["KeyAttributes"] for k in account["Keys"]] == [["accountnumber"]]
     assert set(account["Keys"][0]) == {"MetadataId", "SchemaName", "KeyAttributes"}
     assert "name" in {a["LogicalName"] for a in account["Attributes"]}
@@ -274,8 +275,8 @@ def test_metadata_declares_every_service_document_set_and_entity_definitions(
     rows = _get(dataverse_sandbox, "EntityDefinitions?$expand=Attributes,Keys").json()["value"]
     assert rows
     for row in rows:
-        assert row["@odata.type"] == f"#{NAMESPACE}.EntityMetadata"
-        assert set(row) - {"@odata.type"} <= set(entity_metadata), row["LogicalName"]
+        assert "@odata.type" not in row  # the declared type needs none
+        assert set(row) <= set(entity_metadata), row["LogicalName"]
         key_members = members(f"{NAMESPACE}.EntityKeyMetadata")
         assert all(set(key) <= set(key_members) for key in row["Keys"])
         for attribute in row["Attributes"]:

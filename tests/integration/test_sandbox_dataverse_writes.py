@@ -117,11 +117,6 @@ def test_duplicate_alternate_key_is_412(sandbox: DataverseSandbox):
         ({"name": "ok", "creditlimit": "lots"}, "0x80048d19", "Edm.Decimal"),
         ({"name": "ok", "paymenttermscode": 99}, "0x8004431a", "outside the valid range"),
         (
-            {"name": "ok", "transactioncurrencyid@odata.bind": f"/transactioncurrencies({uuid.UUID(int=5)})"},
-            "0x80040217",
-            "transactioncurrency With Id = 00000000-0000-0000-0000-000000000005 Does Not Exist",
-        ),
-        (
             {"name": "ok", "transactioncurrencyid@odata.bind": "/foos(1)"},
             "0x80060888",
             "not a valid entity reference",
@@ -133,8 +128,8 @@ def test_duplicate_alternate_key_is_412(sandbox: DataverseSandbox):
         ),
         (
             {"name": "ok", "transactioncurrencyid@odata.bind": f"/accounts({uuid.UUID(int=5)})"},
-            "0x80040217",
-            "Does Not Exist",
+            "0x80060888",
+            "expects 'transactioncurrencies'",
         ),
         ({"name": "ok", "nothing@odata.bind": "/accounts(x)"}, "0x80060888", "undeclared property 'nothing'"),
     ],
@@ -144,6 +139,17 @@ def test_validation_errors(sandbox: DataverseSandbox, body: dict, code: str, fra
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == code
     assert fragment in response.json()["error"]["message"]
+
+
+def test_bind_to_a_missing_record_is_404(sandbox: DataverseSandbox):
+    missing = uuid.UUID(int=5)
+    body = {"name": "ok", "transactioncurrencyid@odata.bind": f"/transactioncurrencies({missing})"}
+    response = _call(sandbox, "POST", "accounts", body)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"] == {
+        "code": "0x80040217",
+        "message": f"transactioncurrency With Id = {missing} Does Not Exist",
+    }
 
 
 def test_lookup_bind_to_wrong_table(sandbox: DataverseSandbox):

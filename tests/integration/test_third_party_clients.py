@@ -416,6 +416,48 @@ def test_sdk_atomic_changeset_rolls_back(sdk: DataverseClient) -> None:
     assert len(sdk.records.list("account", filter=f"accountnumber eq '{run}-1'")) == 0
 
 
+def test_sdk_binds_a_lookup_by_content_id_expands_it_and_filters_with_in(sdk: DataverseClient) -> None:
+    run = _run_id("L")
+    numbers = [f"{run}-1", f"{run}-2", f"{run}-3"]
+    accounts = sdk.records.create("account", [{"name": f"Lookup {n}", "accountnumber": n} for n in numbers])
+
+    batch = sdk.batch.new()
+    with batch.changeset() as changeset:
+        contact_ref = changeset.records.create("contact", {"firstname": "Grace", "lastname": run})
+        changeset.records.update("account", accounts[0], {"primarycontactid@odata.bind": contact_ref})
+    result = batch.execute()
+    assert not result.has_errors, [(r.status_code, r.error_message) for r in result.failed]
+    assert [r.status_code for r in result.responses] == [204, 204]
+    contact = result.responses[0].entity_id
+    assert contact and len(contact) == GUID_LEN
+
+    account = sdk.records.retrieve(
+        "account", accounts[0], select=["name", "_primarycontactid_value"], expand=["primarycontactid"]
+    )
+    assert account["_primarycontactid_value"] == contact
+    assert (account["primarycontactid"]["contactid"], account["primarycontactid"]["fullname"]) == (
+        contact,
+        f"Grace {run}",
+    )
+
+    listed = sdk.records.list(
+        "account",
+        filter=col("accountnumber").in_(numbers[:2]),
+        select=["accountnumber", "_primarycontactid_value"],
+        expand=["primarycontactid"],
+        orderby=["accountnumber asc"],
+        include_annotations="*",
+    )
+    assert [(r["accountnumber"], r["_primarycontactid_value"]) for r in listed] == [
+        (numbers[0], contact),
+        (numbers[1], None),
+    ]
+    first, second = listed[0], listed[1]
+    assert first["primarycontactid"]["fullname"] == f"Grace {run}" and second["primarycontactid"] is None
+    assert first["_primarycontactid_value@OData.Community.Display.V1.FormattedValue"] == f"Grace {run}"
+    assert first["_primarycontactid_value@Microsoft.Dynamics.CRM.lookuplogicalname"] == "contact"
+
+
 # --------------------------------------------------------------------------------------------
 # A generic OData v4 client: requests + xml.etree, discovering everything from metadata
 # --------------------------------------------------------------------------------------------
@@ -556,6 +598,47 @@ def test_generic_odata_crud_upsert_and_paging(sandbox: DataverseSandbox, odata: 
     assert deleted.status_code == 204
     assert odata.get(f"{api}/{entity_set}({record_id})", timeout=30).status_code == 404
     assert odata.delete(f"{api}/{entity_set}({record_id})", timeout=30).status_code == 404
+
+
+def _navigation_to(csdl: ET.Element, entity_type: str, target_type: str) -> tuple[str, str]:
+    """(navigation property, the property holding its key) from ``entity_type`` to ``target_type``."""
+    for schema in csdl.iter(f"{EDM}Schema"):
+        prefixes = [p for p in (schema.get("Namespace"), schema.get("Alias")) if p]
+        for declared in schema.findall(f"{EDM}EntityType[@Name='{entity_type}']"):
+            for nav in declared.findall(f"{EDM}NavigationProperty"):
+                constraint = nav.find(f"{EDM}ReferentialConstraint")
+                if constraint is not None and nav.get("Type") in {f"{p}.{target_type}" for p in prefixes}:
+                    return nav.get("Name", ""), constraint.get("Property", "")
+    raise AssertionError(f"no navigation property from {entity_type} to {target_type}")
+
+
+def test_generic_odata_binds_and_expands_a_navigation_property_found_in_metadata(
+    sandbox: DataverseSandbox, odata: requests.Session
+) -> None:
+    api = _api(sandbox)
+    nav, value_property = _navigation_to(_csdl(odata, api), "account", "contact")
+    run = _run_id("N")
+    contact = odata.post(
+        f"{api}/contacts", json={"firstname": "Dorothy", "lastname": run}, timeout=30
+    ).headers["OData-EntityId"]
+    created = odata.post(
+        f"{api}/accounts",
+        json={"name": "Navigated", "accountnumber": f"{run}-1", f"{nav}@odata.bind": contact},
+        headers={"Prefer": "return=representation"},
+        timeout=30,
+    )
+    assert created.status_code == 201, created.text
+    account = f"{api}/accounts(accountnumber='{run}-1')"
+    assert f"{api}/contacts({created.json()[value_property]})" == contact
+
+    expanded = odata.get(
+        account, params={"$select": "name", "$expand": f"{nav}($select=fullname)"}, timeout=30
+    )
+    assert expanded.status_code == 200, expanded.text
+    assert expanded.json()[nav]["fullname"] == f"Dorothy {run}"
+
+    assert odata.delete(f"{account}/{nav}/$ref", timeout=30).status_code == 204
+    assert odata.get(account, params={"$expand": nav}, timeout=30).json()[nav] is None
 
 
 def _http_parts(content_type: str, body: bytes) -> list[tuple[int, str | None, bytes]]:

@@ -153,6 +153,8 @@ class RunResult:
         out |= self.plan.totals
         for side, manifest in self.manifests.get("load", {}).items():
             out[f"{side}_failed"] = manifest["failed"]
+            if "deferred" in manifest:  # changed in Dataverse since the extract: next run merges
+                out[f"{side}_deferred"] = manifest["deferred"]
         return out
 
 

@@ -436,6 +436,19 @@ class StateStore:
             conn.execute(pending.delete().where(pending.c.entity == entity, pending.c.run_id == run_id))
         return {side: mark for side in SIDES if (mark := self.watermark(entity, side)) is not None}
 
+    def staged_watermark(self, entity: str, side: str, run_id: str) -> Watermark | None:
+        """What :meth:`stage_watermark` recorded for this run (the load's freshness check reads
+        the Dynamics delta token taken at extract), or None."""
+        pending = t.watermark_pending
+        query = select(pending).where(
+            pending.c.entity == entity, pending.c.side == side, pending.c.run_id == run_id
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        if row is None:
+            return None
+        return Watermark(decode(row["value_json"]), row["token"], run_id, row["staged_at"])
+
     def discard_watermarks(self, entity: str, run_id: str) -> None:
         """Forget a failed run's staged watermarks (a rerun stages its own)."""
         pending = t.watermark_pending

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from d365sync.engine.merge import Base
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 Side = Literal["dynamics", "erp"]
 SIDES: tuple[Side, Side] = ("dynamics", "erp")
 Manifest = dict[str, Any]
+CLOCK_MARGIN = timedelta(minutes=5)  # allowed skew between our clock and Dataverse's modifiedon
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,11 @@ class RunContext:
     def backfill(self) -> bool:
         return self.window is not None
 
-    def dead_letter(self, stage: str, failures: Iterable[Failure]) -> int:
+    def dead_letter(self, stage: str, failures: Iterable[Failure], *, retry_now: bool = False) -> int:
         """Queue failures, unless this is a dry run (which must leave the store untouched).
+
+        ``retry_now`` makes the letters due at once (no backoff): for records that did nothing
+        wrong but must be read again from both sides on the next run.
 
         The ``error`` text is shown to every reader of the queue (UI viewers, the CLI, the soak
         report), so whatever a stage or a foreign error message put in it is masked here once
@@ -94,7 +98,8 @@ class RunContext:
         failures = [replace(f, error=mask_text(f.error)) for f in failures]
         if self.dry_run or not failures:
             return len(failures)
-        return self.store.dead_letter(self.entity, stage, self.run_id, failures)
+        backoff = {"backoff": timedelta(0)} if retry_now else {}
+        return self.store.dead_letter(self.entity, stage, self.run_id, failures, **backoff)
 
 
 # ------------------------------------------------------------------------- shared helpers

@@ -13,18 +13,22 @@ Per plan file (one bucket, so memory is bounded by the chunk size):
    written on both sides get their base in ``commit`` once both loads are known to be done;
 5. every successful write is audited (field names plus masked before/after values).
 
+Before each Dynamics chunk, :mod:`~d365sync.engine.stages.freshness` defers the records that
+changed in Dataverse since the extract (the Dynamics counterpart of ``ROW_VER``).
+
 Results per plan file (``load/<side>/bNNNNN.parquet``): ``{"key", "ok", "id"}`` — ``id`` is the
 Dataverse GUID of a record this load created there. Manifest: ``{"side", "results", "counts",
-"failed"}``.
+"failed"}``, plus ``"deferred"`` and ``"freshness_checks"`` on the Dynamics side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from d365sync.engine.stages.context import (
+    CLOCK_MARGIN,
     Manifest,
     RunContext,
     Side,
@@ -33,9 +37,8 @@ from d365sync.engine.stages.context import (
     now,
     replay_payload,
 )
+from d365sync.engine.stages.freshness import Freshness
 from d365sync.engine.state import AuditEntry, BaseRow, Failure, KeyPair
-
-CLOCK_MARGIN = timedelta(minutes=5)
 
 
 def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
@@ -43,22 +46,48 @@ def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
     if ctx.dry_run:
         raise RuntimeError("load must not run in a dry run")
     counts: dict[str, int] = {}
-    results, failed = [], 0
+    results, failed, deferred = [], 0, 0
+    fresh = Freshness.start(ctx) if side == "dynamics" else None
     for name in resolved["files"]:
         mine = [e for e in ctx.staging.read(name) if side in e["writes"]]
         if not mine:
             continue
-        outcome = _load_chunk(ctx, side, mine)
-        failed += sum(1 for ok in outcome.values() if not ok[0])
+        waiting = _defer_moved(ctx, fresh, mine) if fresh is not None else []
+        deferred += len(waiting)
+        outcome = _load_chunk(ctx, side, [e for e in mine if e["key"] not in waiting])
+        outcome |= {key: (False, None) for key in waiting}
+        failed += sum(1 for k, ok in outcome.items() if not ok[0] and k not in waiting)
         _after_chunk(ctx, side, mine, outcome, counts)
         rows = [{"key": k, "ok": ok, "id": guid} for k, (ok, guid) in outcome.items()]
         results.append(ctx.staging.write(f"load/{side}/{name.rsplit('/', 1)[-1]}", rows))
-    return {"side": side, "results": results, "counts": counts, "failed": failed}
+    manifest = {"side": side, "results": results, "counts": counts, "failed": failed}
+    if fresh is not None:
+        manifest |= {"deferred": deferred, "freshness_checks": fresh.checks}
+    return manifest
+
+
+def _defer_moved(ctx: RunContext, fresh: Freshness, entries: list[dict[str, Any]]) -> set[str]:
+    """Dynamics writes whose record changed there since the extract: dead-lettered, due at once,
+    with both sides' rows, so the next run merges the newer edit instead of overwriting it."""
+    if not any(e["writes"]["dynamics"]["op"] in ("create", "update") for e in entries):
+        return set()
+    fresh.refresh()
+    failures = []
+    for entry in entries:
+        if entry["writes"]["dynamics"]["op"] not in ("create", "update"):
+            continue
+        if (reason := fresh.moved(entry)) is not None:
+            rows = {**entry["raw"], "dynamics": fresh.current_row(entry)}
+            failures.append(Failure(entry["key"], f"load dynamics deferred: {reason}", replay_payload(rows)))
+    ctx.dead_letter("load", failures, retry_now=True)
+    return {f.record_key for f in failures}
 
 
 def _load_chunk(
     ctx: RunContext, side: Side, entries: list[dict[str, Any]]
 ) -> dict[str, tuple[bool, str | None]]:
+    if not entries:
+        return {}
     creates = [e for e in entries if e["writes"][side]["op"] == "create"]
     if creates:
         pairs = [KeyPair(None if side == "dynamics" else e["dynamics_id"], e["key"]) for e in creates]

@@ -17,8 +17,8 @@ Identity (Entra-compatible): ``GET /{tenant}/v2.0/.well-known/openid-configurati
 ``POST /{tenant}/oauth2/v2.0/token`` (client credentials).
 
 Web API: ``/api/data/v9.0|v9.1|v9.2/…`` — service document, ``$metadata``, ``WhoAmI``,
-``EntityDefinitions``, the tables in :mod:`.schema`, ``$batch``, and the bound actions
-``CreateMultiple``/``UpdateMultiple``/``UpsertMultiple``.
+``EntityDefinitions``, the tables in :mod:`.schema` (with ``…(id)/<navigation property>`` and its
+``/$ref``), ``$batch``, and the bound actions ``CreateMultiple``/``UpdateMultiple``/``UpsertMultiple``.
 
 Admin (not Dataverse; for tests and benchmarks). Reads need no auth. Writes (``POST``)
 need ``Content-Type: application/json`` (else 415) and either a bearer token the sandbox issued
@@ -60,8 +60,8 @@ SQLite's write transaction is serialised (see :mod:`.store`).
 
 Module layout: :mod:`.schema` (declarative tables), :mod:`.store` (SQLite), :mod:`.records`
 (value validation/rendering), :mod:`.filters` ($filter → SQL), :mod:`.query` (reads, paging,
-change tracking), :mod:`.writes` (create/update/upsert/delete/bulk), :mod:`.metadata`,
-:mod:`.service` (the dispatcher shared by HTTP and ``$batch``), :mod:`.identity` (tokens),
-:mod:`.limits` (service protection, knobs, counters), :mod:`.app` (FastAPI), :mod:`.seed`,
-:mod:`.cli`.  Nothing here imports Airflow.
+change tracking), :mod:`.projection` ($select, $expand, lookup annotations), :mod:`.writes`
+(create/update/upsert/delete/bulk, lookup binds), :mod:`.metadata`, :mod:`.service` (the
+dispatcher shared by HTTP and ``$batch``), :mod:`.identity` (tokens), :mod:`.limits` (service
+protection, knobs, counters), :mod:`.app` (FastAPI), :mod:`.seed`, :mod:`.cli`.  Nothing here imports Airflow.
 """

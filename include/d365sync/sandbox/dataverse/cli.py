@@ -180,7 +180,7 @@ def _secret_source(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from d365sync.sandbox.dataverse.app import create_app
-    from d365sync.sandbox.dataverse.seed import ensure_currencies, seed
+    from d365sync.sandbox.dataverse.seed import ensure_currencies, ensure_users, seed
 
     if bool(args.tls_cert) != bool(args.tls_key):
         print("--tls-cert and --tls-key go together", file=sys.stderr)
@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(config)
     sandbox = app.state.sandbox
     ensure_currencies(sandbox.store, config.users[0])
+    ensure_users(sandbox.store, config.users, config.tenant)
     if args.seed:
         seeded = seed(sandbox.store, config.users[0], args.seed)
         print(f"seeded {args.seed} accounts" if seeded else "data directory already seeded", flush=True)

@@ -267,21 +267,20 @@ class FilterCompiler:
         return column
 
     def _navigation(self, node: ast.Attribute) -> Operand:
-        if not isinstance(node.owner, ast.Identifier):
-            raise errors.bad_request("Only one level of navigation is supported in $filter.")
-        nav = self.table.navigation(node.owner.name)
-        if nav is None:
+        if not isinstance(node.owner, ast.Identifier):  # Dataverse filters through one lookup only
+            raise errors.bad_request(
+                "entityRelationshipRole for given navigation property not found", errors.UNEXPECTED
+            )
+        link = self.table.navigation(node.owner.name)
+        if link is None:
             raise unknown_property(self.table, node.owner.name)
-        lookup, target_name = nav
-        target = TABLES.get(target_name)
-        if target is None:
-            raise errors.bad_request(f"Navigation to '{target_name}' is not supported by the sandbox.")
+        lookup, target = link.column, TABLES[link.target]
         column = target.by_value_name(node.attr)
         if column is None:
             raise unknown_property(target, node.attr)
         condition = f'n."{target.primary_id}" = {self.alias}."{lookup.name}"'
         if lookup.is_polymorphic:
-            condition += f" AND {self.alias}.\"{type_column(lookup)}\" = '{target_name}'"
+            condition += f" AND {self.alias}.\"{type_column(lookup)}\" = '{target.logical_name}'"
         sql = f'(SELECT n."{column.name}" FROM "{target.logical_name}" n WHERE {condition})'
         return Operand(sql, [], column)
 

@@ -45,8 +45,12 @@ class DataverseSandbox:
         tenant: str = DEFAULT_TENANT,
         client_id: str = DEFAULT_CLIENT_ID,
         client_secret: str = DEFAULT_CLIENT_SECRET,
+        env_url: str | None = None,
     ) -> None:
         self.data_dir = data_dir
+        # The environment URL clients use and tokens are issued for (``--env-url``), when it is not
+        # the server's own address: e.g. https://contoso.crm.dynamics.com reached through a proxy.
+        self.env_url = env_url.rstrip("/") if env_url else None
         self.tenant, self.client_id, self.client_secret = tenant, client_id, client_secret
         self.ca_bundle: str | None = str(tls[0]) if tls else None
         self._tls = tls
@@ -81,6 +85,8 @@ class DataverseSandbox:
         ]
         if seed:
             args += ["--seed", str(seed)]
+        if self.env_url:
+            args += ["--env-url", self.env_url]
         if self._tls:
             args += ["--tls-cert", str(self._tls[1]), "--tls-key", str(self._tls[2])]
         if retention_seconds is not None:
@@ -179,7 +185,7 @@ class DataverseSandbox:
 
     @property
     def scope(self) -> str:
-        return f"{self.base_url}/.default"
+        return f"{self.env_url or self.base_url}/.default"
 
     @property
     def verify(self) -> str | bool:

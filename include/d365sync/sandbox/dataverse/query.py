@@ -1,4 +1,6 @@
-"""Reading tables: query options, keyset paging, ``$expand``, ``$count`` and change tracking.
+"""Reading tables: query options, keyset paging, ``$count`` and change tracking.
+
+What each returned row shows (``$select``, ``$expand``, annotations) is :mod:`.projection`'s.
 
 Paging is keyset-based on (``$orderby`` columns…, primary id): the opaque ``$skiptoken`` cookie
 carries the last row's sort values, so page N costs the same as page 1 (paging 100k rows
@@ -23,6 +25,13 @@ from urllib.parse import quote, unquote
 
 from d365sync.sandbox.dataverse import errors
 from d365sync.sandbox.dataverse.filters import FilterCompiler, unknown_property
+from d365sync.sandbox.dataverse.projection import (
+    Expansion,
+    Projector,
+    context_items,
+    parse_expand,
+    parse_select,
+)
 from d365sync.sandbox.dataverse.protocol import (
     ApiRequest,
     ApiResponse,
@@ -30,8 +39,8 @@ from d365sync.sandbox.dataverse.protocol import (
     parse_prefer,
     split_top_level,
 )
-from d365sync.sandbox.dataverse.records import render
-from d365sync.sandbox.dataverse.schema import TABLES, Column, Table, type_column
+from d365sync.sandbox.dataverse.records import NO_ANNOTATIONS, Annotations
+from d365sync.sandbox.dataverse.schema import Column, Table
 from d365sync.sandbox.dataverse.store import Store
 
 MAX_PAGE = 5000
@@ -42,16 +51,6 @@ _SUPPORTED = frozenset(
     {"$select", "$filter", "$orderby", "$top", "$count", "$expand", "$skiptoken", "$deltatoken"}
 )
 _TRACKING_FORBIDDEN = ("$filter", "$orderby", "$expand", "$top")
-
-
-@dataclass
-class Expansion:
-    """One single-valued ``$expand`` item."""
-
-    name: str
-    lookup: Column
-    target: Table
-    select: list[Column] | None
 
 
 @dataclass
@@ -66,7 +65,7 @@ class QueryOptions:
     top: int | None = None
     count: bool = False
     page_size: int = MAX_PAGE
-    annotations: bool = False
+    annotations: Annotations = NO_ANNOTATIONS
     tracking: bool = False
 
     def columns(self, table: Table) -> list[Column]:
@@ -82,41 +81,6 @@ def check_options(req: ApiRequest) -> None:
         if name in ("$skip", "$search", "$format", "$apply"):
             raise errors.bad_request(f"The query parameter {name} is not supported")
         raise errors.bad_request(f"The query parameter '{name}' is not supported.")
-
-
-def parse_select(table: Table, text: str | None) -> list[Column] | None:
-    if text is None or not text.strip():
-        return None
-    columns: list[Column] = []
-    for name in (n.strip() for n in text.split(",")):
-        column = table.by_value_name(name)
-        if column is None:
-            raise unknown_property(table, name)
-        columns.append(column)
-    return columns
-
-
-def parse_expand(table: Table, text: str | None) -> list[Expansion]:
-    if not text:
-        return []
-    expansions: list[Expansion] = []
-    for item in split_top_level(text):
-        name, _, rest = item.partition("(")
-        name = name.strip()
-        nav = table.navigation(name)
-        if nav is None or nav[1] not in TABLES:
-            raise unknown_property(table, name)
-        lookup, target_name = nav
-        target = TABLES[target_name]
-        select = None
-        if rest:
-            for option in split_top_level(rest.rstrip(")"), ";"):
-                key, _, value = option.partition("=")
-                if key.strip() != "$select":
-                    raise errors.bad_request(f"The query option '{key.strip()}' is not supported in $expand.")
-                select = parse_select(target, value)
-        expansions.append(Expansion(name, lookup, target, select))
-    return expansions
 
 
 def parse_orderby(table: Table, text: str | None) -> list[tuple[Column, bool]]:
@@ -149,7 +113,7 @@ def parse_options(req: ApiRequest, table: Table) -> QueryOptions:
         expand=parse_expand(table, req.param("$expand")),
         orderby=parse_orderby(table, req.param("$orderby")),
         count=(req.param("$count") or "").lower() == "true",
-        annotations="odata.include-annotations" in prefs,
+        annotations=Annotations.parse(prefs.get("odata.include-annotations")),
         tracking="odata.track-changes" in prefs,
     )
     text = req.param("$filter")
@@ -219,8 +183,9 @@ def _link(req: ApiRequest, table: Table, extra: dict[str, str], drop: tuple[str,
 
 
 def _context(req: ApiRequest, table: Table, options: QueryOptions, suffix: str = "") -> str:
-    select = f"({','.join(c.value_name for c in options.select)})" if options.select else ""
-    return f"{req.api_url}/$metadata#{table.entity_set}{select}{suffix}"
+    items = context_items(options.select, options.expand)
+    shape = f"({','.join(items)})" if items else ""
+    return f"{req.api_url}/$metadata#{table.entity_set}{shape}{suffix}"
 
 
 # -- collection reads ------------------------------------------------------------------------
@@ -250,7 +215,7 @@ class Reader:
             body["@odata.count"] = min(total, COUNT_CAP)
             body["@Microsoft.Dynamics.CRM.totalrecordcount"] = min(total, COUNT_CAP)
             body["@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"] = total > COUNT_CAP
-        body["value"] = self._render(table, rows, options)
+        body["value"] = self.render_rows(req, table, rows, options)
         headers = self._preference_headers(req, options, tracking)
         if more and options.top is None:
             last = rows[-1]
@@ -323,37 +288,18 @@ class Reader:
         total = min(self._count(table, options), COUNT_CAP)
         return ApiResponse(200, {"Content-Type": "text/plain", "OData-Version": "4.0"}, str(total).encode())
 
-    def _render(self, table: Table, rows: list[sqlite3.Row], options: QueryOptions) -> list[dict[str, Any]]:
-        columns = options.columns(table)
-        out = [render(table, row, columns, annotations=options.annotations) for row in rows]
-        for expansion in options.expand:
-            self._expand(rows, out, expansion, options.annotations)
-        return out
-
-    def _expand(
-        self, rows: list[sqlite3.Row], out: list[dict[str, Any]], exp: Expansion, annotations: bool
-    ) -> None:
-        wanted = {
-            row[exp.lookup.name]
-            for row in rows
-            if row[exp.lookup.name]
-            and (not exp.lookup.is_polymorphic or row[type_column(exp.lookup)] == exp.target.logical_name)
-        }
-        found: dict[str, dict[str, Any]] = {}
-        ids = sorted(wanted)
-        columns = exp.select if exp.select is not None else list(exp.target.columns)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ", ".join("?" for _ in chunk)
-            sql = f'SELECT * FROM "{exp.target.logical_name}" WHERE "{exp.target.primary_id}" IN ({marks})'
-            for target_row in self.store.fetch(sql, chunk):
-                found[target_row[exp.target.primary_id]] = render(
-                    exp.target, target_row, columns, annotations=annotations
-                )
-        for row, rendered in zip(rows, out, strict=True):
-            value = row[exp.lookup.name]
-            matches = not exp.lookup.is_polymorphic or row[type_column(exp.lookup)] == exp.target.logical_name
-            rendered[exp.name] = found.get(value) if value and matches else None
+    def render_rows(
+        self,
+        req: ApiRequest,
+        table: Table,
+        rows: list[sqlite3.Row],
+        options: QueryOptions,
+        *,
+        expand: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Rows as the response shows them: selected columns, annotations, expansions."""
+        projector = Projector(self.store, options.annotations, req.api_url)
+        return projector.rows(table, rows, options.columns(table), options.expand if expand else ())
 
     # -- single rows --------------------------------------------------------------------------
     def single(self, req: ApiRequest, table: Table, row: sqlite3.Row) -> ApiResponse:
@@ -363,9 +309,9 @@ class Reader:
             return ApiResponse(304, {"ETag": current, "OData-Version": "4.0"}, b"")
         body = {
             "@odata.context": _context(req, table, options, "/$entity"),
-            **self._render(table, [row], options)[0],
+            **self.render_rows(req, table, [row], options)[0],
         }
-        return json_response(200, body, {"ETag": current})
+        return json_response(200, body, {"ETag": current, **self._preference_headers(req, options, False)})
 
     # -- change tracking ----------------------------------------------------------------------
     def delta(
@@ -392,7 +338,7 @@ class Reader:
             )
             more = len(rows) > size
             rows = rows[:size]
-            values = self._render(table, rows, options)
+            values = self.render_rows(req, table, rows, options)
             if more:
                 after = rows[-1]["versionnumber"]
             else:

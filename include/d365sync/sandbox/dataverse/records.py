@@ -10,7 +10,8 @@ import math
 import re
 import sqlite3
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +27,45 @@ from d365sync.sandbox.dataverse.schema import (
 )
 
 ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+FORMATTED_VALUE = "OData.Community.Display.V1.FormattedValue"
+LOOKUP_LOGICAL_NAME = "Microsoft.Dynamics.CRM.lookuplogicalname"
+ASSOCIATED_NAVIGATION_PROPERTY = "Microsoft.Dynamics.CRM.associatednavigationproperty"
+
+
+@dataclass(frozen=True)
+class Annotations:
+    """The instance annotations a ``Prefer: odata.include-annotations="…"`` asks for.
+
+    The value is a comma-separated list of terms: ``*`` (all), a term
+    (``OData.Community.Display.V1.FormattedValue``), a namespace wildcard
+    (``Microsoft.Dynamics.CRM.*``), or any of these after ``-`` to exclude it (OData 4.0 §8.2.8.4).
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, value: str | None) -> Annotations:
+        terms = [t.strip() for t in (value or "").split(",") if t.strip()]
+        return cls(
+            tuple(t for t in terms if not t.startswith("-")),
+            tuple(t[1:] for t in terms if t.startswith("-")),
+        )
+
+    def wants(self, term: str) -> bool:
+        return any(_matches(p, term) for p in self.include) and not any(
+            _matches(p, term) for p in self.exclude
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.include)
+
+
+def _matches(pattern: str, term: str) -> bool:
+    return pattern in ("*", term) or (pattern.endswith(".*") and term.startswith(pattern[:-1]))
+
+
+NO_ANNOTATIONS = Annotations()
 
 
 def now_iso() -> str:
@@ -184,25 +224,50 @@ def output_value(col: Column, value: Any) -> Any:
     return value
 
 
+def lookup_target(col: Column, row: sqlite3.Row) -> str:
+    """The table a set lookup points at (polymorphic lookups store it beside the id)."""
+    return str(row[type_column(col)]) if col.is_polymorphic else col.targets[0]
+
+
 def render(
-    table: Table, row: sqlite3.Row, columns: Iterable[Column], *, annotations: bool = False
+    table: Table,
+    row: sqlite3.Row,
+    columns: Iterable[Column],
+    *,
+    annotations: Annotations = NO_ANNOTATIONS,
+    names: Mapping[str, str] | None = None,
+    with_etag: bool = True,
 ) -> dict[str, Any]:
-    """One row as Dataverse returns it: ``@odata.etag`` first, lookups as ``_x_value``."""
-    out: dict[str, Any] = {"@odata.etag": etag(row["versionnumber"])}
+    """One row as Dataverse returns it: ``@odata.etag`` first, lookups as ``_x_value``, each
+    property's requested annotations just before it.  ``names`` maps lookup ids to the primary
+    name of the row they point at (the lookups' formatted values)."""
+    out: dict[str, Any] = {"@odata.etag": etag(row["versionnumber"])} if with_etag else {}
     for col in columns:
         value = row[col.name]
+        if value is not None:
+            out.update(_annotations(col, row, value, annotations, names or {}))
         out[col.value_name] = output_value(col, value)
-        if annotations and col.is_lookup and value is not None:
-            target = row[type_column(col)] if col.is_polymorphic else col.targets[0]
-            out[f"{col.value_name}@Microsoft.Dynamics.CRM.lookuplogicalname"] = target
-            out[f"{col.value_name}@Microsoft.Dynamics.CRM.associatednavigationproperty"] = (
-                f"{col.name}_{target}" if col.is_polymorphic else col.name
-            )
-        if annotations and col.type in (AttrType.STATE, AttrType.STATUS) and value is not None:
-            out[f"{col.name}@OData.Community.Display.V1.FormattedValue"] = _label(col, value)
     if table.primary_id not in out:
         out[table.primary_id] = row[table.primary_id]
     return out
+
+
+def _annotations(
+    col: Column, row: sqlite3.Row, value: Any, wanted: Annotations, names: Mapping[str, str]
+) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    if col.is_lookup:
+        target = lookup_target(col, row)
+        found[FORMATTED_VALUE] = names.get(value)
+        found[ASSOCIATED_NAVIGATION_PROPERTY] = f"{col.name}_{target}" if col.is_polymorphic else col.name
+        found[LOOKUP_LOGICAL_NAME] = target
+    elif col.type in (AttrType.STATE, AttrType.STATUS):
+        found[FORMATTED_VALUE] = _label(col, value)
+    return {
+        f"{col.value_name}@{term}": shown
+        for term, shown in found.items()
+        if shown is not None and wanted.wants(term)
+    }
 
 
 def _label(col: Column, value: int) -> str:

@@ -5,6 +5,11 @@ carries (primary id, createdon/modifiedon, versionnumber, created/modified by, o
 status) are added by :func:`_table`.  The SQLite DDL, the ``EntityDefinitions`` and ``$metadata``
 documents, body validation and ``$filter`` column resolution all read these structures, so a
 column added here shows up everywhere at once.
+
+A lookup column is read as ``_<name>_value`` and written through its single-valued navigation
+property (:class:`NavLink`): ``<name>`` for one target, ``<name>_<target>`` per target for a
+polymorphic (Customer) lookup.  Each relationship also gives the target table a collection-valued
+navigation property named after the relationship (``account_primary_contact`` on contact).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ EDM_TYPES: dict[AttrType, str] = {
     AttrType.OWNER: "Edm.Guid",
 }
 SQL_TYPES: dict[AttrType, str] = {
+    AttrType.UNIQUEIDENTIFIER: "TEXT",
     AttrType.STRING: "TEXT COLLATE NOCASE",
     AttrType.MEMO: "TEXT COLLATE NOCASE",
     AttrType.INTEGER: "INTEGER",
@@ -72,6 +78,7 @@ METADATA_NAMESPACE = uuid.UUID("6f9619ff-8b86-d011-b42d-00c04fc964ff")
 _SCHEMA_NAMES = {
     "transactioncurrency": "TransactionCurrency",
     "salesorder": "SalesOrder",
+    "systemuser": "SystemUser",
     "new_shipstatus": "new_ShipStatus",
 }
 
@@ -83,7 +90,9 @@ def schema_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """One attribute.  ``targets`` names the tables a lookup may point at."""
+    """One attribute.  ``targets`` names the tables a lookup may point at; ``relationships`` names,
+    per target, the one-to-many relationship behind it when it is not the derived default (see
+    :func:`relationship_name`)."""
 
     name: str
     type: AttrType
@@ -95,6 +104,7 @@ class Column:
     min_value: float | None = None
     max_value: float | None = None
     custom: bool = False
+    relationships: tuple[str, ...] = ()
 
     @property
     def is_lookup(self) -> bool:
@@ -156,13 +166,41 @@ class Table:
         """Resolve a name as clients read/filter it (``_x_value`` or plain)."""
         return _VALUE_INDEX[self.logical_name].get(name)
 
-    def navigation(self, name: str) -> tuple[Column, str] | None:
-        """Resolve a single-valued navigation property to (lookup column, target table).
+    def navigation(self, name: str) -> NavLink | None:
+        """Resolve a single-valued navigation property (case-sensitive, as Dataverse's OData layer).
 
         Single-target lookups use their own name; polymorphic ones use ``name_target``
         (``customerid_account``), like Dataverse.
         """
         return _NAV_INDEX[self.logical_name].get(name)
+
+    def navigations(self) -> tuple[NavLink, ...]:
+        """The single-valued navigation properties, in column order."""
+        return tuple(_NAV_INDEX[self.logical_name].values())
+
+    def partners(self) -> tuple[NavLink, ...]:
+        """The relationships pointing at this table: its collection-valued navigation properties."""
+        return tuple(_PARTNER_INDEX[self.logical_name].values())
+
+    def partner(self, name: str) -> NavLink | None:
+        """The relationship whose collection-valued navigation property on this table is ``name``."""
+        return _PARTNER_INDEX[self.logical_name].get(name)
+
+
+@dataclass(frozen=True)
+class NavLink:
+    """One many-to-one relationship as OData shows it.
+
+    ``name`` is the single-valued navigation property on ``table`` (backed by the lookup
+    ``column``) that points at ``target``; ``partner`` is its mirror, the collection-valued
+    navigation property on ``target`` (the relationship's name, e.g. ``account_primary_contact``).
+    """
+
+    table: str
+    name: str
+    column: Column
+    target: str
+    partner: str
 
 
 def _sys(table_name: str, primary_id: str, states: dict[int, tuple[int, ...]]) -> tuple[Column, ...]:
@@ -174,7 +212,8 @@ def _sys(table_name: str, primary_id: str, states: dict[int, tuple[int, ...]]) -
         Column("versionnumber", AttrType.BIGINT, readonly=True),
         Column("createdby", AttrType.LOOKUP, targets=("systemuser",), readonly=True),
         Column("modifiedby", AttrType.LOOKUP, targets=("systemuser",), readonly=True),
-        Column("ownerid", AttrType.OWNER, targets=("systemuser",), readonly=True),
+        # Assignable (``ownerid@odata.bind``) but never empty; defaults to the caller on create.
+        Column("ownerid", AttrType.OWNER, targets=("systemuser",), required=True),
         Column("statecode", AttrType.STATE, options=tuple(states)),
         Column("statuscode", AttrType.STATUS, options=tuple(s for v in states.values() for s in v)),
     )
@@ -206,11 +245,35 @@ def _table(
 
 S = AttrType
 SHIP_STATUS_OPTIONS = (100000000, 100000001, 100000002)  # not shipped, partially shipped, shipped
+# systemuser.accessmode: read-write, administrative, read, support user, non-interactive (application
+# users), delegated admin.
+ACCESS_MODES = (0, 1, 2, 3, 4, 5)
 _CURRENCY = Column("transactioncurrencyid", S.LOOKUP, targets=("transactioncurrency",))
+
+
+def _lookup(name: str, target: str, relationship: str) -> Column:
+    """A single-table lookup column with its relationship's name."""
+    return Column(name, AttrType.LOOKUP, targets=(target,), relationships=(relationship,))
+
 
 TABLES: dict[str, Table] = {
     t.logical_name: t
     for t in (
+        _table(
+            "systemuser",
+            "systemusers",
+            "fullname",
+            8,
+            (
+                Column("fullname", S.STRING, 200),
+                Column("domainname", S.STRING, 1024),
+                Column("internalemailaddress", S.STRING, 100),
+                Column("applicationid", S.UNIQUEIDENTIFIER),
+                Column("azureactivedirectoryobjectid", S.UNIQUEIDENTIFIER),
+                Column("isdisabled", S.BOOLEAN),
+                Column("accessmode", S.PICKLIST, options=ACCESS_MODES),
+            ),
+        ),
         _table(
             "transactioncurrency",
             "transactioncurrencies",
@@ -247,6 +310,8 @@ TABLES: dict[str, Table] = {
                 Column("creditonhold", S.BOOLEAN),
                 Column("paymenttermscode", S.PICKLIST, options=(1, 2, 3, 4)),
                 _CURRENCY,
+                _lookup("primarycontactid", "contact", "account_primary_contact"),
+                _lookup("parentaccountid", "account", "account_parent_account"),
             ),
             keys=(AlternateKey("accountnumber_key", ("accountnumber",)),),
         ),
@@ -261,7 +326,12 @@ TABLES: dict[str, Table] = {
                 Column("fullname", S.STRING, 160, readonly=True),
                 Column("emailaddress1", S.STRING, 100),
                 Column("telephone1", S.STRING, 50),
-                Column("parentcustomerid", S.CUSTOMER, targets=("account", "contact")),
+                Column(
+                    "parentcustomerid",
+                    S.CUSTOMER,
+                    targets=("account", "contact"),
+                    relationships=("contact_customer_accounts", "contact_customer_contacts"),
+                ),
                 _CURRENCY,
             ),
         ),
@@ -292,7 +362,13 @@ TABLES: dict[str, Table] = {
             (
                 Column("name", S.STRING, 300, required=True),
                 Column("ordernumber", S.STRING, 100),
-                Column("customerid", S.CUSTOMER, targets=("account", "contact"), required=True),
+                Column(
+                    "customerid",
+                    S.CUSTOMER,
+                    targets=("account", "contact"),
+                    required=True,
+                    relationships=("order_customer_accounts", "order_customer_contacts"),
+                ),
                 Column("description", S.MEMO, 2000),
                 Column("totalamount", S.MONEY, min_value=0, max_value=100000000000000),
                 Column("totaltax", S.MONEY, min_value=0, max_value=100000000000000),
@@ -314,8 +390,14 @@ TABLES: dict[str, Table] = {
             (
                 Column("name", S.STRING, 300, required=True),
                 Column("invoicenumber", S.STRING, 100),
-                Column("customerid", S.CUSTOMER, targets=("account", "contact"), required=True),
-                Column("salesorderid", S.LOOKUP, targets=("salesorder",)),
+                Column(
+                    "customerid",
+                    S.CUSTOMER,
+                    targets=("account", "contact"),
+                    required=True,
+                    relationships=("invoice_customer_accounts", "invoice_customer_contacts"),
+                ),
+                _lookup("salesorderid", "salesorder", "order_invoices"),
                 Column("description", S.MEMO, 2000),
                 Column("totalamount", S.MONEY, min_value=0, max_value=100000000000000),
                 Column("totaltax", S.MONEY, min_value=0, max_value=100000000000000),
@@ -338,22 +420,50 @@ _VALUE_INDEX: dict[str, dict[str, Column]] = {
 }
 
 
-def _nav_index(table: Table) -> dict[str, tuple[Column, str]]:
-    index: dict[str, tuple[Column, str]] = {}
-    for col in table.columns:
-        if not col.is_lookup:
-            continue
-        if col.is_polymorphic:
-            for target in col.targets:
-                index[f"{col.name}_{target}"] = (col, target)
-        else:
-            index[col.name] = (col, col.targets[0])
+def relationship_name(table: Table, col: Column, target: str) -> str:
+    """The one-to-many relationship behind a lookup, named as Dataverse names the system ones
+    (``lk_accountbase_createdby``, ``owner_accounts``, ``transactioncurrency_account``) unless the
+    column names it (``account_primary_contact``, ``contact_customer_accounts``)."""
+    if col.relationships:
+        return col.relationships[col.targets.index(target)]
+    if col.name in ("createdby", "modifiedby"):
+        return f"lk_{table.logical_name}base_{col.name}"
+    if col.name == "ownerid":
+        return f"owner_{table.entity_set}"
+    return f"{target}_{table.logical_name}"
+
+
+def _nav_links(table: Table) -> list[NavLink]:
+    """The single-valued navigation properties of a table's lookups (to tables the sandbox has)."""
+    return [
+        NavLink(
+            table=table.logical_name,
+            name=f"{col.name}_{target}" if col.is_polymorphic else col.name,
+            column=col,
+            target=target,
+            partner=relationship_name(table, col, target),
+        )
+        for col in table.columns
+        if col.is_lookup
+        for target in col.targets
+        if target in TABLES
+    ]
+
+
+_NAV_INDEX: dict[str, dict[str, NavLink]] = {
+    t.logical_name: {link.name: link for link in _nav_links(t)} for t in TABLES.values()
+}
+
+
+def _partner_index() -> dict[str, dict[str, NavLink]]:
+    index: dict[str, dict[str, NavLink]] = {name: {} for name in TABLES}
+    for links in _NAV_INDEX.values():
+        for link in links.values():
+            index[link.target][link.partner] = link
     return index
 
 
-_NAV_INDEX: dict[str, dict[str, tuple[Column, str]]] = {
-    t.logical_name: _nav_index(t) for t in TABLES.values()
-}
+_PARTNER_INDEX = _partner_index()
 
 
 def sql_column(col: Column) -> str:

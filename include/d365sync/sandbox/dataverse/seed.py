@@ -1,7 +1,8 @@
 """Deterministic demo/benchmark data.
 
 ``--seed N`` creates N accounts plus the reference currencies (USD, EUR, GBP, CHF, JPY, SEK, CAD;
-always present, even without ``--seed``), N/10 contacts, up to 200 products,
+always present, even without ``--seed``, like the ``systemusers`` of the application users and a
+"Sandbox Administrator"), N/10 contacts, up to 200 products,
 N/5 sales orders and N/10 invoices.  Ids derive from row numbers (uuid5) and values from a
 fixed-seed RNG, so two sandboxes seeded with the same N hold identical data.  Rows go in with
 ``executemany`` inside one transaction, which keeps 100k accounts to a couple of seconds.
@@ -42,6 +43,10 @@ def currency_id(code: str) -> str:
     return stable_id("seed:transactioncurrency", code)
 
 
+ADMINISTRATOR_ID = stable_id("systemuser", "administrator")
+"""The ``systemuserid`` of the sandbox's interactive administrator (besides the app users)."""
+
+
 def seed(store: Store, user: AppUser, accounts: int) -> bool:
     """Seed once; returns False when the data directory was already seeded."""
     if store.meta("seeded") is not None:
@@ -67,18 +72,53 @@ def ensure_currencies(store: Store, user: AppUser) -> int:
     table = TABLES["transactioncurrency"]
     missing = [i for i, c in enumerate(CURRENCIES) if store.get(table, currency_id(c[0])) is None]
     with store.atomic():
-        _insert(store, user, "transactioncurrency", len(missing), lambda i: _currency(missing[i]), missing)
+        _insert(store, user, "transactioncurrency", len(missing), lambda i: _currency(missing[i]))
     return len(missing)
 
 
+def ensure_users(store: Store, users: Sequence[AppUser], tenant: str) -> int:
+    """Add the ``systemusers`` rows behind the application users (the ids ``WhoAmI`` returns and
+    records are owned by) and one interactive administrator, whom records can be assigned to;
+    idempotent, so users added to ``sandbox.json`` later appear on the next start."""
+    table = TABLES["systemuser"]
+    people = [_app_user(u, tenant) for u in users] + [_administrator(tenant)]
+    missing = [p for p in people if store.get(table, p["systemuserid"]) is None]
+    with store.atomic():
+        _insert(store, users[0], "systemuser", len(missing), lambda i: missing[i])
+    return len(missing)
+
+
+def _app_user(user: AppUser, tenant: str) -> dict[str, Any]:
+    address = f"{user.client_id.lower()}@{tenant}"
+    return {
+        "systemuserid": user.systemuserid,
+        "fullname": f"# {user.name}",
+        "domainname": address,
+        "internalemailaddress": address,
+        "applicationid": user.client_id.lower(),
+        "azureactivedirectoryobjectid": user.object_id,
+        "isdisabled": 0,
+        "accessmode": 4,  # non-interactive
+    }
+
+
+def _administrator(tenant: str) -> dict[str, Any]:
+    return {
+        "systemuserid": ADMINISTRATOR_ID,
+        "fullname": "Sandbox Administrator",
+        "domainname": f"admin@{tenant}",
+        "internalemailaddress": f"admin@{tenant}",
+        "applicationid": None,
+        "azureactivedirectoryobjectid": stable_id("user", "administrator"),
+        "isdisabled": 0,
+        "accessmode": 0,  # read-write
+    }
+
+
 def _insert(
-    store: Store,
-    user: AppUser,
-    name: str,
-    count: int,
-    make: Callable[[int], dict[str, Any]],
-    currency_indexes: Sequence[int] = range(len(CURRENCIES)),
+    store: Store, user: AppUser, name: str, count: int, make: Callable[[int], dict[str, Any]]
 ) -> None:
+    """Insert ``count`` rows built by ``make`` (which may set the primary id; else :func:`record_id`)."""
     if count <= 0:
         return
     table = TABLES[name]
@@ -88,9 +128,7 @@ def _insert(
     rows: list[tuple[Any, ...]] = []
     for index in range(count):
         values = {
-            table.primary_id: currency_id(CURRENCIES[currency_indexes[index]][0])
-            if name == "transactioncurrency"
-            else record_id(name, index),
+            table.primary_id: record_id(name, index),
             "createdon": now,
             "modifiedon": now,
             "versionnumber": first + index,
@@ -110,6 +148,7 @@ def _insert(
 def _currency(index: int) -> dict[str, Any]:
     code, name, symbol, rate = CURRENCIES[index]
     return {
+        "transactioncurrencyid": currency_id(code),
         "isocurrencycode": code,
         "currencyname": name,
         "currencysymbol": symbol,

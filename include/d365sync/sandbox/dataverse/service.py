@@ -35,6 +35,7 @@ from d365sync.sandbox.dataverse import errors, metadata, writes
 from d365sync.sandbox.dataverse.config import SandboxConfig
 from d365sync.sandbox.dataverse.errors import DataverseError
 from d365sync.sandbox.dataverse.limits import Counters, Knobs, ServiceProtection
+from d365sync.sandbox.dataverse.projection import points_at
 from d365sync.sandbox.dataverse.protocol import (
     API_VERSIONS,
     MAX_BATCH_URL_LENGTH,
@@ -50,7 +51,7 @@ from d365sync.sandbox.dataverse.protocol import (
 )
 from d365sync.sandbox.dataverse.query import Reader, parse_options
 from d365sync.sandbox.dataverse.records import etag, render
-from d365sync.sandbox.dataverse.schema import ENTITY_SETS, Column, Table
+from d365sync.sandbox.dataverse.schema import ENTITY_SETS, TABLES, Column, NavLink, Table
 from d365sync.sandbox.dataverse.store import Store
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,9 @@ class Dataverse:
         return Outcome(self._written(req, table, row, created=created), entity=(table, row[table.primary_id]))
 
     def _property(self, req: ApiRequest, table: Table, locator: writes.Locator, rest: list[str]) -> Outcome:
+        link = table.navigation(rest[0])
+        if link is not None:
+            return self._navigation(req, table, locator, link, rest[1:])
         if len(rest) != 1:
             raise errors.segment_not_found(rest[-1])
         self._require(req, "GET", "DELETE", "PUT")
@@ -301,6 +305,47 @@ class Dataverse:
             raise errors.segment_not_found(name)
         return row, column
 
+    def _navigation(
+        self, req: ApiRequest, table: Table, locator: writes.Locator, link: NavLink, rest: list[str]
+    ) -> Outcome:
+        """``accounts(id)/primarycontactid`` (the related row) and ``…/primarycontactid/$ref``
+        (read, set with PUT, clear with DELETE); DELETE without ``$ref`` clears the lookup too."""
+        if rest not in ([], ["$ref"]):
+            raise errors.segment_not_found(rest[-1])
+        self._require(req, "GET", "DELETE", *(("PUT",) if rest else ()))
+        if req.method == "GET":
+            row = writes.find(self.store, locator)
+            if row is None:
+                raise locator.missing()
+            return Outcome(self._related(req, link, row, reference=bool(rest)))
+        self._records_cost(1)
+        with self.store.atomic():
+            row = writes.find(self.store, locator)
+            if row is None:
+                raise locator.missing()
+            if req.method == "DELETE":
+                writes.disassociate(self._ctx(req), table, row, link)
+            else:
+                body = req.json_object()
+                if "@odata.id" not in body:
+                    raise errors.bad_request(
+                        'A $ref request body must look like {"@odata.id": "<entity URL>"}.'
+                    )
+                writes.associate(self._ctx(req), table, row, link, body["@odata.id"])
+        return Outcome(empty_response(204))
+
+    def _related(self, req: ApiRequest, link: NavLink, row: sqlite3.Row, *, reference: bool) -> ApiResponse:
+        """The row a lookup points at (or its ``@odata.id``); 204 when the lookup is empty."""
+        target = TABLES[link.target]
+        related_id = points_at(link, row)
+        related = self.store.get(target, related_id) if related_id else None
+        if related is None:
+            return empty_response(204)
+        if reference:
+            url = f"{req.api_url}/{target.entity_set}({related_id})"
+            return json_response(200, {"@odata.context": f"{req.api_url}/$metadata#$ref", "@odata.id": url})
+        return self.reader.single(req, target, related)
+
     def _written(self, req: ApiRequest, table: Table, row: sqlite3.Row, *, created: bool) -> ApiResponse:
         """204 + OData-EntityId, or the row itself under ``Prefer: return=representation``."""
         entity_url = f"{req.api_url}/{table.entity_set}({row[table.primary_id]})"
@@ -309,7 +354,7 @@ class Dataverse:
             options = parse_options(req, table)
             body = {
                 "@odata.context": f"{req.api_url}/$metadata#{table.entity_set}/$entity",
-                **render(table, row, options.columns(table), annotations=options.annotations),
+                **self.reader.render_rows(req, table, [row], options, expand=False)[0],
             }
             headers = {"ETag": tag, "Preference-Applied": "return=representation"}
             if created:

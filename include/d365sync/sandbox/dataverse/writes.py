@@ -4,9 +4,17 @@ Single HTTP writes, ``$batch`` parts and the ``*Multiple`` bulk actions all end 
 validation, lookup binding, alternate-key uniqueness and version stamping behave identically
 whichever way a client sends the data.  Every write takes a fresh global ``versionnumber``.
 
-Bulk actions run in two steps so that parallel requests overlap: :func:`prepare_bulk` validates
-and converts the targets without the database (no lock), :func:`apply_bulk` then looks rows and
-bind targets up and writes them inside one short write transaction.
+Lookups are written through navigation properties, as in Dataverse: ``nav@odata.bind`` takes
+``/contacts(<id>)``, ``contacts(<id>)``, an absolute URL, an alternate key
+(``/accounts(accountnumber='A1')``) or, in a ``$batch`` changeset, ``$<Content-ID>``; ``null``
+(``nav@odata.bind`` or ``nav`` itself) clears the lookup, and ``nav: {…}`` on create inserts the
+related row first (deep insert).  ``…/nav/$ref`` associates (PUT) and disassociates (DELETE).  A
+reference to a missing row is the 404 ``<table> With Id = <id> Does Not Exist`` (0x80040217).
+
+A body is handled in two steps: :func:`parse_body` validates and converts it without the database,
+:func:`resolve` then looks bind targets up and runs deep inserts inside the write transaction.
+Bulk actions use the split so that parallel requests overlap: :func:`prepare_bulk` parses every
+target with no lock held, :func:`apply_bulk` writes them in one short write transaction.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ from urllib.parse import urlsplit
 
 from d365sync.sandbox.dataverse import errors
 from d365sync.sandbox.dataverse.identity import Caller
-from d365sync.sandbox.dataverse.protocol import parse_key_values, parse_segment
+from d365sync.sandbox.dataverse.protocol import parse_key_values, parse_segment, split_path
 from d365sync.sandbox.dataverse.records import coerce, now_iso, parse_guid
-from d365sync.sandbox.dataverse.schema import ENTITY_SETS, TABLES, Column, Table, type_column
+from d365sync.sandbox.dataverse.schema import ENTITY_SETS, TABLES, Column, NavLink, Table, type_column
 from d365sync.sandbox.dataverse.store import Store
 
 
@@ -32,11 +40,6 @@ class Locator:
     table: Table
     record_id: str | None = None
     key_values: dict[str, Any] | None = None
-
-    def describe(self) -> str:
-        if self.record_id:
-            return self.record_id
-        return ",".join(f"{k}={v}" for k, v in (self.key_values or {}).items())
 
     def missing(self) -> errors.DataverseError:
         if self.record_id:
@@ -87,135 +90,209 @@ def find(store: Store, locator: Locator) -> sqlite3.Row | None:
 
 
 # -- lookup binds ----------------------------------------------------------------------------
-@dataclass
-class PendingBind:
-    """An ``@odata.bind`` checked without the database; the target row is looked up at write time."""
+def reference_path(text: str) -> str:
+    """An entity URL as written in a bind or ``@odata.id`` (absolute, ``/api/data/v9.x/…``,
+    ``/contacts(…)`` or ``contacts(…)``), reduced to the part after the service root."""
+    path = urlsplit(text).path if "://" in text else text
+    path = path.strip().lstrip("/")
+    if path.startswith("api/data/"):
+        path = path.split("/", 3)[3] if path.count("/") >= 3 else ""
+    return path
 
-    lookup: Column
-    target: Table
-    locator: Locator
-    mismatch: errors.DataverseError | None = None
-    """The bind names the wrong entity set: reported once the row is known to exist."""
+
+def _bad_reference(nav: str, value: Any, reason: str) -> errors.DataverseError:
+    return errors.bad_request(
+        f"The value '{value}' of the '{nav}@odata.bind' annotation is not a valid entity reference: "
+        f"{reason} Use the form '/<entityset>(<id>)', '/<entityset>(<key>=<value>)' or, inside a "
+        "$batch changeset, '$<Content-ID>'."
+    )
 
 
-def _bind_reference(value: Any, nav: str, ctx: WriteContext) -> tuple[Table, str | Locator]:
-    """Parse an ``@odata.bind`` value: (target table, id) for a ``$n`` reference, else
-    (target table, the locator still to look up)."""
+def parse_reference(value: Any, nav: str, ctx: WriteContext, expected: Table) -> str | Locator:
+    """Check an entity reference for the navigation property ``nav`` (an ``@odata.bind`` value, a
+    ``$ref`` body's ``@odata.id``, a ``$n`` Content-ID) without the database: the id of a ``$n``
+    row, else the locator of the row still to look up.  Another table than ``expected`` is a 400."""
     if not isinstance(value, str) or not value.strip():
-        raise errors.bad_request(f"The value of '{nav}@odata.bind' must be an entity reference string.")
+        raise _bad_reference(nav, value, "it must be a non-empty URL string.")
     text = value.strip()
     if text.startswith("$"):
         ref = ctx.content_ids.get(text[1:])
         if ref is None:
             raise errors.bad_request(f"Content-ID Reference: '{text}' does not exist in the batch context.")
-        return ref
-    if "://" in text:
-        text = urlsplit(text).path
-    text = text.lstrip("/")
-    if text.startswith("api/data/"):
-        text = text.split("/", 3)[3] if text.count("/") >= 3 else ""
-    name, key = parse_segment(text) if text else ("", None)
+        _check_target(value, nav, ref[0], expected)
+        return str(ref[1])
+    path = reference_path(text)
+    if len(split_path(path)) > 1:
+        raise _bad_reference(nav, value, "it must name a record, not one of its properties.")
+    try:
+        name, key = parse_segment(path) if path else ("", None)
+    except errors.DataverseError:
+        raise _bad_reference(nav, value, "its key is not well formed.") from None
     target = ENTITY_SETS.get(name)
-    if target is None or key is None:
+    if target is None:
+        raise _bad_reference(nav, value, f"Resource not found for the segment '{name}'.")
+    if key is None:
+        raise _bad_reference(nav, value, "it names an entity set, not a record.")
+    _check_target(value, nav, target, expected)
+    return locate(target, key)
+
+
+def _existing_id(ctx: WriteContext, locator: Locator) -> str:
+    """The id of the row ``locator`` names; Dataverse's 404 when there is none."""
+    row = find(ctx.store, locator)
+    if row is None:
+        raise locator.missing()
+    return str(row[locator.table.primary_id])
+
+
+def resolve_reference(value: Any, nav: str, ctx: WriteContext, expected: Table) -> str:
+    """Resolve an entity reference for the navigation property ``nav`` to the id of an existing
+    row of ``expected``: another table is a 400, a missing row Dataverse's 404."""
+    reference = parse_reference(value, nav, ctx, expected)
+    return _existing_id(ctx, reference) if isinstance(reference, Locator) else reference
+
+
+def _check_target(value: Any, nav: str, target: Table, expected: Table) -> None:
+    if target.logical_name != expected.logical_name:
         raise errors.bad_request(
-            f"The @odata.bind value '{value}' for '{nav}' is not a valid entity reference "
-            "(expected '/<entityset>(<id>)')."
+            f"The @odata.bind value '{value}' for '{nav}' references entity set '{target.entity_set}', "
+            f"but '{nav}' expects '{expected.entity_set}'."
         )
-    return target, locate(target, key)
 
 
-def _set_lookup(lookup: Column, target: Table | None, target_id: str | None, out: dict[str, Any]) -> None:
-    out[lookup.name] = target_id
-    if lookup.is_polymorphic:
-        out[type_column(lookup)] = target.logical_name if target is not None else None
+@dataclass
+class PendingLookup:
+    """A lookup whose value needs the database: the row a bind names (``locator``) or the related
+    row a deep insert creates (``body``)."""
+
+    link: NavLink
+    locator: Locator | None = None
+    body: dict[str, Any] | None = None
 
 
-def _parse_bind(
-    table: Table, key: str, value: Any, ctx: WriteContext, out: dict[str, Any], pending: list[PendingBind]
+def _bind(
+    table: Table, nav: str, value: Any, ctx: WriteContext, out: dict[str, Any], pending: list[PendingLookup]
 ) -> None:
-    nav_name = key.split("@", 1)[0]
-    nav = table.navigation(nav_name)
-    if nav is None:
+    """``<nav>@odata.bind``: point the lookup at a row, or clear it with ``null``."""
+    link = table.navigation(nav)
+    if link is None:
         raise errors.bad_request(
-            f"An undeclared property '{nav_name}' which only has property annotations in the payload "
+            f"An undeclared property '{nav}' which only has property annotations in the payload "
             "but no property value was found in the payload. In OData, only declared navigation "
             "properties and declared named streams can be represented as properties without values."
         )
-    lookup, expected = nav
-    if lookup.readonly:
+    if link.column.readonly:
         return
     if value is None:
-        _set_lookup(lookup, None, None, out)
+        _set_lookup(link, None, out)
         return
-    target, reference = _bind_reference(value, nav_name, ctx)
-    mismatch = None
-    if target.logical_name != expected:
-        mismatch = errors.bad_request(
-            f"The @odata.bind value '{value}' for '{nav_name}' references entity set "
-            f"'{target.entity_set}', but '{nav_name}' expects '{TABLES[expected].entity_set}'."
-        )
+    reference = parse_reference(value, nav, ctx, TABLES[link.target])
     if isinstance(reference, Locator):
-        pending.append(PendingBind(lookup, target, reference, mismatch))
-    elif mismatch is not None:
-        raise mismatch
+        pending.append(PendingLookup(link, locator=reference))
     else:
-        _set_lookup(lookup, target, reference, out)
+        _set_lookup(link, reference, out)
+
+
+def _set_lookup(link: NavLink, target_id: str | None, out: dict[str, Any]) -> None:
+    out[link.column.name] = target_id
+    if link.column.is_polymorphic:
+        out[type_column(link.column)] = link.target if target_id else None
+
+
+def _navigation_value(
+    link: NavLink, value: Any, out: dict[str, Any], pending: list[PendingLookup], *, creating: bool
+) -> None:
+    """A navigation property given a value: ``null`` clears it, an object is a deep insert."""
+    if value is None:
+        if not link.column.readonly:
+            _set_lookup(link, None, out)
+        return
+    if not isinstance(value, dict):
+        raise errors.bad_request(
+            "A 'PrimitiveValue' node with non-null value was found when trying to read the value of a "
+            "navigation property; however, a 'StartArray' node, a 'StartObject' node, or a "
+            "'PrimitiveValue' node with null value was expected."
+        )
+    if not creating:
+        raise errors.bad_request(
+            f"Deep insert of '{link.name}' is only possible when creating a record; bind an existing "
+            f"record with '{link.name}@odata.bind' instead."
+        )
+    pending.append(PendingLookup(link, body=value))
 
 
 # -- body → values -------------------------------------------------------------------------------
 @dataclass
 class ParsedBody:
     """A request body validated and converted without touching the database (so bulk actions can
-    do it outside the write lock); :func:`resolve` adds the looked-up bind targets."""
+    do it outside the write lock); :func:`resolve` adds the lookups that need the database."""
 
     values: dict[str, Any]
-    binds: list[PendingBind] = field(default_factory=list)
+    pending: list[PendingLookup] = field(default_factory=list)
 
 
-def parse_body(table: Table, body: dict[str, Any], ctx: WriteContext) -> ParsedBody:
-    """Validate a JSON body: the SQLite values it sets (read-only columns dropped) and the binds
-    whose target rows are still to be looked up."""
+def parse_body(
+    table: Table, body: dict[str, Any], ctx: WriteContext, *, creating: bool = False
+) -> ParsedBody:
+    """Validate a JSON body: the SQLite values it sets (read-only columns dropped), and the binds
+    and deep inserts still to be looked up or written.
+
+    Lookups are set through their navigation properties (``nav@odata.bind``, ``nav: null``, or
+    ``nav: {…}`` to create the related row first on create); ``_x_value`` is read-only.
+    """
     out: dict[str, Any] = {}
-    pending: list[PendingBind] = []
+    pending: list[PendingLookup] = []
     for key, value in body.items():
         if key.endswith("@odata.bind"):
-            _parse_bind(table, key, value, ctx, out, pending)
+            _bind(table, key.removesuffix("@odata.bind"), value, ctx, out, pending)
         elif key.startswith("@"):
             _check_annotation(table, key, value)
         elif "@" in key:
             continue
+        elif (link := table.navigation(key)) is not None:
+            _navigation_value(link, value, out, pending, creating=creating)
         else:
-            column = table.column(key)
-            if column is None or column.is_lookup:
-                raise errors.bad_request(
-                    f"The property '{key}' does not exist on type '{table.type_name}'. Make sure to only "
-                    "use property names that are defined by the type or mark the type as open type."
-                )
+            column = _writable_column(table, key)
             if not column.readonly:
                 out[column.name] = coerce(table, column, value)
     return ParsedBody(out, pending)
 
 
 def resolve(ctx: WriteContext, parsed: ParsedBody) -> dict[str, Any]:
-    """The values of a parsed body with its binds looked up (inside the write transaction, so a
-    bound row cannot vanish before the write commits)."""
+    """The values of a parsed body with its binds looked up and its deep inserts written (inside
+    the write transaction, so a bound row cannot vanish before the write commits)."""
     out = dict(parsed.values)
-    for bind in parsed.binds:
-        row = find(ctx.store, bind.locator)
-        if row is None:
-            raise errors.bad_request(
-                f"{bind.target.logical_name} With Id = {bind.locator.describe()} Does Not Exist",
-                errors.OBJECT_DOES_NOT_EXIST,
-            )
-        if bind.mismatch is not None:
-            raise bind.mismatch
-        _set_lookup(bind.lookup, bind.target, row[bind.target.primary_id], out)
+    for item in parsed.pending:
+        target = TABLES[item.link.target]
+        if item.locator is not None:
+            _set_lookup(item.link, _existing_id(ctx, item.locator), out)
+        else:
+            related = create(ctx, target, item.body or {})
+            _set_lookup(item.link, related[target.primary_id], out)
     return out
 
 
-def body_values(table: Table, body: dict[str, Any], ctx: WriteContext) -> dict[str, Any]:
+def body_values(
+    table: Table, body: dict[str, Any], ctx: WriteContext, *, creating: bool = False
+) -> dict[str, Any]:
     """Validate a JSON body and return the SQLite values it sets (read-only columns dropped)."""
-    return resolve(ctx, parse_body(table, body, ctx))
+    return resolve(ctx, parse_body(table, body, ctx, creating=creating))
+
+
+def _writable_column(table: Table, key: str) -> Column:
+    column = table.column(key)
+    if column is not None and not column.is_lookup:
+        return column
+    if (shadow := table.by_value_name(key)) is not None and shadow.is_lookup:
+        raise errors.bad_request(
+            "CRM do not support direct update of Entity Reference properties, Use Navigation "
+            "properties instead.",
+            errors.PAYLOAD_ERROR,
+        )
+    raise errors.bad_request(
+        f"The property '{key}' does not exist on type '{table.type_name}'. Make sure to only "
+        "use property names that are defined by the type or mark the type as open type."
+    )
 
 
 def _check_annotation(table: Table, key: str, value: Any) -> None:
@@ -274,8 +351,10 @@ def _check_keys(ctx: WriteContext, table: Table, merged: dict[str, Any], record_
 def create(
     ctx: WriteContext, table: Table, body: dict[str, Any], preset: dict[str, Any] | None = None
 ) -> sqlite3.Row:
-    """Insert a row; ``preset`` carries id/alternate-key values taken from the URL."""
-    return _reload(ctx, table, _insert(ctx, table, body_values(table, body, ctx), preset))
+    """Insert a row; ``preset`` carries id/alternate-key values taken from the URL.  The owner is
+    the caller unless the body assigns one (``ownerid@odata.bind``)."""
+    values = body_values(table, body, ctx, creating=True)
+    return _reload(ctx, table, _insert(ctx, table, values, preset))
 
 
 def _insert(
@@ -290,6 +369,7 @@ def _insert(
         )
     values.setdefault("statecode", 0)
     values.setdefault("statuscode", table.default_status.get(values["statecode"]))
+    values.setdefault("ownerid", ctx.caller.user.systemuserid)
     merged = dict(values)
     _finish(table, merged, values)
     merged.update(values)
@@ -302,11 +382,10 @@ def _insert(
         "modifiedon": now,
         "createdby": user,
         "modifiedby": user,
-        "ownerid": user,
         "versionnumber": ctx.store.next_version(),
     }
     ctx.store.insert(table, row)
-    return record_id
+    return str(record_id)
 
 
 def update(
@@ -334,7 +413,7 @@ def _change(
     merged = {**dict(existing), **values}
     _finish(table, merged, values)
     merged.update(values)
-    record_id: str = existing[table.primary_id]
+    record_id = str(existing[table.primary_id])
     _check_keys(ctx, table, merged, record_id)
     values.update(
         modifiedon=now_iso(),
@@ -352,10 +431,25 @@ def delete(ctx: WriteContext, table: Table, existing: sqlite3.Row) -> None:
 def clear_column(ctx: WriteContext, table: Table, existing: sqlite3.Row, name: str) -> sqlite3.Row:
     """``DELETE accounts(id)/description`` clears one column."""
     column = table.column(name)
-    if column is None or column.readonly or column.name == table.primary_id:
+    if column is None or column.readonly or column.is_lookup or column.name == table.primary_id:
         raise errors.segment_not_found(name)
-    body = {f"{name}@odata.bind": None} if column.is_lookup else {name: None}
-    return update(ctx, table, existing, body)
+    return update(ctx, table, existing, {name: None})
+
+
+def associate(
+    ctx: WriteContext, table: Table, existing: sqlite3.Row, link: NavLink, reference: Any
+) -> sqlite3.Row:
+    """``PUT accounts(id)/primarycontactid/$ref {"@odata.id": …}`` sets the lookup."""
+    return update(ctx, table, existing, {f"{link.name}@odata.bind": reference})
+
+
+def disassociate(ctx: WriteContext, table: Table, existing: sqlite3.Row, link: NavLink) -> sqlite3.Row:
+    """``DELETE accounts(id)/primarycontactid/$ref`` clears the lookup (when it points that way)."""
+    if existing[link.column.name] is None:
+        return existing
+    if link.column.is_polymorphic and existing[type_column(link.column)] != link.target:
+        return existing
+    return update(ctx, table, existing, {f"{link.name}@odata.bind": None})
 
 
 def _reload(ctx: WriteContext, table: Table, record_id: str) -> sqlite3.Row:
@@ -389,41 +483,29 @@ def upsert(
     """PATCH semantics: update if found, else create (unless ``If-Match`` forbids it)."""
     table = locator.table
     existing = find(ctx.store, locator)
-    if existing is None and if_match:
-        raise locator.missing()
-    if existing is not None:
-        if if_none_match and if_none_match.strip() == "*":
-            raise errors.DataverseError(
-                412, errors.DUPLICATE_RECORD, "A record with matching key values already exists."
-            )
-        check_if_match(table, existing, if_match)
-    record_id, created = _upsert(ctx, locator, existing, body_values(table, body, ctx))
-    return _reload(ctx, table, record_id), created
-
-
-def _upsert(
-    ctx: WriteContext, locator: Locator, existing: sqlite3.Row | None, values: dict[str, Any]
-) -> tuple[str, bool]:
-    """Update ``existing`` or create the row ``locator`` names; (id, created)."""
-    table = locator.table
     if existing is None:
-        preset = (
-            {table.primary_id: locator.record_id} if locator.record_id else dict(locator.key_values or {})
+        if if_match:
+            raise locator.missing()
+        return create(ctx, table, body, _preset(locator)), True
+    if if_none_match and if_none_match.strip() == "*":
+        raise errors.DataverseError(
+            412, errors.DUPLICATE_RECORD, "A record with matching key values already exists."
         )
-        return _insert(ctx, table, values, preset), True
-    return _change(ctx, table, existing, values, strip=locator.key_values), False
+    check_if_match(table, existing, if_match)
+    return update(ctx, table, existing, body, strip=locator.key_values), False
+
+
+def _preset(locator: Locator) -> dict[str, Any]:
+    """The id or alternate-key values a row created through ``locator`` gets."""
+    table = locator.table
+    return {table.primary_id: locator.record_id} if locator.record_id else dict(locator.key_values or {})
 
 
 def target_locator(table: Table, target: dict[str, Any]) -> Locator | None:
     """How a bulk-action target names its row: ``@odata.id``, primary id, or alternate key."""
     odata_id = target.get("@odata.id")
     if isinstance(odata_id, str) and odata_id.strip():
-        text = odata_id.strip().lstrip("/")
-        if "://" in text:
-            text = urlsplit(text).path.lstrip("/")
-        if text.startswith("api/data/"):
-            text = text.split("/", 3)[3]
-        name, key = parse_segment(text)
+        name, key = parse_segment(reference_path(odata_id))
         if name != table.entity_set or key is None:
             raise errors.bad_request(
                 f"The @odata.id '{odata_id}' does not identify a row of {table.entity_set}."
@@ -459,7 +541,8 @@ def prepare_bulk(ctx: WriteContext, table: Table, action: str, targets: Any) -> 
         if action == "UpdateMultiple" and locator is None:
             raise errors.bad_request(f"UpdateMultiple targets must include '{table.primary_id}'.")
         body = {k: v for k, v in target.items() if k != "@odata.id"}
-        prepared.append(BulkTarget(locator, parse_body(table, body, ctx)))
+        creating = action != "UpdateMultiple"  # an upsert learns whether it creates at write time
+        prepared.append(BulkTarget(locator, parse_body(table, body, ctx, creating=creating)))
     return prepared
 
 
@@ -473,10 +556,26 @@ def apply_bulk(ctx: WriteContext, table: Table, action: str, targets: list[BulkT
                 ids.append(_insert(ctx, table, resolve(ctx, target.body)))
                 continue
             existing = find(ctx.store, locator)
-            if existing is None and action == "UpdateMultiple":
+            if existing is not None:
+                _no_deep_insert(target.body)
+                values = resolve(ctx, target.body)
+                ids.append(_change(ctx, table, existing, values, strip=locator.key_values))
+            elif action == "UpdateMultiple":
                 raise locator.missing()
-            ids.append(_upsert(ctx, locator, existing, resolve(ctx, target.body))[0])
+            else:  # an UpsertMultiple target that creates
+                ids.append(_insert(ctx, table, resolve(ctx, target.body), _preset(locator)))
     return ids
+
+
+def _no_deep_insert(parsed: ParsedBody) -> None:
+    """An upsert target that turns out to update may not create related rows."""
+    for item in parsed.pending:
+        if item.body is not None:
+            name = item.link.name
+            raise errors.bad_request(
+                f"Deep insert of '{name}' is only possible when creating a record; bind an existing "
+                f"record with '{name}@odata.bind' instead."
+            )
 
 
 def bulk(ctx: WriteContext, table: Table, action: str, targets: Any) -> list[str]:
