@@ -58,3 +58,20 @@ def ensure_pii_key() -> None:
     from d365sync.engine.privacy import KEYS_ENV
 
     os.environ.setdefault(KEYS_ENV, Fernet.generate_key().decode())
+
+
+def account_records(prefix: str, count: int, *, typed: bool = False) -> list[dict[str, Any]]:
+    """``count`` accounts keyed ``<prefix>-000000…``; ``typed`` adds the ``@odata.type`` that
+    bulk-action targets carry."""
+    kind = {"@odata.type": "Microsoft.Dynamics.CRM.account"} if typed else {}
+    return [
+        {
+            **kind,
+            "accountnumber": f"{prefix}-{i:06d}",
+            "name": f"Bench {prefix} {i}",
+            "emailaddress1": f"bench{i}@example.com",
+            "address1_city": "Lyon",
+            "creditlimit": 1000 + i % 50,
+        }
+        for i in range(count)
+    ]

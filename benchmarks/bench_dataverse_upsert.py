@@ -16,20 +16,7 @@ from typing import Any
 
 import requests
 
-from _dataverse import api_requests, client_for, print_table, sandbox, timed
-
-
-def records(prefix: str, count: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "accountnumber": f"{prefix}-{i:06d}",
-            "name": f"Bench {prefix} {i}",
-            "emailaddress1": f"bench{i}@example.com",
-            "address1_city": "Lyon",
-            "creditlimit": 1000 + i % 50,
-        }
-        for i in range(count)
-    ]
+from _dataverse import account_records, api_requests, client_for, print_table, sandbox, timed
 
 
 def one_patch_each(instance, rows: list[dict[str, Any]]) -> int:  # type: ignore[no-untyped-def]
@@ -64,7 +51,7 @@ def main() -> None:
     with sandbox(seed=0, limits={"requests": 10 * args.rows}) as instance:
         instance.token()
         instance.reset_counters()
-        ok, base = timed(lambda: one_patch_each(instance, records("P", args.rows)))
+        ok, base = timed(lambda: one_patch_each(instance, account_records("P", args.rows)))
         assert ok == args.rows, ok
         table.append(
             [
@@ -81,7 +68,7 @@ def main() -> None:
             ("UpsertMultiple, same records again", "M", "multiple"),
             ("$batch of PATCHes, new records", "B", "batch"),
         ):
-            _, seconds, used, tokens = run_client(instance, records(prefix, args.rows), strategy)
+            _, seconds, used, tokens = run_client(instance, account_records(prefix, args.rows), strategy)
             table.append(
                 [
                     f"client: {label}",

@@ -24,21 +24,7 @@ from typing import Any
 
 import requests
 
-from _dataverse import print_table, sandbox, timed
-
-
-def targets(prefix: str, count: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "@odata.type": "Microsoft.Dynamics.CRM.account",
-            "accountnumber": f"{prefix}-{i:06d}",
-            "name": f"Bench {prefix} {i}",
-            "emailaddress1": f"bench{i}@example.com",
-            "address1_city": "Lyon",
-            "creditlimit": 1000 + i % 50,
-        }
-        for i in range(count)
-    ]
+from _dataverse import account_records, print_table, sandbox, timed
 
 
 def upsert_many(instance, rows: list[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
@@ -66,12 +52,12 @@ def scenarios(instance, tag: str, r: int, n: int) -> list[tuple[str, Callable[[]
     """(label, run) per shape; every run writes new records (``tag`` keeps the keys apart)."""
 
     def chunks(shape: str) -> list[list[dict[str, Any]]]:
-        return [targets(f"{tag}{shape}{c}", n) for c in range(r)]
+        return [account_records(f"{tag}{shape}{c}", n, typed=True) for c in range(r)]
 
     return [
         (f"{r} x {n:,} sequential (baseline)", lambda: sequential(instance, chunks("S"))),
         (f"{r} x {n:,} parallel", lambda: parallel(instance, chunks("P"))),
-        (f"1 x {r * n:,}", lambda: upsert_many(instance, targets(f"{tag}B", r * n))),
+        (f"1 x {r * n:,}", lambda: upsert_many(instance, account_records(f"{tag}B", r * n, typed=True))),
     ]
 
 
@@ -91,7 +77,9 @@ def main() -> None:
     table: list[list[Any]] = []
     with sandbox(seed=0, record_cost_ms=args.record_cost_ms) as instance:
         instance.token()
-        upsert_many(instance, targets("WARM", 10))  # first-request costs out of the figures
+        upsert_many(
+            instance, account_records("WARM", 10, typed=True)
+        )  # first-request costs out of the figures
         for cost in (args.record_cost_ms, 0.0):
             instance.set_knobs(record_cost_ms=cost, reset_limits=True)
             base = 0.0

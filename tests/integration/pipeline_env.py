@@ -4,7 +4,8 @@ SQLite ERP through the SQLite3 ODBC driver seeded by the ERP seeder, a SQLite st
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,18 @@ class Env:
         counters = self.sandbox.counters()
         routes = counters.get("routes", {})
         return sum(n for route, n in routes.items() if not route.upper().startswith("GET"))
+
+
+@contextmanager
+def running_env(
+    factory: Callable[..., DataverseSandbox], folder: Path, *, seed: int, rows: int = 40
+) -> Iterator[Env]:
+    """A private sandbox with ``seed`` accounts and an ERP of ``rows`` customers; both are closed
+    and stopped afterwards (the body of the pipeline tests' ``env`` fixtures)."""
+    sandbox = factory(seed=seed)
+    environment = Env.create(sandbox, folder, rows=rows)
+    try:
+        yield environment
+    finally:
+        environment.close()
+        sandbox.stop()

@@ -18,7 +18,7 @@ import pytest
 
 from d365sync.engine import pipeline
 from d365sync.engine.stages import Window
-from tests.integration.pipeline_env import Env
+from tests.integration.pipeline_env import Env, running_env
 from tests.sandbox_fixtures import SandboxFactory
 
 # GX 1.24.1 imports the deprecated sre_constants/sre_parse modules on Python 3.11 (as in
@@ -33,11 +33,8 @@ SELECT = ["accountnumber", "address1_city", "telephone1", "creditlimit", "versio
 
 @pytest.fixture
 def env(dataverse_sandbox_factory: SandboxFactory, tmp_path: Path) -> Iterator[Env]:
-    sandbox = dataverse_sandbox_factory(seed=10)
-    environment = Env.create(sandbox, tmp_path, rows=10)
-    yield environment
-    environment.close()
-    sandbox.stop()
+    with running_env(dataverse_sandbox_factory, tmp_path, seed=10, rows=10) as environment:
+        yield environment
 
 
 def _account(env: Env) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from d365sync.engine import health
 from d365sync.engine.migrations import schema as t
-from tests.integration.pipeline_env import Env
+from tests.integration.pipeline_env import Env, running_env
 from tests.sandbox_fixtures import SandboxFactory
 
 # GX 1.24.1 imports the deprecated sre_constants/sre_parse modules on Python 3.11 (as in
@@ -28,11 +28,8 @@ pytestmark = pytest.mark.filterwarnings(
 
 @pytest.fixture
 def env(dataverse_sandbox_factory: SandboxFactory, tmp_path: Path) -> Iterator[Env]:
-    sandbox = dataverse_sandbox_factory(seed=5)
-    environment = Env.create(sandbox, tmp_path, rows=20)
-    yield environment
-    environment.close()
-    sandbox.stop()
+    with running_env(dataverse_sandbox_factory, tmp_path, seed=5, rows=20) as environment:
+        yield environment
 
 
 def test_initial_load_of_years_old_rows_shows_the_run_duration_as_lag(env: Env) -> None:

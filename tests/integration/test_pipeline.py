@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from d365sync.engine import pipeline
 from d365sync.engine.migrations import schema as t
 from d365sync.engine.stages import RunValidationFailed
-from tests.integration.pipeline_env import ORDER, Env
+from tests.integration.pipeline_env import ORDER, Env, running_env
 from tests.sandbox_fixtures import SandboxFactory
 
 # GX 1.24.1 imports the deprecated sre_constants/sre_parse modules on Python 3.11 (as in
@@ -32,11 +32,8 @@ pytestmark = pytest.mark.filterwarnings(
 
 @pytest.fixture
 def env(dataverse_sandbox_factory: SandboxFactory, tmp_path: Path) -> Iterator[Env]:
-    sandbox = dataverse_sandbox_factory(seed=30)
-    environment = Env.create(sandbox, tmp_path)
-    yield environment
-    environment.close()
-    sandbox.stop()
+    with running_env(dataverse_sandbox_factory, tmp_path, seed=30) as environment:
+        yield environment
 
 
 def _account(env: Env, number: str) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ import pytest
 
 from d365sync.engine.reconcile import reconcile
 from d365sync.engine.stages import RunContext
-from tests.integration.pipeline_env import Env
+from tests.integration.pipeline_env import Env, running_env
 from tests.sandbox_fixtures import SandboxFactory
 
 pytestmark = pytest.mark.filterwarnings(
@@ -32,14 +32,11 @@ LONG_NAME = "Northwind " + "x" * 140  # 150 characters: Dataverse takes it, CUST
 
 @pytest.fixture
 def env(dataverse_sandbox_factory: SandboxFactory, tmp_path: Path) -> Iterator[Env]:
-    sandbox = dataverse_sandbox_factory(seed=20)
-    environment = Env.create(sandbox, tmp_path, rows=30)
-    for name in ("customers", "products", "inventory"):
-        result = environment.run(name)
-        assert all(m["failed"] == 0 for m in result.manifests["load"].values()), name
-    yield environment
-    environment.close()
-    sandbox.stop()
+    with running_env(dataverse_sandbox_factory, tmp_path, seed=20, rows=30) as environment:
+        for name in ("customers", "products", "inventory"):
+            result = environment.run(name)
+            assert all(m["failed"] == 0 for m in result.manifests["load"].values()), name
+        yield environment
 
 
 def _pending(env: Env, entity: str = "customers") -> dict[str, Any]:

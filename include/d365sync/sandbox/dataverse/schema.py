@@ -256,6 +256,18 @@ def _lookup(name: str, target: str, relationship: str) -> Column:
     return Column(name, AttrType.LOOKUP, targets=(target,), relationships=(relationship,))
 
 
+def _customer(name: str, prefix: str, *, required: bool = False) -> Column:
+    """A polymorphic Customer column (account or contact): relationships ``<prefix>_accounts``
+    and ``<prefix>_contacts``."""
+    return Column(
+        name,
+        S.CUSTOMER,
+        targets=("account", "contact"),
+        required=required,
+        relationships=(f"{prefix}_accounts", f"{prefix}_contacts"),
+    )
+
+
 TABLES: dict[str, Table] = {
     t.logical_name: t
     for t in (
@@ -326,12 +338,7 @@ TABLES: dict[str, Table] = {
                 Column("fullname", S.STRING, 160, readonly=True),
                 Column("emailaddress1", S.STRING, 100),
                 Column("telephone1", S.STRING, 50),
-                Column(
-                    "parentcustomerid",
-                    S.CUSTOMER,
-                    targets=("account", "contact"),
-                    relationships=("contact_customer_accounts", "contact_customer_contacts"),
-                ),
+                _customer("parentcustomerid", "contact_customer"),
                 _CURRENCY,
             ),
         ),
@@ -362,13 +369,7 @@ TABLES: dict[str, Table] = {
             (
                 Column("name", S.STRING, 300, required=True),
                 Column("ordernumber", S.STRING, 100),
-                Column(
-                    "customerid",
-                    S.CUSTOMER,
-                    targets=("account", "contact"),
-                    required=True,
-                    relationships=("order_customer_accounts", "order_customer_contacts"),
-                ),
+                _customer("customerid", "order_customer", required=True),
                 Column("description", S.MEMO, 2000),
                 Column("totalamount", S.MONEY, min_value=0, max_value=100000000000000),
                 Column("totaltax", S.MONEY, min_value=0, max_value=100000000000000),
@@ -390,13 +391,7 @@ TABLES: dict[str, Table] = {
             (
                 Column("name", S.STRING, 300, required=True),
                 Column("invoicenumber", S.STRING, 100),
-                Column(
-                    "customerid",
-                    S.CUSTOMER,
-                    targets=("account", "contact"),
-                    required=True,
-                    relationships=("invoice_customer_accounts", "invoice_customer_contacts"),
-                ),
+                _customer("customerid", "invoice_customer", required=True),
                 _lookup("salesorderid", "salesorder", "order_invoices"),
                 Column("description", S.MEMO, 2000),
                 Column("totalamount", S.MONEY, min_value=0, max_value=100000000000000),
