@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from d365sync.sandbox.dataverse import errors
+from d365sync.sandbox.dataverse import delivery, errors
 from d365sync.sandbox.dataverse.config import SandboxConfig
 from d365sync.sandbox.dataverse.errors import DataverseError
 from d365sync.sandbox.dataverse.identity import AuthError, TokenRequestError, TokenService
@@ -38,6 +38,7 @@ from d365sync.sandbox.dataverse.protocol import (
 )
 from d365sync.sandbox.dataverse.service import Dataverse, route_name
 from d365sync.sandbox.dataverse.store import Store
+from d365sync.sandbox.dataverse.webhooks import Webhooks, ensure_catalog
 
 log = logging.getLogger(__name__)
 API_METHODS = ["GET", "POST", "PATCH", "PUT", "DELETE"]
@@ -59,14 +60,20 @@ class Sandbox:
     limiter: ServiceProtection
     knobs: Knobs
     service: Dataverse
+    webhooks: delivery.Dispatcher
 
     @classmethod
     def open(cls, config: SandboxConfig) -> Sandbox:
+        """Open the store and wire the parts; the webhook senders start with the server."""
         store = Store(config.data_dir)
         counters = Counters()
         limiter = ServiceProtection(config.limits)
         knobs = Knobs()
         knobs.update(config.knobs)
+        ensure_catalog(store, config.users[0].systemuserid)
+        listener = Webhooks(store, knobs)
+        dispatcher = delivery.Dispatcher(store, config, counters, knobs)
+        listener.on_queued(dispatcher.wake)
         return cls(
             config,
             store,
@@ -74,7 +81,8 @@ class Sandbox:
             counters,
             limiter,
             knobs,
-            Dataverse(config, store, counters, limiter, knobs),
+            Dataverse(config, store, counters, limiter, knobs, listener),
+            dispatcher,
         )
 
     def apply_admin(self, values: dict[str, Any]) -> None:
@@ -128,9 +136,11 @@ def create_app(config: SandboxConfig) -> FastAPI:
         # default of 40 would queue requests the limit lets in).
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = max(limiter.total_tokens, config.limits.concurrency + 8)
+        sandbox.webhooks.start()
         try:
             yield
         finally:
+            sandbox.webhooks.stop()
             sandbox.store.close()
 
     app = FastAPI(
@@ -253,7 +263,21 @@ def _admin_routes(app: FastAPI, sandbox: Sandbox) -> None:
     async def counters() -> Response:
         snapshot = sandbox.counters.snapshot(sandbox.tokens.tokens_issued)
         snapshot["execution_time_window_ms"] = sandbox.limiter.execution_time_used()
+        snapshot["webhook_pending"] = await run_in_threadpool(delivery.pending, sandbox.store)
         return JSONResponse(snapshot)
+
+    @app.get("/_sandbox/webhooks")
+    async def webhooks(request: Request) -> Response:
+        status = request.query_params.get("status") or None
+        try:
+            limit = int(request.query_params.get("limit", "100"))
+        except ValueError:
+            return _dataverse_error(errors.bad_request("limit must be an integer"))
+        if status is not None and status not in delivery.STATUSES:
+            return _dataverse_error(
+                errors.bad_request(f"status must be one of {', '.join(delivery.STATUSES)}")
+            )
+        return JSONResponse(await run_in_threadpool(delivery.log_view, sandbox.store, status, limit))
 
     @app.post("/_sandbox/counters/reset")
     async def reset(request: Request) -> Response:

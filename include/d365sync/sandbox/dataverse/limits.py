@@ -6,8 +6,9 @@ time over a sliding window (the server time each request consumed, measured), an
 concurrency cap.  Knobs inject faults for client tests — added latency, a share of 5xx answers,
 forced 429 bursts — and simulate server cost: ``record_cost_ms`` per record written and
 ``request_cost_ms`` per API request, spent outside any lock so parallel requests overlap as on a
-real tenant.  Counters let tests and benchmarks assert how many calls a client really made, how
-much server time they took and how many ran at once.
+real tenant.  Webhook knobs delay deliveries, fail the next N of them and set the retry policy.
+Counters let tests and benchmarks assert how many calls a client really made, how much server
+time they took and how many ran at once, and how many webhook deliveries succeeded or failed.
 """
 
 from __future__ import annotations
@@ -156,15 +157,42 @@ class Knobs:
     throttle_next: int = 0
     throttle_retry_after: int = 2
     random_seed: int = 1234
+    webhook_delay_ms: float = 0.0
+    """Extra wait before a notification's first delivery attempt."""
+    webhook_fail_next: int = 0
+    """Fail the next N delivery attempts without sending them."""
+    webhook_fail_status: int = 503
+    """What those failures look like: an HTTP status, or 0 for a connection error."""
+    webhook_max_attempts: int = 10
+    """Attempts per notification before it is marked failed."""
+    webhook_backoff_ms: float = 1000.0
+    """Wait after the first failed attempt; it doubles with each further one (capped)."""
     _random: random.Random = field(default_factory=lambda: random.Random(1234))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    _FLOATS = (
+        "latency_ms",
+        "record_cost_ms",
+        "request_cost_ms",
+        "error_rate",
+        "webhook_delay_ms",
+        "webhook_backoff_ms",
+    )
+    _INTS = (
+        "error_status",
+        "throttle_next",
+        "throttle_retry_after",
+        "webhook_fail_next",
+        "webhook_fail_status",
+        "webhook_max_attempts",
+    )
+
     def update(self, values: dict[str, Any]) -> None:
         with self._lock:
-            for name in ("latency_ms", "record_cost_ms", "request_cost_ms", "error_rate"):
+            for name in self._FLOATS:
                 if name in values:
                     setattr(self, name, float(values[name]))
-            for name in ("error_status", "throttle_next", "throttle_retry_after"):
+            for name in self._INTS:
                 if name in values:
                     setattr(self, name, int(values[name]))
             if "random_seed" in values:
@@ -182,6 +210,14 @@ class Knobs:
             "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
             self.throttle_retry_after,
         )
+
+    def take_webhook_failure(self) -> int | None:
+        """Consume one forced webhook failure: the status to simulate (0: connection error)."""
+        with self._lock:
+            if self.webhook_fail_next <= 0:
+                return None
+            self.webhook_fail_next -= 1
+            return self.webhook_fail_status
 
     def take_injected_error(self) -> DataverseError | None:
         """Roll the dice for an injected 5xx."""
@@ -204,6 +240,11 @@ class Knobs:
             "throttle_next": self.throttle_next,
             "throttle_retry_after": self.throttle_retry_after,
             "random_seed": self.random_seed,
+            "webhook_delay_ms": self.webhook_delay_ms,
+            "webhook_fail_next": self.webhook_fail_next,
+            "webhook_fail_status": self.webhook_fail_status,
+            "webhook_max_attempts": self.webhook_max_attempts,
+            "webhook_backoff_ms": self.webhook_backoff_ms,
         }
 
 
@@ -233,6 +274,9 @@ class Counters:
             self.execution_ms = 0.0
             self.max_in_flight = self.in_flight
             self.max_parallel_cost = self.cost_in_flight
+            self.webhook_delivered = 0
+            self.webhook_failed_attempts = 0
+            self.webhook_abandoned = 0
 
     def http(self, route: str, status: int) -> None:
         with self._lock:
@@ -284,6 +328,15 @@ class Counters:
             with self._lock:
                 self.cost_in_flight -= 1
 
+    def webhook(self, *, delivered: bool, abandoned: bool = False) -> None:
+        """One webhook delivery attempt: delivered, or failed (and perhaps the last one allowed)."""
+        with self._lock:
+            if delivered:
+                self.webhook_delivered += 1
+            else:
+                self.webhook_failed_attempts += 1
+                self.webhook_abandoned += int(abandoned)
+
     def token(self, ok: bool) -> None:
         with self._lock:
             self.token_requests += 1
@@ -310,4 +363,7 @@ class Counters:
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
                 "max_parallel_cost": self.max_parallel_cost,
+                "webhook_delivered": self.webhook_delivered,
+                "webhook_failed_attempts": self.webhook_failed_attempts,
+                "webhook_abandoned": self.webhook_abandoned,
             }

@@ -287,7 +287,7 @@ def attribute_definition(table: Table, column: Column) -> dict[str, Any]:
         "IsValidODataAttribute": True,
         "IsValidForCreate": not column.readonly,
         "IsValidForUpdate": not column.readonly and column.name != table.primary_id,
-        "IsValidForRead": True,
+        "IsValidForRead": column.readable,
         "IsValidForForm": column.name != table.primary_id,
         "IsValidForGrid": True,
         "IsRequiredForForm": column.name == table.primary_name,

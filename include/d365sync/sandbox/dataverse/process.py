@@ -258,6 +258,11 @@ class DataverseSandbox:
     def counters(self) -> dict[str, Any]:
         return self._admin("GET", "/_sandbox/counters")
 
+    def webhooks(self, status: str | None = None, limit: int = 100) -> dict[str, Any]:
+        """The webhook delivery log: counts by status and the newest ``limit`` deliveries."""
+        query = f"?limit={limit}" + (f"&status={status}" if status else "")
+        return self._admin("GET", f"/_sandbox/webhooks{query}")
+
     def reset_counters(self) -> None:
         self._admin("POST", "/_sandbox/counters/reset")
 

@@ -212,7 +212,7 @@ class Projector:
                 rendered[name] = {"@odata.id": url} if record_id else None
             return
         related = self._fetch(target, {i for i in ids if i}, exp.where, exp.params)
-        columns = exp.select if exp.select is not None else list(target.columns)
+        columns = exp.select if exp.select is not None else list(target.readable)
         shown = self.rows(target, related, columns, exp.expand, with_etag=False)
         by_id = {row[target.primary_id]: item for row, item in zip(related, shown, strict=True)}
         for rendered, record_id in zip(out, ids, strict=True):

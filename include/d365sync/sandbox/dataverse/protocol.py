@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -39,6 +40,9 @@ class ApiRequest:
     version: str = "v9.2"
     in_batch: bool = False
     content_ids: dict[str, Any] = field(default_factory=dict)
+    correlation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    """One per HTTP request, shared by its ``$batch`` parts and bulk targets (the webhook
+    context's ``CorrelationId``)."""
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

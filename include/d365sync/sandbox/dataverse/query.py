@@ -69,7 +69,7 @@ class QueryOptions:
     tracking: bool = False
 
     def columns(self, table: Table) -> list[Column]:
-        return self.select if self.select is not None else list(table.columns)
+        return self.select if self.select is not None else list(table.readable)
 
 
 # -- option parsing ----------------------------------------------------------------------------

@@ -10,6 +10,11 @@ A lookup column is read as ``_<name>_value`` and written through its single-valu
 property (:class:`NavLink`): ``<name>`` for one target, ``<name>_<target>`` per target for a
 polymorphic (Customer) lookup.  Each relationship also gives the target table a collection-valued
 navigation property named after the relationship (``account_primary_contact`` on contact).
+
+Besides the business tables, four platform tables hold webhook registrations as Dataverse keeps
+them (``sdkmessage``, ``sdkmessagefilter``, ``serviceendpoint``, ``sdkmessageprocessingstep``):
+they are not change-tracked and raise no notifications themselves (``Table.notifies``); see
+:mod:`.webhooks`.
 """
 
 from __future__ import annotations
@@ -105,6 +110,9 @@ class Column:
     max_value: float | None = None
     custom: bool = False
     relationships: tuple[str, ...] = ()
+    readable: bool = True
+    """False for a write-only column (``serviceendpoint.authvalue``): never returned, not
+    queryable, but settable on create and update."""
 
     @property
     def is_lookup(self) -> bool:
@@ -146,6 +154,9 @@ class Table:
     state_status: dict[int, tuple[int, ...]] = field(default_factory=dict)
     default_status: dict[int, int] = field(default_factory=dict)
     change_tracking: bool = True
+    notifies: bool = True
+    """Whether writes to the table raise webhook notifications (False for the registration
+    tables, which hold the steps that notify)."""
 
     @property
     def type_name(self) -> str:
@@ -162,8 +173,14 @@ class Table:
     def column(self, name: str) -> Column | None:
         return _COLUMN_INDEX[self.logical_name].get(name)
 
+    @property
+    def readable(self) -> tuple[Column, ...]:
+        """The columns a read returns by default (all but write-only ones)."""
+        return _READABLE[self.logical_name]
+
     def by_value_name(self, name: str) -> Column | None:
-        """Resolve a name as clients read/filter it (``_x_value`` or plain)."""
+        """Resolve a name as clients read/filter it (``_x_value`` or plain); write-only columns
+        are not found."""
         return _VALUE_INDEX[self.logical_name].get(name)
 
     def navigation(self, name: str) -> NavLink | None:
@@ -227,7 +244,11 @@ def _table(
     columns: tuple[Column, ...],
     keys: tuple[AlternateKey, ...] = (),
     states: dict[int, tuple[int, ...]] | None = None,
+    *,
+    platform: bool = False,
 ) -> Table:
+    """A table with its system columns; ``platform`` tables (the webhook registrations) are
+    neither change-tracked nor notifying."""
     states = states or {0: (1,), 1: (2,)}
     primary_id = f"{logical_name}id"
     return Table(
@@ -240,6 +261,8 @@ def _table(
         keys=keys,
         state_status=states,
         default_status={state: statuses[0] for state, statuses in states.items()},
+        change_tracking=not platform,
+        notifies=not platform,
     )
 
 
@@ -267,6 +290,102 @@ def _customer(name: str, prefix: str, *, required: bool = False) -> Column:
         relationships=(f"{prefix}_accounts", f"{prefix}_contacts"),
     )
 
+
+# -- webhook registrations (the platform tables Dataverse keeps them in) ----------------------
+SDK_MESSAGES = ("Create", "Update", "Delete")
+"""The messages the sandbox raises notifications for (seeded in ``sdkmessage``)."""
+CONTRACTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # 8 = Webhook
+WEBHOOK_CONTRACT = 8
+AUTH_TYPES = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # 4 WebhookKey, 5 HttpHeader, 6 HttpQueryString
+MESSAGE_FORMATS = (1, 2, 3)  # BinaryXML, Json, TextXML
+STEP_STAGES = (10, 20, 40)  # pre-validation, pre-operation, post-operation
+STEP_MODES = (0, 1)  # synchronous, asynchronous
+REGISTRATION_TABLES = (
+    _table(
+        "sdkmessage",
+        "sdkmessages",
+        "name",
+        4606,
+        (
+            Column("name", S.STRING, 256, required=True),
+            Column("categoryname", S.STRING, 25),
+            Column("isprivate", S.BOOLEAN),
+            Column("autotransact", S.BOOLEAN),
+            Column("isvalidforexecuteasync", S.BOOLEAN),
+        ),
+        platform=True,
+    ),
+    _table(
+        "sdkmessagefilter",
+        "sdkmessagefilters",
+        "name",
+        4607,
+        (
+            Column("name", S.STRING, 256),
+            Column("primaryobjecttypecode", S.STRING, 128),
+            Column("secondaryobjecttypecode", S.STRING, 128),
+            Column("iscustomprocessingstepallowed", S.BOOLEAN),
+            Column("isvisible", S.BOOLEAN),
+            Column("availability", S.INTEGER),
+            _lookup("sdkmessageid", "sdkmessage", "sdkmessageid_sdkmessagefilter"),
+        ),
+        platform=True,
+    ),
+    _table(
+        "serviceendpoint",
+        "serviceendpoints",
+        "name",
+        4618,
+        (
+            Column("name", S.STRING, 256, required=True),
+            Column("description", S.MEMO, 2000),
+            Column("contract", S.PICKLIST, options=CONTRACTS, required=True),
+            Column("url", S.STRING, 2000),
+            Column("authtype", S.PICKLIST, options=AUTH_TYPES),
+            Column("authvalue", S.MEMO, 4000, readable=False),
+            Column("messageformat", S.PICKLIST, options=MESSAGE_FORMATS),
+            Column("userclaim", S.PICKLIST, options=(1, 2, 3)),
+            Column("namespaceaddress", S.STRING, 255),
+            Column("namespaceformat", S.PICKLIST, options=(1, 2)),
+            Column("path", S.STRING, 160),
+            Column("connectionmode", S.PICKLIST, options=(1, 2)),
+            Column("solutionnamespace", S.STRING, 160),
+        ),
+        platform=True,
+    ),
+    _table(
+        "sdkmessageprocessingstep",
+        "sdkmessageprocessingsteps",
+        "name",
+        4608,
+        (
+            Column("name", S.STRING, 256, required=True),
+            Column("description", S.STRING, 256),
+            Column("mode", S.PICKLIST, options=STEP_MODES, required=True),
+            Column("stage", S.PICKLIST, options=STEP_STAGES, required=True),
+            Column("rank", S.INTEGER, min_value=0, max_value=2147483647),
+            Column("filteringattributes", S.STRING, 100000),
+            Column("asyncautodelete", S.BOOLEAN),
+            Column("supporteddeployment", S.PICKLIST, options=(0, 1, 2)),
+            Column("invocationsource", S.PICKLIST, options=(-1, 0, 1)),
+            Column("configuration", S.MEMO, 1073741823),
+            _lookup("sdkmessageid", "sdkmessage", "sdkmessageid_sdkmessageprocessingstep"),
+            _lookup("sdkmessagefilterid", "sdkmessagefilter", "sdkmessagefilterid_sdkmessageprocessingstep"),
+            # Polymorphic in Dataverse (a plug-in type or a service endpoint); the sandbox has
+            # service endpoints only, so the navigation property is eventhandler_serviceendpoint.
+            Column(
+                "eventhandler",
+                S.LOOKUP,
+                targets=("plugintype", "serviceendpoint"),
+                relationships=(
+                    "plugintype_sdkmessageprocessingstep",
+                    "serviceendpoint_sdkmessageprocessingstep",
+                ),
+            ),
+        ),
+        platform=True,
+    ),
+)
 
 TABLES: dict[str, Table] = {
     t.logical_name: t
@@ -402,6 +521,7 @@ TABLES: dict[str, Table] = {
             keys=(AlternateKey("invoicenumber_key", ("invoicenumber",)),),
             states={0: (1, 2, 4, 5, 6), 2: (100001, 100002), 3: (100003,)},
         ),
+        *REGISTRATION_TABLES,
     )
 }
 
@@ -411,7 +531,10 @@ _COLUMN_INDEX: dict[str, dict[str, Column]] = {
     t.logical_name: {c.name: c for c in t.columns} for t in TABLES.values()
 }
 _VALUE_INDEX: dict[str, dict[str, Column]] = {
-    t.logical_name: {c.value_name: c for c in t.columns} for t in TABLES.values()
+    t.logical_name: {c.value_name: c for c in t.columns if c.readable} for t in TABLES.values()
+}
+_READABLE: dict[str, tuple[Column, ...]] = {
+    t.logical_name: tuple(c for c in t.columns if c.readable) for t in TABLES.values()
 }
 
 

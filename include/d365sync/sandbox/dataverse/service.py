@@ -95,12 +95,14 @@ class Dataverse:
         counters: Counters,
         limiter: ServiceProtection,
         knobs: Knobs | None = None,
+        listener: writes.WriteListener | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.counters = counters
         self.limiter = limiter
         self.knobs = knobs or Knobs()
+        self.listener = listener
         self.reader = Reader(store, config.retention_seconds)
         self._owed = threading.local()  # cost incurred inside a write transaction, paid after it
 
@@ -205,7 +207,9 @@ class Dataverse:
         return handler(req)  # type: ignore[operator]
 
     def _ctx(self, req: ApiRequest) -> writes.WriteContext:
-        return writes.WriteContext(self.store, req.caller, req.content_ids)
+        return writes.WriteContext(
+            self.store, req.caller, req.content_ids, self.listener, req.correlation_id, req.param("tag")
+        )
 
     def _collection(self, req: ApiRequest, table: Table, rest: list[str]) -> Outcome:
         if not rest:
@@ -280,6 +284,8 @@ class Dataverse:
         self._require(req, "GET", "DELETE", "PUT")
         if req.method == "GET":
             row, column = self._property_row(table, locator, rest[0])
+            if not column.readable:  # write-only (serviceendpoint.authvalue)
+                raise errors.segment_not_found(rest[0])
             value = render(table, row, [column])[column.value_name]
             entity = f"{table.entity_set}({row[table.primary_id]})"
             context = f"{req.api_url}/$metadata#{entity}/{column.value_name}"
@@ -440,6 +446,7 @@ class Dataverse:
             version=version,
             in_batch=True,
             content_ids=req.content_ids,
+            correlation_id=req.correlation_id,
         )
         if sub.method == "POST" and split_path(path)[:1] == ["$batch"]:
             error = errors.bad_request("Nested $batch requests are not supported.")

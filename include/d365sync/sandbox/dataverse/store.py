@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ class Store:
         self._idle: list[sqlite3.Connection] = []  # reader connections not in use
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._hooks: list[Callable[[bool], None]] = []
         for statement in _SYSTEM_DDL:
             self._conn.execute(statement)
         for table in TABLES.values():
@@ -175,11 +176,20 @@ class Store:
                 yield
 
     def _finish(self, statement: str) -> None:
+        committed = False
         try:
             self._conn.execute(statement)
+            committed = statement == "COMMIT"
         finally:
             self._committed = self._version
             self._owner = None
+            for hook in self._hooks:
+                hook(committed)
+
+    def after_transaction(self, hook: Callable[[bool], None]) -> None:
+        """Call ``hook(committed)`` when each outermost transaction ends, still under the write
+        lock (keep it cheap: set an event, drop a cache)."""
+        self._hooks.append(hook)
 
     # -- reads -----------------------------------------------------------------------------
     def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -246,6 +256,12 @@ class Store:
             first = self._version + 1
             self._version += count
             return first
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One statement inside the caller's transaction (or a transaction of its own); returns the
+        number of rows it changed.  For the sandbox's own tables (the webhook queue)."""
+        with self._writing():
+            return self._conn.execute(sql, params).rowcount
 
     def meta(self, key: str) -> str | None:
         return self.scalar("SELECT value FROM _meta WHERE key = ?", (key,))

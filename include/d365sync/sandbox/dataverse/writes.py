@@ -15,14 +15,19 @@ A body is handled in two steps: :func:`parse_body` validates and converts it wit
 :func:`resolve` then looks bind targets up and runs deep inserts inside the write transaction.
 Bulk actions use the split so that parallel requests overlap: :func:`prepare_bulk` parses every
 target with no lock held, :func:`apply_bulk` writes them in one short write transaction.
+
+Every row written is reported to the context's :class:`WriteListener` (``Create``, ``Update`` or
+``Delete``) inside the write transaction, so what it records commits or rolls back with the row:
+that is how webhook notifications are queued (:mod:`.webhooks`).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from d365sync.sandbox.dataverse import errors
@@ -49,13 +54,36 @@ class Locator:
         )
 
 
+class WriteListener(Protocol):
+    """Told of every row written, inside its write transaction."""
+
+    def written(
+        self,
+        ctx: WriteContext,
+        message: str,
+        table: Table,
+        record_id: str,
+        values: Mapping[str, Any] | None,
+    ) -> None:
+        """``message`` is ``Create``, ``Update`` or ``Delete``; ``values`` the columns the write
+        set (None for a delete).  Raising a DataverseError refuses the write."""
+
+
 @dataclass
 class WriteContext:
-    """Who writes, and the ``$n`` Content-ID references visible to this operation."""
+    """Who writes, the ``$n`` Content-ID references visible to this operation, and who hears of
+    the rows written (the request's correlation id and ``?tag=`` travel with them)."""
 
     store: Store
     caller: Caller
     content_ids: dict[str, tuple[Table, str]] = field(default_factory=dict)
+    listener: WriteListener | None = None
+    correlation_id: str = ""
+    tag: str | None = None
+
+    def written(self, message: str, table: Table, record_id: str, values: Mapping[str, Any] | None) -> None:
+        if self.listener is not None:
+            self.listener.written(self, message, table, record_id, values)
 
 
 def locate(table: Table, key: str) -> Locator:
@@ -385,6 +413,7 @@ def _insert(
         "versionnumber": ctx.store.next_version(),
     }
     ctx.store.insert(table, row)
+    ctx.written("Create", table, str(record_id), row)
     return str(record_id)
 
 
@@ -421,11 +450,14 @@ def _change(
         versionnumber=ctx.store.next_version(),
     )
     ctx.store.update(table, record_id, values)
+    ctx.written("Update", table, record_id, values)
     return record_id
 
 
 def delete(ctx: WriteContext, table: Table, existing: sqlite3.Row) -> None:
-    ctx.store.delete(table, existing[table.primary_id], ctx.store.next_version(), now_iso())
+    record_id = str(existing[table.primary_id])
+    ctx.store.delete(table, record_id, ctx.store.next_version(), now_iso())
+    ctx.written("Delete", table, record_id, None)
 
 
 def clear_column(ctx: WriteContext, table: Table, existing: sqlite3.Row, name: str) -> sqlite3.Row:
