@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     importlib.import_module("d365sync.sync_cli").add_parser(commands)
     importlib.import_module("d365sync.privacy_cli").add_parser(commands)
+    importlib.import_module("d365sync.webhook_cli").add_parser(commands)
     importlib.import_module("d365sync.sandbox.soak").add_parser(commands)
     importlib.import_module("d365sync.deploy").add_parser(commands)
     sandbox = commands.add_parser("sandbox", help="run or seed the local sandboxes")

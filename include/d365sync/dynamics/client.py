@@ -209,6 +209,16 @@ class DynamicsClient:
         with response:
             return response.headers.get("ETag") or _json_or_empty(response).get("@odata.etag")
 
+    def create(self, entity_set: str, record: Mapping[str, Any]) -> str:
+        """Create one row; returns its id (from the ``OData-EntityId`` header)."""
+        with self._write("POST", entity_set, record, {}) as response:
+            return _entity_id(response.headers.get("OData-EntityId", ""))
+
+    def update(self, entity_set: str, id_or_key: IdOrKey, changes: Mapping[str, Any]) -> None:
+        """Change a row that must exist: ``If-Match: *`` turns a missing row into a 404 instead of
+        an upsert."""
+        self._write("PATCH", entity_path(entity_set, id_or_key), changes, {"If-Match": "*"}).close()
+
     def deactivate(
         self, entity_set: str, id_or_key: IdOrKey, statecode: int = 1, statuscode: int = 2
     ) -> None:
@@ -249,6 +259,13 @@ class DynamicsClient:
     def _remember_names(self, row: Mapping[str, Any]) -> None:
         self._set_names[row["LogicalName"]] = row["EntitySetName"]
         self._logical_names[row["EntitySetName"]] = row["LogicalName"]
+
+
+def _entity_id(entity_url: str) -> str:
+    """The GUID at the end of an ``OData-EntityId`` URL (``…/accounts(<id>)``)."""
+    if not entity_url.endswith(")") or "(" not in entity_url:
+        raise DynamicsError(f"the create answer has no usable OData-EntityId header ({entity_url!r})")
+    return entity_url.rsplit("(", 1)[1][:-1]
 
 
 def _json_or_empty(response: requests.Response) -> dict[str, Any]:
