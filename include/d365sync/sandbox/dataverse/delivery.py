@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -57,6 +58,7 @@ SIZE_LIMIT = 256 * 1024  # over it the context loses its inputs and images (use-
 LOG_LIMIT = 10_000  # finished deliveries kept
 IDLE_SECONDS = 1.0
 STATUSES = ("pending", "delivered", "failed", "cancelled")
+_QUERY = re.compile(r"\?[^\s'\"()]+")
 
 _DUE = """
 SELECT d.* FROM _webhook_delivery d
@@ -132,6 +134,12 @@ def _dumps(context: dict[str, Any]) -> bytes:
     return json.dumps(context, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def redact(error: str) -> str:
+    """An error for the log, without query strings: a WebhookKey or HttpQueryString secret travels
+    in the URL, and requests quotes the URL in its exceptions."""
+    return _QUERY.sub("?<redacted>", error)[:500]
+
+
 def backoff_ms(attempts: int, base_ms: float) -> int:
     """The wait after ``attempts`` failed attempts: base, twice that, four times … capped."""
     return int(min(base_ms * 2 ** max(attempts - 1, 0), MAX_BACKOFF_MS))
@@ -161,6 +169,7 @@ class Dispatcher:
             threading.Thread(target=self._send_loop, name=f"webhook-sender-{i}", daemon=True)
             for i in range(self.senders)
         ]
+        self._wake.set()  # what a previous run left pending is due now
         for thread in self._threads:
             thread.start()
 
@@ -305,10 +314,10 @@ class Dispatcher:
         try:
             self._send(outcome)
         except requests.RequestException as exc:
-            outcome.error = f"{type(exc).__name__}: {exc}"[:500]
+            outcome.error = redact(f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a bad row must not stop the sender
             log.exception("webhook delivery %s", delivery.id)
-            outcome.error = f"{type(exc).__name__}: {exc}"[:500]
+            outcome.error = redact(f"{type(exc).__name__}: {exc}")
         outcome.duration_ms = (time.perf_counter() - started) * 1000
         return outcome
 
@@ -337,7 +346,7 @@ class Dispatcher:
         ) as response:
             outcome.status = response.status_code
             if not outcome.ok:
-                outcome.error = f"HTTP {response.status_code}: {response.text[:200]}"
+                outcome.error = redact(f"HTTP {response.status_code}: {response.text[:200]}")
 
 
 # -- the admin view ------------------------------------------------------------------------------
