@@ -19,6 +19,8 @@ Identity (Entra-compatible): ``GET /{tenant}/v2.0/.well-known/openid-configurati
 Web API: ``/api/data/v9.0|v9.1|v9.2/…`` — service document, ``$metadata``, ``WhoAmI``,
 ``EntityDefinitions``, the tables in :mod:`.schema` (with ``…(id)/<navigation property>`` and its
 ``/$ref``), ``$batch``, and the bound actions ``CreateMultiple``/``UpdateMultiple``/``UpsertMultiple``.
+Webhooks are registered in ``serviceendpoints`` and ``sdkmessageprocessingsteps`` and delivered
+after each committed write (:mod:`.webhooks`, :mod:`.delivery`).
 
 Admin (not Dataverse; for tests and benchmarks). Reads need no auth. Writes (``POST``)
 need ``Content-Type: application/json`` (else 415) and either a bearer token the sandbox issued
@@ -35,7 +37,9 @@ developer visits cannot change the sandbox; :class:`.process.DataverseSandbox` s
     ``throttled_codes`` (429s by error code), ``execution_ms`` (measured server time of all API
     requests), ``execution_time_window_ms`` (per user id: server time in the current
     execution-time window), ``in_flight`` / ``max_in_flight`` (API requests the server worked on at
-    once) and ``max_parallel_cost`` (requests spending simulated server time at once).
+    once) and ``max_parallel_cost`` (requests spending simulated server time at once);
+    ``webhook_delivered``, ``webhook_failed_attempts``, ``webhook_abandoned`` (notifications
+    given up after ``webhook_max_attempts``) and ``webhook_pending`` (queued now).
 ``POST /_sandbox/counters/reset``
     Zero all counters (send ``{}`` as the body).
 ``GET /_sandbox/knobs`` / ``POST /_sandbox/knobs``
@@ -48,8 +52,16 @@ developer visits cannot change the sandbox; :class:`.process.DataverseSandbox` s
     ``random_seed``, ``expire_tokens_now: true`` (every token issued so far becomes expired),
     ``limits: {"requests", "window_seconds", "concurrency", "execution_time_ms",
     "execution_window_seconds"}``, ``reset_limits: true`` (clear the sliding windows),
-    ``retention_seconds`` (change-tracking retention), ``token_lifetime``.  Returns the resulting
-    settings.
+    ``retention_seconds`` (change-tracking retention), ``token_lifetime``; for webhooks
+    ``webhook_delay_ms`` (extra wait before a notification's first attempt),
+    ``webhook_fail_next`` (fail the next N attempts without sending: ``webhook_fail_status``, 503
+    by default, or 0 for a connection error), ``webhook_max_attempts`` (default 10) and
+    ``webhook_backoff_ms`` (wait after the first failure, doubling; default 1000).  Returns the
+    resulting settings.
+``GET /_sandbox/webhooks[?status=pending|delivered|failed|cancelled&limit=N]``
+    Webhook deliveries by status, and the newest N (default 100): step, endpoint, message,
+    record, ``OperationId``, attempts, last HTTP status and error (query strings redacted),
+    timings.
 
 Service protection (reference §6), per application user, all answering 429 with ``Retry-After``
 and the Dataverse error body: requests per sliding window (``0x80072322``; each ``$batch``
@@ -61,7 +73,9 @@ SQLite's write transaction is serialised (see :mod:`.store`).
 Module layout: :mod:`.schema` (declarative tables), :mod:`.store` (SQLite), :mod:`.records`
 (value validation/rendering), :mod:`.filters` ($filter → SQL), :mod:`.query` (reads, paging,
 change tracking), :mod:`.projection` ($select, $expand, lookup annotations), :mod:`.writes`
-(create/update/upsert/delete/bulk, lookup binds), :mod:`.metadata`, :mod:`.service` (the
-dispatcher shared by HTTP and ``$batch``), :mod:`.identity` (tokens), :mod:`.limits` (service
-protection, knobs, counters), :mod:`.app` (FastAPI), :mod:`.seed`, :mod:`.cli`.  Nothing here imports Airflow.
+(create/update/upsert/delete/bulk, lookup binds), :mod:`.webhooks` (registrations, the
+notification queue, the execution context), :mod:`.delivery` (sending it), :mod:`.metadata`,
+:mod:`.service` (the dispatcher shared by HTTP and ``$batch``), :mod:`.identity` (tokens),
+:mod:`.limits` (service protection, knobs, counters), :mod:`.app` (FastAPI), :mod:`.seed`,
+:mod:`.cli`.  Nothing here imports Airflow.
 """
