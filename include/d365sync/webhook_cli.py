@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -94,7 +94,7 @@ def run_register(args: argparse.Namespace) -> int:
 
     try:
         tables = tables_for(_specs(args), tuple(m.strip() for m in args.messages.split(",") if m.strip()))
-    except (ValueError, SystemExit) as exc:
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     plan = {
@@ -173,7 +173,7 @@ def _shown_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
-def _with_client(action: Any) -> int:
+def _with_client(action: Callable[[Any], dict[str, Any]]) -> int:
     from d365sync.dynamics import DynamicsClient, DynamicsError
     from d365sync.engine import connections as c
     from d365sync.engine.pii import mask_text

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -680,3 +681,27 @@ def test_the_events_command_registers_from_the_entity_specs(
     finally:
         assert main(["events", "unregister", "--name", "cli-hook"]) == 0
     assert len(json.loads(capsys.readouterr().out)["deleted_steps"]) == 6
+
+
+def test_the_delay_knob_holds_deliveries_back(api: Api, sandbox: DataverseSandbox) -> None:
+    api.webhook(f"http://127.0.0.1:{free_port()}/delayed", messages=("Create",))
+    sandbox.set_knobs(webhook_delay_ms=600_000)
+    try:
+        record = api.create("accounts", {"name": "Delayed"})
+    finally:
+        sandbox.set_knobs(webhook_delay_ms=0)
+    (entry,) = logged(sandbox, record)
+    assert (entry["status"], entry["attempts"]) == ("pending", 0)
+    created, due = (datetime.fromisoformat(entry[k]) for k in ("created_on", "next_attempt_on"))
+    assert due - created == timedelta(minutes=10)
+
+
+def test_the_dry_run_merges_entities_on_one_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from d365sync.cli import main
+
+    assert main(["events", "register", "--url", "https://ops.example.com/hook?code=secret", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["url"] == "https://ops.example.com/hook"  # the query, which may hold a key, is not shown
+    assert sorted(plan["tables"]) == ["account", "invoice", "product", "salesorder"]
+    product = plan["tables"]["product"]["filtering_attributes"]  # products and inventory both map product
+    assert {"price", "quantityonhand", "statecode"} <= set(product) and len(product) == len(set(product))

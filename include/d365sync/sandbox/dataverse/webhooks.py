@@ -28,7 +28,7 @@ import json
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -185,10 +185,10 @@ class Webhooks:
         self._cache: dict[tuple[str, str], list[Step]] = {}
         self._registration_touched = False  # in the open transaction: bypass the cache
         self._queued = False  # in the open transaction
-        self._wake: list[Any] = []
+        self._wake: list[Callable[[], None]] = []
         store.after_transaction(self._transaction_ended)
 
-    def on_queued(self, callback: Any) -> None:
+    def on_queued(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after a transaction that queued deliveries commits."""
         self._wake.append(callback)
 
