@@ -13,7 +13,8 @@ instance is enough, or ``dataverse_sandbox_factory(**options)`` for a private on
 A :class:`DataverseSandbox` exposes ``base_url``, ``api_url`` (``…/api/data/v9.2``), ``tenant``,
 ``client_id``, ``client_secret``, ``authority`` (``base_url/tenant``), ``scope``, ``ca_bundle`` (PEM
 path or None), ``verify`` (for requests), ``data_dir``, ``token()``, ``headers()``, ``counters()``,
-``reset_counters()``, ``set_knobs(**kw)``, ``restart()`` (same port and data) and ``stop()``.
+``reset_counters()``, ``set_knobs(**kw)``, ``webhooks()`` (the webhook delivery log), ``restart()``
+(same port and data) and ``stop()``.
 Processes are stopped by pid (SIGTERM, then SIGKILL) at teardown.
 """
 
