@@ -225,11 +225,11 @@ class InboxQueries:
 
     def inbox_done(self, entity: str, run_id: str, now: datetime | None = None) -> int:
         """Close the events ``run_id`` claimed, once its run committed; returns how many."""
-        return self._close_claims(entity, run_id, status="done", done_at=_now(now))
+        return self._close_claims(entity, run_id, {"status": "done", "done_at": _now(now)})
 
     def inbox_release(self, entity: str, run_id: str) -> int:
         """Give a failed run's claimed events back (``new``) for the next run; returns how many."""
-        return self._close_claims(entity, run_id, status="new", run_id=None, claimed_at=None)
+        return self._close_claims(entity, run_id, {"status": "new", "run_id": None, "claimed_at": None})
 
     def inbox_stats(self) -> dict[str, InboxStats]:
         """Rows per status, oldest unclaimed arrival and head, per entity (health, metrics)."""
@@ -256,7 +256,7 @@ class InboxQueries:
         with self.engine.begin() as conn:
             return conn.execute(stmt).rowcount
 
-    def _close_claims(self, entity: str, run_id: str, **values: Any) -> int:
+    def _close_claims(self, entity: str, run_id: str, values: Mapping[str, Any]) -> int:
         i = t.inbox
         where = and_(i.c.entity == entity, i.c.run_id == run_id, i.c.status == "claimed")
         with self.engine.begin() as conn:
