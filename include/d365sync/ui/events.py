@@ -283,6 +283,8 @@ class Receiver:
 
     def _not_stored(self, reason: str) -> tuple[int, dict[str, Any]]:
         if reason not in self._said:  # once per reason: a misrouted webhook must not flood the log
+            if len(self._said) >= 1000:
+                self._said.clear()
             self._said.add(reason)
             log.warning("webhook receiver: accepted and not stored: %s", reason)
         answer = {"accepted": True, "duplicate": False, "added": 0, "ignored": 0, "entities": []}
