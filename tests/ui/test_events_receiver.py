@@ -439,3 +439,14 @@ def test_whoami_unreachable_stores_new_and_warns_once(
     assert [r.status for r in env.rows()] == ["new"] * 3  # the engine's echo guard still applies
     assert server_log(caplog).count("application user is unknown") == 1
     assert "s3cret-value" not in server_log(caplog)
+
+
+def test_unreadable_entity_files_are_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "entities"
+    broken.mkdir()
+    (broken / "customers.yaml").write_text("key: [unclosed\n")
+    monkeypatch.setenv("D365SYNC_ENTITIES_DIR", str(broken))
+    with receiver(tmp_path, webhook_keys=(KEY,), app_user_ids=frozenset()) as env:
+        answer = env.post(context())
+        assert (answer.status_code, answer.json()) == (503, {"detail": "entity files unreadable; retry"})
+        assert env.rows() == []
