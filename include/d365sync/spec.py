@@ -870,6 +870,9 @@ class Retention(Model):
     )
     run_days: int = Field(90, ge=0, description="Run reports (the health report's history).")
     staging_days: int = Field(14, ge=0, description="Staging files, committed or not (and health reports).")
+    inbox_days: int = Field(
+        7, ge=0, description="Event inbox rows done or ignored (notifications: ids and attribute names)."
+    )
 
 
 class PrivacySettings(Model):

@@ -1,4 +1,4 @@
-"""The state store suite of ``tests/unit/test_state.py`` rerun on PostgreSQL.
+"""The state store suites of ``tests/unit/test_state.py`` and ``test_state_inbox.py`` rerun on PostgreSQL.
 
 Each test gets its own schema (created, migrated, dropped), so runs never see each other's
 rows and the migrations are exercised from an empty schema every time.
@@ -17,6 +17,7 @@ from d365sync.engine.state import StateStore, make_engine
 from tests.conftest import SERVICES
 from tests.unit.test_state import *  # noqa: F403  (the same tests, collected again here)
 from tests.unit.test_state import GUID, T0, first_seen, write_v1_data
+from tests.unit.test_state_inbox import *  # noqa: F403
 
 pytestmark = pytest.mark.postgres
 

@@ -3,6 +3,10 @@
 A route added later is covered the moment it exists: it must be an ``APIRoute`` guarded by the
 app-level dependency, and it gets the same anonymous / viewer / operator / CSRF checks. A new
 route with path parameters fails ``test_every_route_has_a_sample`` until a sample is added here.
+
+Machine-to-machine routes (the webhook receiver) are guarded too, by their own key instead of a
+user: no Airflow role opens them (their own tests are in ``test_events_receiver.py``), and a new
+one fails ``test_machine_routes_are_the_known_ones`` until it is reviewed and listed here.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from d365sync.ui.app import create_app, guard
+from d365sync.ui.auth import MACHINE_AUTH
 from d365sync.ui.settings import UiSettings
 from tests.ui.conftest import PREFIX, Env
 
@@ -40,7 +45,10 @@ def _app_routes() -> list[APIRoute]:
 
 
 ROUTES = _app_routes()
-CASES = [(route.path, method) for route in ROUTES for method in sorted(route.methods or ())]
+MACHINE_ROUTES = [route for route in ROUTES if hasattr(route.endpoint, MACHINE_AUTH)]
+MACHINE_PATHS = {"/events/dataverse"}
+USER_ROUTES = [route for route in ROUTES if route not in MACHINE_ROUTES]
+CASES = [(route.path, method) for route in USER_ROUTES for method in sorted(route.methods or ())]
 READS = [(p, m) for p, m in CASES if m == "GET"]
 WRITES = [(p, m) for p, m in CASES if m != "GET"]
 
@@ -54,6 +62,23 @@ def test_every_route_is_an_api_route_guarded_at_app_level() -> None:
     for route in ROUTES:
         assert isinstance(route, APIRoute), f"{route!r} is not an APIRoute: app-level dependencies skip it"
         assert route.dependant.dependencies[0].call is guard, f"{route.path} does not run the guard first"
+
+
+def test_machine_routes_are_the_known_ones() -> None:
+    assert {route.path for route in MACHINE_ROUTES} == MACHINE_PATHS
+
+
+@pytest.mark.parametrize("via", ["cookie", "bearer"])
+@pytest.mark.parametrize("role", [None, "viewer", "op", "admin"])
+@pytest.mark.parametrize("path", sorted(MACHINE_PATHS))
+def test_no_airflow_user_opens_a_machine_route(
+    ui: Env, monkeypatch: pytest.MonkeyPatch, path: str, role: str | None, via: str
+) -> None:
+    monkeypatch.delenv("AIRFLOW_VAR_D365SYNC_WEBHOOK_KEY", raising=False)
+    client = ui.as_role(role, via)
+    response = client.post(PREFIX + path, json={}, headers={"x-csrf-token": ui.csrf() if role else ""})
+    assert response.status_code == 503  # no webhook key configured: closed to everyone
+    assert response.json() == {"detail": "webhook receiver not configured"}
 
 
 def test_every_route_has_a_sample() -> None:

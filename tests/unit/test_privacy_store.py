@@ -17,6 +17,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy import Engine, String, Text, inspect, select, text, update
 
 from d365sync.engine import data_subjects
+from d365sync.engine.inbox import IncomingEvent
 from d365sync.engine.merge import Base
 from d365sync.engine.migrations import schema as t
 from d365sync.engine.privacy import Cipher, Privacy, PrivacyError, key_hash
@@ -236,6 +237,16 @@ def test_purge_deletes_what_is_past_retention_and_keeps_the_rest(store: StateSto
     store.park_children("orders", "r0", [ParkedChild("O1", "customers", "erp", "C9")])
     store.release_children([c.id or 0 for c in store.parked_children("orders")], "r0")
     data_subjects.erase(store, "customers", "C9", actor="dpo")  # an erasure record: kept forever
+    events = [
+        IncomingEvent("erp_poll", "customers", "CUST_MASTER", k, "Update", k) for k in ("C1", "C2", "C3")
+    ]
+    store.inbox_add(events[:2], now=T0)
+    store.inbox_add(
+        [IncomingEvent("erp_poll", "customers", "CUST_MASTER", "C4", "Update", "C4", ignored=True)], now=T0
+    )
+    store.inbox_add(events[2:])  # recent, and still waiting for a run
+    store.inbox_claim("customers", "r0", limit=1, now=T0)
+    store.inbox_done("customers", "r0", now=T0)  # C1 done a year ago; C2 still new: kept
     with store.engine.begin() as conn:  # the controlled clock: these rows are a year old
         conn.execute(update(t.audit).where(t.audit.c.record_key != KEY).values(at=T0))
         conn.execute(update(t.dead_letter).where(t.dead_letter.c.status != "pending").values(resolved_at=T0))
@@ -246,17 +257,25 @@ def test_purge_deletes_what_is_past_retention_and_keeps_the_rest(store: StateSto
         "dead_letters": 0,
         "parked": 0,
         "runs": 0,
+        "inbox": 0,
     }
     assert data_subjects.purge(store, Retention(), now=now) == {
         "audit": 1,  # C9's update; the erasure row stays, and KEY's row is recent
         "dead_letters": 2,  # skipped and resolved; the pending letter stays
         "parked": 1,
         "runs": 1,  # the finished one; "stuck" is still running
+        "inbox": 2,  # C1 done and C4 ignored a year ago; C2 and C3 wait for a run
     }
+    assert [e.record_id for e in store.inbox_events("customers")] == ["C2", "C3"]
     assert [a["operation"] for a in store.audit_log("customers")] == ["erase", "update"]
     assert [d.record_key for d in store.active_dead_letters("customers")] == [KEY]
     assert store.run_report("stuck", "customers") is not None and store.run_report("old", "customers") is None
-    assert data_subjects.purge(store, Retention(audit_days=0, dead_letter_days=0, run_days=0), now=now) == {}
+    assert (
+        data_subjects.purge(
+            store, Retention(audit_days=0, dead_letter_days=0, run_days=0, inbox_days=0), now=now
+        )
+        == {}
+    )
 
     old_file = tmp_path / "staging" / "run_old" / "customers" / "plan" / "b00000.parquet"
     new_file = tmp_path / "staging" / "run_new" / "customers" / "x.parquet"

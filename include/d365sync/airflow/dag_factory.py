@@ -392,7 +392,8 @@ def build_health_dag(specs: Mapping[str, EntitySpec]) -> DAG:
         "reviews older than `stale_after_days`. With an alert channel configured (webhook or SMTP) it "
         "sends a summary with the report's address (e-mail: the HTML attached); never record values.\n\n"
         "`purge_expired` applies the retention periods of `privacy.retention` in the entities' "
-        "`_defaults.yaml`: old audit rows, closed dead letters, run reports and staging files.\n\n"
+        "`_defaults.yaml`: old audit rows, closed dead letters, run reports, done or ignored event inbox "
+        "rows and staging files.\n\n"
         "Entities: " + ", ".join(f"`{e}`" for e in entity_order(specs))
     )
     params = {

@@ -545,7 +545,8 @@ def _send_health(summary: dict[str, Any], run: Any, link: str, attachment: str) 
 
 # ------------------------------------------------------------------------------- privacy
 def purge_expired() -> dict[str, Any]:
-    """The health DAG's retention purge: old audit rows, closed dead letters, run reports, staging files.
+    """The health DAG's retention purge: old audit rows, closed dead letters, run reports, done or
+    ignored inbox events, staging files.
 
     Periods come from ``privacy.retention`` in the entities' ``_defaults.yaml``.
     """

@@ -12,7 +12,8 @@ there (their owners do, see ``docs/security.md``).
   staging rows that mention the key or the Dataverse id are dropped from their files. One audit
   row records the erasure with no personal data: entity, key hash, actor, counts.
 * :func:`purge` / :func:`purge_staging` — retention: old audit rows (never erasure records),
-  closed dead letters, released parked children, run reports, staging files.
+  closed dead letters, released parked children, run reports, done or ignored inbox events,
+  staging files.
 * :func:`rotate_keys` — every encrypted value re-encrypted with the newest key (and every
   ``pii`` value still clear encrypted), so older keys can be dropped.
 
@@ -46,6 +47,7 @@ class RetentionPeriods(Protocol):
     dead_letter_days: int
     run_days: int
     staging_days: int
+    inbox_days: int
 
 
 # ------------------------------------------------------------------------------ retention
@@ -70,6 +72,8 @@ def purge(store: StateStore, retention: RetentionPeriods, now: datetime | None =
             cutoff = now - timedelta(days=retention.run_days)
             stmt = delete(r).where(r.c.started_at < cutoff, r.c.status != "running")
             counts["runs"] = conn.execute(stmt).rowcount
+    if retention.inbox_days:
+        counts["inbox"] = store.purge_inbox(now - timedelta(days=retention.inbox_days))
     return counts
 
 

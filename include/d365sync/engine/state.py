@@ -36,6 +36,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from d365sync.engine import migrations
 from d365sync.engine.codec import decode, encode
+from d365sync.engine.inbox import InboxQueries
 from d365sync.engine.merge import SIDES, Base
 from d365sync.engine.migrations import schema as t
 from d365sync.engine.pii import mask_fields
@@ -228,8 +229,11 @@ def make_engine(url: str = DEFAULT_URL, schema: str | None = None, **kwargs: Any
     return engine
 
 
-class StateStore:
-    """The state store API. Thread-safe as an Engine is; one instance per process is enough."""
+class StateStore(InboxQueries):
+    """The state store API. Thread-safe as an Engine is; one instance per process is enough.
+
+    The event inbox (``inbox_*``, ``purge_inbox``) lives in :mod:`d365sync.engine.inbox`.
+    """
 
     def __init__(
         self,

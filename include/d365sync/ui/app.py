@@ -7,7 +7,9 @@ request, so importing the plugin costs FastAPI and Jinja2, both already loaded b
 Security, in one place: :func:`guard` is an *app-level* dependency, so it runs for every route
 the app has or will have. It authenticates the Airflow user, lets readers read, and requires
 an acting role (plus a CSRF token when the cookie authenticated the request) for anything that
-is not GET/HEAD/OPTIONS. There is no ``StaticFiles`` mount and no OpenAPI/docs route, because
+is not GET/HEAD/OPTIONS. The one exception is a route marked machine-to-machine (the webhook
+receiver, :mod:`d365sync.ui.events`): the guard authenticates it by its own key instead, and
+nothing else. There is no ``StaticFiles`` mount and no OpenAPI/docs route, because
 mounts and FastAPI's built-in routes would bypass app-level dependencies.
 """
 
@@ -35,8 +37,10 @@ from d365sync.ui.auth import (
     Forbidden,
     NotAuthenticated,
     Principal,
+    machine_authenticator,
     submitted_csrf,
 )
+from d365sync.ui.events import Receiver
 from d365sync.ui.hardening import SecurityHeadersMiddleware
 from d365sync.ui.settings import UiSettings
 
@@ -45,13 +49,15 @@ HERE = Path(__file__).resolve().parent
 
 @dataclass
 class UiContext:
-    """What every request shares: settings, the (lazily opened) store, auth and the API client."""
+    """What every request shares: settings, the (lazily opened) store, auth, the API client and
+    the webhook receiver."""
 
     settings: UiSettings
     authenticator: Authenticator
     csrf: Csrf
     airflow: AirflowApi
     templates: Jinja2Templates
+    events: Receiver
     _store: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -79,6 +85,7 @@ def create_app(
     settings: UiSettings | None = None,
     authenticator: Authenticator | None = None,
     airflow_api: AirflowApi | None = None,
+    receiver: Receiver | None = None,
 ) -> FastAPI:
     """Build the app; ``state_url`` overrides the configured state store."""
     settings = settings or UiSettings.from_env(state_url=state_url)
@@ -97,14 +104,16 @@ def create_app(
         csrf=Csrf(settings.secret),
         airflow=airflow_api or AirflowApi(settings.airflow_api_url),
         templates=_templates(settings),
+        events=receiver or Receiver.from_settings(settings),
     )
     app.add_middleware(CsrfCookieMiddleware, cookie_path=lambda scope: scope.get("root_path") or "/")
     app.add_middleware(SecurityHeadersMiddleware)  # added last: outermost, so every answer gets it
     app.add_exception_handler(NotAuthenticated, _not_authenticated)
     app.add_exception_handler(Forbidden, _forbidden)
-    from d365sync.ui import routes
+    from d365sync.ui import events, routes
 
     app.include_router(routes.router)
+    app.include_router(events.router)
     return app
 
 
@@ -123,7 +132,13 @@ def ctx_of(request: Request) -> UiContext:
 
 
 async def guard(request: Request) -> Principal:
-    """Authenticate every request; writes need an acting role and (cookie auth) a CSRF token."""
+    """Authenticate every request; writes need an acting role and (cookie auth) a CSRF token.
+
+    A machine-to-machine route is authenticated by its own authenticator only (no user token).
+    """
+    if (machine := machine_authenticator(request)) is not None:
+        request.state.principal = await machine(request)
+        return request.state.principal
     ctx = ctx_of(request)
     user = await ctx.authenticator(request)
     if not user.can_read:

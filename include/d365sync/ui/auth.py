@@ -20,6 +20,11 @@ site, so a write authenticated by the cookie must also carry a token the forger 
 a signed double-submit token. A random nonce lives in the ``d365sync_csrf`` cookie (SameSite
 strict); forms carry ``HMAC(secret, nonce | user)``. A write authenticated by a Bearer header
 needs no token: no browser attaches that header on its own.
+
+Machines. A route marked :func:`machine_to_machine` (the Dataverse webhook receiver) is called
+by a system, not a person: the guard authenticates it with the route's own authenticator (a
+shared key) *instead of* the Airflow token, so a user token never opens it and its key never
+opens anything else. No session and no CSRF token: no browser sends the key on its own.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import hmac
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +47,8 @@ CSRF_COOKIE = "d365sync_csrf"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MACHINE_AUTH = "__d365sync_machine_auth__"
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 
 class NotAuthenticated(Exception):
@@ -62,7 +69,7 @@ class Principal:
 
     name: str
     role: str
-    via: Literal["bearer", "cookie"]
+    via: Literal["bearer", "cookie", "machine"]
     token: str
 
     @property
@@ -86,6 +93,22 @@ class Authenticator(Protocol):
     """Turns a request into a :class:`Principal` or raises :class:`NotAuthenticated`."""
 
     async def __call__(self, request: Request) -> Principal: ...
+
+
+def machine_to_machine(authenticate: Authenticator) -> Callable[[Endpoint], Endpoint]:
+    """Mark an endpoint as called by a machine, authenticated by ``authenticate`` alone."""
+
+    def mark(endpoint: Endpoint) -> Endpoint:
+        setattr(endpoint, MACHINE_AUTH, authenticate)
+        return endpoint
+
+    return mark
+
+
+def machine_authenticator(request: Request) -> Authenticator | None:
+    """The authenticator of the matched route if it is a machine-to-machine one, else None."""
+    endpoint = getattr(request.scope.get("route"), "endpoint", None)
+    return getattr(endpoint, MACHINE_AUTH, None)
 
 
 def request_token(request: Request) -> tuple[str, Literal["bearer", "cookie"]] | None:

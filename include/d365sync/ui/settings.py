@@ -28,12 +28,21 @@ has a default that makes the embedded demo work with nothing set.
                                     (:mod:`d365sync.roles`; the operations DAGs read it too, so
                                     set it on the workers as well)
 ``D365SYNC_UI_STALE_REVIEW_DAYS``   open reviews older than this are flagged (7)
+``D365SYNC_WEBHOOK_KEY``            key(s) of the Dataverse webhook receiver, comma-separated for
+                                    rotation (each at least 16 characters); else the Airflow
+                                    Variable ``d365sync_webhook_key``; neither: the receiver answers
+                                    503 (:mod:`d365sync.ui.events`)
+``D365SYNC_APP_USER_IDS``           the sync's Dataverse application user id(s), comma-separated:
+                                    notifications of their writes are stored ``ignored``; else
+                                    ``WhoAmI`` of the Dynamics connection, asked once
+``D365SYNC_DYNAMICS_CONN_ID``       that connection (``dynamics_default``), as for the DAGs
 ==================================  ===============================================================
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +71,10 @@ class UiSettings:
     # names of the pii: true fields and columns, masked for readers who may not reveal (None: read
     # from the entity files, D365SYNC_ENTITIES_DIR or the shipped ones, when the app is built)
     personal_fields: frozenset[str] | None = None
+    # the webhook receiver: its keys (never in a repr) and the sync's own application users
+    webhook_keys: tuple[str, ...] = field(default=(), repr=False)
+    app_user_ids: frozenset[str] | None = None
+    dynamics_conn_id: str = "dynamics_default"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> UiSettings:
@@ -81,9 +94,26 @@ class UiSettings:
             "secret": env.get("D365SYNC_UI_SECRET") or None,
             "role_map": parse_role_map(env.get(ROLE_MAP_ENV, "")),
             "stale_review_days": _int(env, "D365SYNC_UI_STALE_REVIEW_DAYS", 7),
+            "webhook_keys": _items(env.get("D365SYNC_WEBHOOK_KEY", "")),
+            "app_user_ids": _guids(env, "D365SYNC_APP_USER_IDS"),
+            "dynamics_conn_id": env.get("D365SYNC_DYNAMICS_CONN_ID") or "dynamics_default",
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _items(raw: str) -> tuple[str, ...]:
+    """``"a, b,"`` -> ``("a", "b")``."""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _guids(env: Mapping[str, str], name: str) -> frozenset[str] | None:
+    """Comma-separated GUIDs, normalised (lower case, no braces); None when unset."""
+    items = _items(env.get(name, ""))
+    try:
+        return frozenset(str(uuid.UUID(item.strip("{}"))) for item in items) if items else None
+    except ValueError:
+        raise ValueError(f"{name}: every item must be a GUID") from None
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

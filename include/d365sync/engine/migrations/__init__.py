@@ -21,7 +21,12 @@ from typing import NamedTuple
 
 from sqlalchemy import Column, Connection, Engine, Integer, MetaData, String, Table, exc, func, select, text
 
-from d365sync.engine.migrations import v001_initial, v002_dead_letter_payload, v003_record_first_seen
+from d365sync.engine.migrations import (
+    v001_initial,
+    v002_dead_letter_payload,
+    v003_record_first_seen,
+    v004_event_inbox,
+)
 from d365sync.engine.migrations.types import UtcDateTime
 
 
@@ -35,6 +40,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, v001_initial.NAME, v001_initial.upgrade),
     Migration(2, v002_dead_letter_payload.NAME, v002_dead_letter_payload.upgrade),
     Migration(3, v003_record_first_seen.NAME, v003_record_first_seen.upgrade),
+    Migration(4, v004_event_inbox.NAME, v004_event_inbox.upgrade),
 )
 HEAD = MIGRATIONS[-1].version
 

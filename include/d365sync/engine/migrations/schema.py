@@ -180,3 +180,30 @@ run = Table(
     Column("timings_json", Text),
     Column("error", Text),
 )
+
+#: Change notifications waiting for a run (webhooks, Service Bus, ERP polling); ids and changed
+#: attribute names only, never values. ``id`` is the order of arrival.
+inbox = Table(
+    "sync_inbox",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("source", String(32), nullable=False),
+    Column("entity", String(64), nullable=False),
+    Column("table_name", String(128), nullable=False),
+    Column("record_id", String(255), nullable=False),
+    Column("message", String(16), nullable=False),
+    Column("attributes", Text),
+    Column("dedupe_key", String(255), nullable=False),
+    Column("correlation_id", String(64)),
+    Column("user_id", String(64)),
+    Column("depth", Integer),
+    Column("operation_created_on", UtcDateTime),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("run_id", String(250)),
+    Column("claimed_at", UtcDateTime),
+    Column("done_at", UtcDateTime),
+    UniqueConstraint("source", "entity", "dedupe_key", name="uq_sync_inbox_dedupe"),
+)
+Index("ix_sync_inbox_queue", inbox.c.entity, inbox.c.status, inbox.c.id)
+Index("ix_sync_inbox_closed", inbox.c.status, inbox.c.done_at)
