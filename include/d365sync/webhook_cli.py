@@ -8,8 +8,8 @@ table share its steps.  ``unregister`` removes the webhook and its steps; ``show
 steps.  ``--dry-run`` prints what ``register`` would ask for without connecting.
 
 The key Dataverse sends as ``?code=`` comes from the environment variable ``--key-env`` (default
-``D365SYNC_EVENTS_KEY``), else from the Airflow Variable ``d365sync_events_key`` as Airflow passes
-Variables through the environment (``AIRFLOW_VAR_D365SYNC_EVENTS_KEY``).  It is never printed.
+``D365SYNC_WEBHOOK_KEY``), else from the Airflow Variable ``d365sync_webhook_key`` as Airflow passes
+Variables through the environment (``AIRFLOW_VAR_D365SYNC_WEBHOOK_KEY``).  It is never printed.
 The Dynamics connection is the DAGs' (``AIRFLOW_CONN_DYNAMICS_DEFAULT``), else the local sandbox.
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-KEY_ENV = "D365SYNC_EVENTS_KEY"
-KEY_VARIABLE = "d365sync_events_key"
+KEY_ENV = "D365SYNC_WEBHOOK_KEY"
+KEY_VARIABLE = "d365sync_webhook_key"
 DEFAULT_NAME = "d365sync"
 STATE_COLUMNS = ("statecode", "statuscode")
 
@@ -164,7 +164,10 @@ def _specs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _key(env_name: str) -> str:
-    return os.environ.get(env_name) or os.environ.get(f"AIRFLOW_VAR_{KEY_VARIABLE.upper()}") or ""
+    """The key Dataverse will send: the first of the receiver's keys (during a rotation the new
+    key comes first, the old one still accepted after it)."""
+    keys = os.environ.get(env_name) or os.environ.get(f"AIRFLOW_VAR_{KEY_VARIABLE.upper()}") or ""
+    return next((k.strip() for k in keys.split(",") if k.strip()), "")
 
 
 def _shown_url(url: str) -> str:

@@ -230,9 +230,9 @@ def test_cast_to_a_derived_attribute_type(dataverse_sandbox: DataverseSandbox) -
     [
         ("$filter=ObjectTypeCode gt 1000 and ObjectTypeCode lt 1100", {"product", "salesorder", "invoice"}),
         (
-                "$filter=CanChangeTrackingBeEnabled/Value eq true and ChangeTrackingEnabled eq true",
-                {name for name, table in TABLES.items() if table.change_tracking},
-            ),
+            "$filter=CanChangeTrackingBeEnabled/Value eq true and ChangeTrackingEnabled eq true",
+            {name for name, table in TABLES.items() if table.change_tracking},
+        ),
         (f"$filter=OwnershipType eq {NS}.OwnershipTypes'UserOwned' and IsPrivate eq false", set(TABLES)),
         ("$filter=startswith(LogicalName,'trans') or IsCustomizable/Value eq false", {"transactioncurrency"}),
         (

@@ -655,8 +655,8 @@ def test_the_events_command_registers_from_the_entity_specs(
     from d365sync.cli import main
 
     monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(sandbox.airflow_connection()))
-    monkeypatch.delenv("D365SYNC_EVENTS_KEY", raising=False)
-    monkeypatch.setenv("AIRFLOW_VAR_D365SYNC_EVENTS_KEY", "cli-secret-key")
+    monkeypatch.delenv("D365SYNC_WEBHOOK_KEY", raising=False)
+    monkeypatch.setenv("AIRFLOW_VAR_D365SYNC_WEBHOOK_KEY", "cli-secret-key")
     url = receiver.url("/cli")
     try:
         assert (
