@@ -520,6 +520,28 @@ class FieldSpec(Model):
 
 
 # -------------------------------------------------------------------------------- entity
+class Events(Model):
+    """What starts a run between cron ticks (issue 13); the cron stays as the safety net.
+
+    ``dynamics: webhook``: Dataverse notifications that reach the receiver's inbox start a run
+    within seconds. ``erp: poll``: one cheap query (the cursor column's maximum) every
+    ``poll_seconds`` starts a run when it moved. Either way the run itself still reads the delta
+    token and the cursor, so a lost notification only delays a change until the next event or tick.
+    """
+
+    dynamics: Literal["webhook", "none"] = Field("none", description="Dataverse webhook notifications.")
+    erp: Literal["poll", "none"] = Field("none", description="ERP cursor polling (cursor tables only).")
+    poll_seconds: float = Field(5.0, ge=1.0, le=3600.0, description="ERP poll interval.")
+    inbox_poll_seconds: float = Field(1.0, ge=0.2, le=60.0, description="How often the inbox is checked.")
+    fast_lane_max: int = Field(
+        200, ge=0, le=100_000, description="Event runs with at most this many inbox events run as one task."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.dynamics != "none" or self.erp != "none"
+
+
 class EntitySpec(Model):
     """One entity: a pair of tables kept in sync, field by field."""
 
@@ -539,6 +561,9 @@ class EntitySpec(Model):
         default_factory=lambda: Examples(),
         description="Sample rows; the generated entity suite round-trips them.",
     )
+    events: Events = Field(
+        default_factory=lambda: Events(), description="Event-driven runs (webhooks, ERP polling)."
+    )
 
     @field_validator("fields", mode="before")
     @classmethod
@@ -556,7 +581,13 @@ class EntitySpec(Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> EntitySpec:
-        for check in (self._check_key, self._check_detection, self._check_bijections, self._check_state):
+        for check in (
+            self._check_key,
+            self._check_detection,
+            self._check_bijections,
+            self._check_state,
+            self._check_events,
+        ):
             check()
         return self
 
@@ -578,6 +609,13 @@ class EntitySpec(Model):
     def _check_detection(self) -> None:
         if self.erp.change_detection.mode == "delta":
             raise ValueError("erp.change_detection: delta tokens exist only in Dynamics")
+
+    def _check_events(self) -> None:
+        if self.events.erp == "poll" and self.erp.change_detection.mode != "cursor":
+            raise ValueError(
+                "events.erp: poll needs erp.change_detection mode cursor (a snapshot table has no "
+                "column whose maximum moves when a row changes)"
+            )
 
     def _check_bijections(self) -> None:
         for f in self.fields.values():

@@ -157,13 +157,15 @@ class InboxQueries:
         ignored = sum(status == "ignored" for status in stored)
         return InboxAddResult(len(stored) - ignored, len(rows) - len(stored), ignored)
 
-    def inbox_head(self, entity: str | None = None) -> int:
+    def inbox_head(self, entity: str | None = None, *, waiting_only: bool = False) -> int:
         """The newest event that may start a run (``ignored`` rows never do); 0 when none.
+        ``waiting_only``: the newest still ``new`` (not claimed by a run yet).
 
         One indexed aggregate: cheap enough for a trigger to poll every second or two.
         """
         i = t.inbox
-        query = select(func.coalesce(func.max(i.c.id), 0)).where(i.c.status != "ignored")
+        wanted = i.c.status == "new" if waiting_only else i.c.status != "ignored"
+        query = select(func.coalesce(func.max(i.c.id), 0)).where(wanted)
         if entity is not None:
             query = query.where(i.c.entity == entity)
         with self.engine.connect() as conn:

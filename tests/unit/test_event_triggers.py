@@ -1,0 +1,185 @@
+"""The event triggers (issue 13) against a real SQLite state store and a real SQLite ERP over ODBC.
+
+The triggers run here as the triggerer runs them: ``run()`` is an async generator driven by an
+event loop, connections come from ``AIRFLOW_CONN_*`` through ``BaseHook.aget_connection``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from d365sync.airflow.triggers import ErpChangeTrigger, InboxTrigger
+from d365sync.engine.events import as_timestamp, committed_erp_cursor, erp_cursor_max
+from d365sync.engine.inbox import IncomingEvent
+from d365sync.engine.state import StateStore
+from d365sync.erp import ErpClient
+from d365sync.sandbox.erp import sqlite_airflow_connection
+from d365sync.sandbox.erp.seeder import init_sandbox
+from d365sync.spec import load_entities
+
+ENTITIES = Path(__file__).resolve().parents[2] / "include" / "entities"
+QUIET = 0.6  # seconds a trigger is given to stay silent
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StateStore]:
+    db = tmp_path / "state.db"
+    monkeypatch.setenv("AIRFLOW_CONN_SYNC_STATE_DEFAULT", f"sqlite:///{db}")
+    with StateStore.open(f"sqlite:///{db}") as opened:
+        yield opened
+
+
+@pytest.fixture
+def erp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ErpClient]:
+    db = tmp_path / "erp.db"
+    client = ErpClient(f"DRIVER={{SQLite3}};Database={db};")
+    init_sandbox(client, rows=5, only=("CURR_CODE_MAP", "CUST_MASTER"))
+    monkeypatch.setenv("AIRFLOW_CONN_ERP_DEFAULT", json.dumps(sqlite_airflow_connection(db)))
+    yield client
+    client.close()
+
+
+def _event(n: int, entity: str = "customers", *, ignored: bool = False) -> IncomingEvent:
+    return IncomingEvent(
+        source="dataverse_webhook",
+        entity=entity,
+        table_name="account",
+        record_id=f"00000000-0000-0000-0000-{n:012d}",
+        message="Update",
+        dedupe_key=f"op:{n}",
+        attributes=("name",),
+        ignored=ignored,
+    )
+
+
+class Listener:
+    """Drives a trigger's ``run()`` in a task, as the triggerer does; events land in a queue."""
+
+    def __init__(self, trigger: Any) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._drain(trigger.run()))
+
+    async def _drain(self, events: AsyncIterator[Any]) -> None:
+        async for event in events:
+            await self.queue.put(event)
+
+    async def next(self, timeout: float) -> Any:
+        """The next event, or None if the trigger stays silent for ``timeout`` seconds."""
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            assert not self.task.done(), self.task.exception()  # silent, not dead
+            return None
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+def test_inbox_trigger_fires_once_per_new_waiting_event(store: StateStore) -> None:
+    async def scenario() -> list[Any]:
+        seen: list[Any] = []
+        events = Listener(InboxTrigger("customers", poll_seconds=0.2))
+        seen.append(await events.next(QUIET))  # empty inbox: silent
+        store.inbox_add([_event(1), _event(2)])
+        seen.append(await events.next(5))  # fires for the batch
+        seen.append(await events.next(QUIET))  # nothing newer: silent
+        store.inbox_add([_event(3, ignored=True), _event(4, entity="orders")])
+        seen.append(await events.next(QUIET))  # our own write and another entity: silent
+        store.inbox_claim("customers", "run-1")
+        store.inbox_add([_event(5)])
+        seen.append(await events.next(5))
+        await events.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+
+    assert seen[0] is None and seen[2] is None and seen[3] is None
+    assert seen[1].payload == {"entity": "customers", "source": "dataverse_webhook", "head": 2}
+    assert seen[4].payload["head"] == 5
+
+
+def test_inbox_trigger_after_a_restart_fires_for_what_is_still_waiting(store: StateStore) -> None:
+    store.inbox_add([_event(1), _event(2)])
+    store.inbox_claim("customers", "run-1")  # taken by a run: not waiting any more
+    store.inbox_add([_event(3)])
+
+    async def first() -> Any:
+        events = Listener(InboxTrigger("customers", poll_seconds=0.2))
+        try:
+            return await events.next(5)
+        finally:
+            await events.close()
+
+    assert asyncio.run(first()).payload["head"] == 3
+    store.inbox_claim("customers", "run-2")
+    assert asyncio.run(_silent(InboxTrigger("customers", poll_seconds=0.2)))
+
+
+async def _silent(trigger: Any) -> bool:
+    events = Listener(trigger)
+    try:
+        return await events.next(QUIET) is None
+    finally:
+        await events.close()
+
+
+def test_erp_trigger_fires_when_the_cursor_column_moves_past_the_committed_watermark(
+    store: StateStore, erp: ErpClient
+) -> None:
+    spec = load_entities(ENTITIES)["customers"]
+    newest = erp_cursor_max(erp, spec)
+    assert newest is not None
+    store.stage_watermark("customers", "erp", "run-0", token=json.dumps({"value": newest.isoformat()}))
+    store.commit_watermarks("customers", "run-0")
+    assert committed_erp_cursor(store, "customers") == newest
+
+    later = (newest + timedelta(minutes=3)).strftime("%Y-%m-%d %H:%M:%S")
+
+    async def scenario() -> list[Any]:
+        events = Listener(ErpChangeTrigger("customers", poll_seconds=0.2))
+        seen = [await events.next(QUIET)]  # nothing past the watermark: silent
+        erp.execute([f"UPDATE CUST_MASTER SET LAST_UPD = '{later}' WHERE CUST_NO = 'C000000001'"])
+        seen.append(await events.next(5))
+        seen.append(await events.next(QUIET))  # the same maximum again: silent
+        await events.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+
+    assert seen[0] is None and seen[2] is None
+    assert seen[1].payload["source"] == "erp_poll"
+    assert as_timestamp(seen[1].payload["cursor"]) == datetime.fromisoformat(later)
+
+
+def test_triggers_serialize_to_their_own_class_and_arguments() -> None:
+    path, kwargs = InboxTrigger("orders", poll_seconds=2).serialize()
+    assert path == "d365sync.airflow.triggers.InboxTrigger"
+    assert kwargs == {"entity": "orders", "poll_seconds": 2.0}
+    assert ErpChangeTrigger(**kwargs).serialize()[0] == "d365sync.airflow.triggers.ErpChangeTrigger"
+
+
+def test_erp_probe_refuses_a_snapshot_table() -> None:
+    snapshot = [s for s in load_entities(ENTITIES).values() if s.erp.change_detection.mode == "snapshot"]
+    assert snapshot, "no snapshot entity to check"
+    with pytest.raises(ValueError, match="no cursor column"):
+        erp_cursor_max(object(), snapshot[0])
+
+
+def test_spec_refuses_erp_polling_on_a_snapshot_table() -> None:
+    from d365sync.spec import EntitySpec
+
+    snapshot = next(s for s in load_entities(ENTITIES).values() if s.erp.change_detection.mode == "snapshot")
+    data = snapshot.model_dump(by_alias=True, exclude_none=False)
+    data["events"] = {"erp": "poll"}
+    with pytest.raises(ValueError, match=r"events\.erp: poll needs"):
+        EntitySpec.model_validate(data)
