@@ -34,10 +34,17 @@ pii_key() {
     [[ -s "$DEMO/pii.key" ]] || PYTHONPATH="$REPO/include" "$VENV/bin/python" -m d365sync.cli privacy generate-key --out "$DEMO/pii.key"
 }
 
+# webhook_key: the key Dataverse's webhook sends to the operations app's receiver
+# (/d365sync/events/dataverse), generated once into $DEMO/webhook.key (mode 600).
+webhook_key() {
+    [[ -s "$DEMO/webhook.key" ]] || (umask 077; "$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' > "$DEMO/webhook.key")
+}
+
 # write_env FILE AIRFLOW_HOME: the demo's settings as a sourceable file.
 write_env() {
     local file=$1 home=$2 dv="http://127.0.0.1:$DV_PORT"
     pii_key
+    webhook_key
     cat > "$file" <<ENV
 export AIRFLOW_HOME=$home
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///$home/airflow.db
@@ -57,6 +64,7 @@ export AIRFLOW_CONN_DYNAMICS_DEFAULT='{"conn_type": "dynamics", "host": "$dv", "
 export AIRFLOW_CONN_ERP_DEFAULT='{"conn_type": "erp_odbc", "schema": "$DEMO/erp.db", "extra": {"driver": "SQLite3"}}'
 export AIRFLOW_CONN_SYNC_STATE_DEFAULT='{"conn_type": "sqlite", "host": "$DEMO/state.db"}'
 export D365SYNC_PII_KEYS=\$(cat "$DEMO/pii.key")
+export D365SYNC_WEBHOOK_KEY=\$(cat "$DEMO/webhook.key")
 export PATH=$VENV/bin:\$PATH
 ENV
 }
@@ -185,6 +193,10 @@ start() {
     for dag in $(python -c 'from d365sync.airflow.dag_factory import *; print(*(dag_id_for(e) for e in entity_order(load_specs())), "reconcile")'); do
         for _ in $(seq 60); do airflow dags unpause "$dag" > /dev/null 2>&1 && break; sleep 2; done
     done
+    # Dataverse notifies the receiver of changes to the event-driven entities' tables
+    d365sync events register --url "http://127.0.0.1:$UI_PORT/d365sync/events/dataverse" > "$DEMO/webhook.log" 2>&1 \
+        && echo "webhook: sandbox changes notify http://127.0.0.1:$UI_PORT/d365sync/events/dataverse" \
+        || { echo "webhook registration failed:"; tail -5 "$DEMO/webhook.log"; }
     echo "Airflow UI: http://127.0.0.1:$UI_PORT   logins (SimpleAuthManager):"
     logins
     echo "  passwords: $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"

@@ -2,8 +2,9 @@
 
 ``register --url URL [--entities customers,orders]`` registers (idempotently) a webhook named
 ``--name`` (default ``d365sync``) with one asynchronous step per Dynamics table of the chosen
-entities (all by default) and per message (Create, Update, Delete); the Update steps filter on
-the Dynamics columns the entities map, plus ``statecode``/``statuscode``.  Two entities on one
+entities (by default those whose file has ``events.dynamics: webhook``; none: nothing to do) and
+per message (Create, Update, Delete); the Update steps filter on the Dynamics columns the
+entities map, plus ``statecode``/``statuscode``.  Two entities on one
 table share its steps.  ``unregister`` removes the webhook and its steps; ``show`` lists the
 steps.  ``--dry-run`` prints what ``register`` would ask for without connecting.
 
@@ -53,7 +54,10 @@ def add_parser(commands: Any) -> None:
     register.add_argument(
         "--url", required=True, help="receiver URL, e.g. https://ops.example.com/d365sync/events/dataverse"
     )
-    register.add_argument("--entities", help="comma-separated entity names (default: every entity)")
+    register.add_argument(
+        "--entities",
+        help="comma-separated entity names (default: those with events.dynamics: webhook)",
+    )
     register.add_argument(
         "--entities-dir", type=Path, help="entity YAML directory (default: the shipped one)"
     )
@@ -93,7 +97,11 @@ def run_register(args: argparse.Namespace) -> int:
     from d365sync.dynamics.webhooks import register_webhook
 
     try:
-        tables = tables_for(_specs(args), tuple(m.strip() for m in args.messages.split(",") if m.strip()))
+        specs = _specs(args)
+        if not specs:
+            print("nothing to register: no entity has events.dynamics: webhook (name some with --entities)")
+            return 0
+        tables = tables_for(specs, tuple(m.strip() for m in args.messages.split(",") if m.strip()))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -154,8 +162,8 @@ def _specs(args: argparse.Namespace) -> dict[str, Any]:
     from d365sync.spec import entities_dir, load_entities
 
     specs = load_entities(args.entities_dir or entities_dir())
-    if not args.entities:
-        return specs
+    if not args.entities:  # the entities whose file asks for webhooks
+        return {n: s for n, s in specs.items() if s.events.dynamics == "webhook"}
     names = [n.strip() for n in args.entities.split(",") if n.strip()]
     unknown = [n for n in names if n not in specs]
     if unknown:

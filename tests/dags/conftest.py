@@ -36,6 +36,8 @@ ENTITY_TASKS = [
     "commit_state",
     "report",
 ]
+# Entities with ``events`` (customers, orders) run a branch first: the fast lane or the chain above.
+EVENT_TASKS = ["route", "sync_events"]
 
 # The triggering_user_name dag.test() records for its run (airflow.sdk DAG.test): the user whose role
 # the operations DAGs check (d365sync.airflow.tasks.acting_user).

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.dags.conftest import DAGS_FOLDER, ENTITY_TASKS
+from tests.dags.conftest import DAGS_FOLDER, ENTITY_TASKS, EVENT_TASKS
 
 HEAVY = (
     "pandas",
@@ -79,6 +79,38 @@ def test_entity_dag_shape(dagbag: Any) -> None:
     orders = dagbag.dags["sync_orders"].timetable
     assert isinstance(orders, AssetOrTimeSchedule)
     assert "d365sync://entities/customers" in repr(orders.asset_condition)
+
+
+def test_event_driven_entity_dag_shape() -> None:
+    """``events`` in an entity file: the cron or the change signal (the inbox and ERP-poll
+    triggers), and a ``route`` branch between the one-task fast lane and the staged chain."""
+    from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable
+
+    from d365sync.airflow.dag_factory import build_entity_dag, load_specs
+    from d365sync.spec import Events
+
+    spec = load_specs()["customers"]
+    events = Events(dynamics="webhook", erp="poll", poll_seconds=3)
+    dag = build_entity_dag(spec.model_copy(update={"events": events}))
+
+    assert sorted(t.task_id for t in dag.tasks) == sorted(ENTITY_TASKS + EVENT_TASKS)
+    up = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
+    assert up["extract_dynamics"] == up["extract_erp"] == up["sync_events"] == ["route"]
+    assert up["validate"] == ["extract_dynamics", "extract_erp"]
+    assert dag.get_task("sync_events").pool == "dynamics_api"
+    for lane in ("commit_state", "sync_events"):
+        assert [a.uri for a in dag.get_task(lane).outlets] == ["d365sync://entities/customers"]
+    assert isinstance(dag.timetable, AssetOrTimeSchedule)
+    assert isinstance(dag.timetable.timetable, CronDataIntervalTimetable)
+    changes = dag.timetable.asset_condition
+    assert changes.uri == "d365sync://events/customers"
+    triggers = {type(w.trigger).__name__: w.trigger.serialize()[1] for w in changes.watchers}
+    assert triggers == {
+        "InboxTrigger": {"entity": "customers", "poll_seconds": 1.0},
+        "ErpChangeTrigger": {"entity": "customers", "poll_seconds": 3.0},
+    }
+    erp_only = build_entity_dag(spec.model_copy(update={"events": Events(erp="poll")}))
+    assert [w.name for w in erp_only.timetable.asset_condition.watchers] == ["d365sync_customers_erp_poll"]
 
 
 def test_doc_md_shows_ownership_mapping_and_policies(dagbag: Any) -> None:

@@ -183,3 +183,14 @@ def test_spec_refuses_erp_polling_on_a_snapshot_table() -> None:
     data["events"] = {"erp": "poll"}
     with pytest.raises(ValueError, match=r"events\.erp: poll needs"):
         EntitySpec.model_validate(data)
+
+
+def test_register_command_without_event_entities_does_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No entity file asks for webhooks: nothing is registered, nothing is contacted, exit 0."""
+    from d365sync.cli import main
+
+    url = "http://127.0.0.1:9/d365sync/events/dataverse"  # port 9: nothing may connect there
+    assert main(["events", "register", "--url", url, "--entities-dir", str(ENTITIES)]) == 0
+    assert "nothing to register" in capsys.readouterr().out

@@ -12,6 +12,11 @@ Per entity DAG ``sync_<entity>``:
 * an entity that looks up another synced entity (orders → customers) also runs when that entity's
   ``commit_state`` emits its :class:`Asset` (``AssetOrTimeSchedule``): parked children are then
   released promptly, and the engine parks rather than fails orders whose customer is missing;
+* ``events`` in the entity file add the entity's change signal to that ``AssetOrTimeSchedule``
+  (:func:`events_asset`: the Dataverse webhook inbox and/or ERP cursor polling, watched by
+  triggers in the triggerer), and a ``route`` branch first: an event-started run with a small
+  batch runs every stage in the one task ``sync_events`` (seconds end to end), anything else the
+  staged chain below;
 * retries with exponential backoff; :class:`SyncRetryPolicy` fails at once on errors a
   retry cannot fix (bad spec, rejected credentials, validation threshold exceeded) — 429s are
   absorbed inside the Dataverse client, so they never burn task retries;
@@ -55,7 +60,7 @@ from d365sync.spec import (
 
 DAG_PREFIX = "sync_"
 TAGS = ("d365sync",)
-DYNAMICS_TASKS = frozenset({"extract_dynamics", "transform", "load_dynamics"})
+DYNAMICS_TASKS = frozenset({"extract_dynamics", "transform", "load_dynamics", "sync_events"})
 MIN_DEADLINE, MAX_DEADLINE = timedelta(minutes=5), timedelta(minutes=120)
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -93,12 +98,41 @@ def entity_schedule(spec: EntitySpec) -> str:
     return settings.schedule_override() or spec.schedule
 
 
+def events_asset(spec: EntitySpec) -> Asset | None:
+    """The entity's change signal, watched in the triggerer (``events`` in its file), or None.
+
+    :class:`~d365sync.airflow.triggers.InboxTrigger` fires on Dataverse notifications waiting in
+    the inbox, :class:`~d365sync.airflow.triggers.ErpChangeTrigger` when the ERP cursor column's
+    maximum moves; each firing is an asset event that starts a run of the entity's DAG.
+    """
+    from airflow.sdk import AssetWatcher
+
+    from d365sync.airflow.triggers import ErpChangeTrigger, InboxTrigger
+
+    events, name = spec.events, spec.name
+    watchers = []
+    if events.dynamics == "webhook":
+        trigger = InboxTrigger(name, poll_seconds=events.inbox_poll_seconds)
+        watchers.append(AssetWatcher(name=f"d365sync_{name}_inbox", trigger=trigger))
+    if events.erp == "poll":
+        trigger = ErpChangeTrigger(name, poll_seconds=events.poll_seconds)  # type: ignore[assignment]
+        watchers.append(AssetWatcher(name=f"d365sync_{name}_erp_poll", trigger=trigger))
+    if not watchers:
+        return None
+    return Asset(
+        name=f"d365sync_{name}_changes", uri=f"d365sync://events/{name}", group="d365sync", watchers=watchers
+    )
+
+
 def schedule_for(spec: EntitySpec) -> Any:
+    """The cron; with upstream entities or ``events``, ``AssetOrTimeSchedule``: the cron or any of
+    those assets (an upstream entity's commit, the entity's own change signal)."""
     timetable = CronDataIntervalTimetable(entity_schedule(spec), timezone="UTC")
-    upstream = upstream_of(spec)
-    if not upstream:
+    assets = [entity_asset(u) for u in upstream_of(spec)]
+    if (changes := events_asset(spec)) is not None:
+        assets.append(changes)
+    if not assets:
         return timetable
-    assets = [entity_asset(u) for u in upstream]
     condition = assets[0] if len(assets) == 1 else _any(assets)
     return AssetOrTimeSchedule(timetable=timetable, assets=condition)
 
@@ -278,9 +312,33 @@ def build_entity_dag(spec: EntitySpec) -> DAG:
 
             return tasks.report(entity, committed)
 
-        resolved = resolve(transform(validate(extract_dynamics(), extract_erp())))
+        extracts = (extract_dynamics(), extract_erp())
+        resolved = resolve(transform(validate(*extracts)))
         report(commit_state(resolved, load_erp(resolved), load_dynamics(resolved)))
+        if spec.events.enabled:
+            _event_lanes(entity, pooled, extracts)
     return dag
+
+
+def _event_lanes(entity: str, pooled: Any, extracts: tuple[Any, ...]) -> None:
+    """``route`` ahead of the staged chain: an event-started run with a small batch takes
+    ``sync_events`` (every stage in one task) instead, the rest of the DAG being skipped."""
+
+    @task.branch(task_id="route")
+    def route() -> str | list[str]:
+        from d365sync.airflow import tasks
+
+        return tasks.route(entity)
+
+    @task(**pooled("sync_events"), outlets=[entity_asset(entity)])
+    def sync_events() -> dict[str, Any]:
+        from d365sync.airflow import tasks
+
+        return tasks.sync_events(entity)
+
+    lanes = route()
+    lanes >> sync_events()
+    lanes >> list(extracts)
 
 
 # -------------------------------------------------------------------------- operations DAGs

@@ -11,8 +11,6 @@ raises: a state store that cannot be reached is logged, not turned into a second
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -29,6 +27,7 @@ def record_failed_run(context: Any) -> None:
 def _record(context: Any) -> None:
     from d365sync.airflow.alerts import redact
     from d365sync.airflow.dag_factory import DAG_PREFIX
+    from d365sync.airflow.tasks import state_store  # only the store: Dynamics or the ERP may be down
 
     ti, run = context.get("ti"), context["dag_run"]
     dag_id = str(getattr(run, "dag_id", None) or getattr(ti, "dag_id", ""))
@@ -42,17 +41,5 @@ def _record(context: Any) -> None:
         if store.run_report(run.run_id, entity) is None:
             store.start_run(run.run_id, entity)  # failed before extract opened the report
         store.finish_run(run.run_id, entity, "failed", error=error)
+        store.inbox_release(entity, run.run_id)  # its notifications wait for the next run
     log.warning("run %s of %s recorded as failed (%s)", run.run_id, entity, task)
-
-
-@contextmanager
-def state_store() -> Iterator[Any]:
-    """Only the state store: the failure may be that Dynamics or the ERP is unreachable."""
-    from d365sync.airflow import settings
-    from d365sync.airflow.tasks import _engine_conn, privacy
-    from d365sync.engine.connections import state_url
-    from d365sync.engine.state import StateStore
-
-    url, schema = state_url(_engine_conn(settings.connections().state))
-    with StateStore.open(url, schema=schema, privacy=privacy()) as store:
-        yield store

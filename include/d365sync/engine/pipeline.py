@@ -171,10 +171,19 @@ def run_entity(
     chunk_size: int = 5000,
     validator: Any = None,
     keep_staging: bool = False,
+    actor: str = "d365sync",
 ) -> RunResult:
     """Run every stage for one entity; a dry run stops after resolve and writes nothing."""
     ctx = RunContext(
-        spec, dynamics, erp, store, staging, dry_run=dry_run, window=window, chunk_size=chunk_size
+        spec,
+        dynamics,
+        erp,
+        store,
+        staging,
+        dry_run=dry_run,
+        window=window,
+        chunk_size=chunk_size,
+        actor=actor,
     )
     ctx.validator = validator
     if run_id:
