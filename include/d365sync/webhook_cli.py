@@ -8,9 +8,10 @@ entities map, plus ``statecode``/``statuscode``.  Two entities on one
 table share its steps.  ``unregister`` removes the webhook and its steps; ``show`` lists the
 steps.  ``--dry-run`` prints what ``register`` would ask for without connecting.
 
-The key Dataverse sends as ``?code=`` comes from the environment variable ``--key-env`` (default
-``D365SYNC_WEBHOOK_KEY``), else from the Airflow Variable ``d365sync_webhook_key`` as Airflow passes
-Variables through the environment (``AIRFLOW_VAR_D365SYNC_WEBHOOK_KEY``).  It is never printed.
+The key Dataverse sends (header ``x-d365sync-webhook-key``) comes from the environment variable
+``--key-env`` (default ``D365SYNC_WEBHOOK_KEY``), else from the Airflow Variable
+``d365sync_webhook_key`` as Airflow passes Variables through the environment
+(``AIRFLOW_VAR_D365SYNC_WEBHOOK_KEY``).  It is never printed.
 The Dynamics connection is the DAGs' (``AIRFLOW_CONN_DYNAMICS_DEFAULT``), else the local sandbox.
 """
 

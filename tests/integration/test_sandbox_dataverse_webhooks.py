@@ -628,7 +628,9 @@ def test_register_webhook_is_idempotent_and_delivers(receiver: Receiver, sandbox
             client.update("accounts", record, {"telephone1": "7"})
             created, updated = receiver.wait("/product", 2)
             assert (created.message, updated.message) == ("Create", "Update")
-            assert created.query == {"code": "p-key"} and updated.record_id == record
+            # HttpHeader authentication: the key in the receiver's header, never in the URL
+            assert created.headers["x-d365sync-webhook-key"] == "p-key" and created.query == {}
+            assert updated.record_id == record
 
             narrower = register_webhook(
                 client,
@@ -677,7 +679,7 @@ def test_the_events_command_registers_from_the_entity_specs(
         with sandbox.client() as client:
             client.create("accounts", {"name": "Via the CLI"})
         (got,) = receiver.wait("/cli", 1)
-        assert got.query == {"code": "cli-secret-key"}
+        assert got.headers["x-d365sync-webhook-key"] == "cli-secret-key" and got.query == {}
     finally:
         assert main(["events", "unregister", "--name", "cli-hook"]) == 0
     assert len(json.loads(capsys.readouterr().out)["deleted_steps"]) == 6
@@ -699,7 +701,9 @@ def test_the_delay_knob_holds_deliveries_back(api: Api, sandbox: DataverseSandbo
 def test_the_dry_run_merges_entities_on_one_table(capsys: pytest.CaptureFixture[str]) -> None:
     from d365sync.cli import main
 
-    assert main(["events", "register", "--url", "https://ops.example.com/hook?code=secret", "--dry-run"]) == 0
+    every = "customers,orders,invoices,products,inventory"
+    url = "https://ops.example.com/hook?code=secret"
+    assert main(["events", "register", "--url", url, "--entities", every, "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["url"] == "https://ops.example.com/hook"  # the query, which may hold a key, is not shown
     assert sorted(plan["tables"]) == ["account", "invoice", "product", "salesorder"]

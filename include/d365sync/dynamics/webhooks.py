@@ -11,9 +11,10 @@ given URL and key), each step by its name (``<name>: Update of account``) among 
 steps; missing steps are created, changed ones updated, and steps of the endpoint that the
 tables no longer ask for are deleted.  Steps are asynchronous, post-operation (stage 40), and
 delete their system job when they succeed.  ``Update`` steps carry the filtering attributes, so
-Dataverse calls only when a request sets one of them.  The key goes as WebhookKey
-authentication (Dataverse appends ``?code=<key>``); it is write-only in Dataverse and never
-logged here.
+Dataverse calls only when a request sets one of them.  The key goes as HttpHeader
+authentication (header ``x-d365sync-webhook-key``, which the operations app's receiver reads),
+not as WebhookKey's ``?code=<key>``, which would put it in every URL that proxies and access logs
+record; it is write-only in Dataverse and never logged here.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from d365sync.dynamics.odata import literal
 
 MESSAGES = ("Create", "Update", "Delete")
 WEBHOOK_CONTRACT = 8
-WEBHOOK_KEY_AUTH = 4
+HTTP_HEADER_AUTH = 5
+KEY_HEADER = "x-d365sync-webhook-key"  # what the operations app's receiver reads
 JSON_FORMAT = 2
 ASYNCHRONOUS = 1
 POST_OPERATION = 40
@@ -179,6 +181,14 @@ def webhook_steps(client: DynamicsClient, name: str) -> dict[str, list[dict[str,
 
 
 # -- the endpoint ----------------------------------------------------------------------------------
+def header_settings(headers: Mapping[str, str]) -> str:
+    """``authvalue`` of HttpHeader authentication: ``<settings><setting name=… value=…/></settings>``."""
+    from xml.sax.saxutils import quoteattr
+
+    items = "".join(f"<setting name={quoteattr(k)} value={quoteattr(v)} />" for k, v in headers.items())
+    return f"<settings>{items}</settings>"
+
+
 def _endpoints(client: DynamicsClient, name: str) -> list[dict[str, Any]]:
     where = f"name eq {literal(name)} and contract eq {WEBHOOK_CONTRACT}"
     return list(client.iter_rows("serviceendpoints", ["serviceendpointid", "name", "url"], filter=where))
@@ -190,8 +200,10 @@ def _ensure_endpoint(client: DynamicsClient, name: str, url: str, key: str) -> t
         "description": "d365sync change notifications (registered by `d365sync events register`)",
         "contract": WEBHOOK_CONTRACT,
         "url": url,
-        "authtype": WEBHOOK_KEY_AUTH,
-        "authvalue": key,
+        # HttpHeader authentication: the key travels in a header, never in the URL (which
+        # proxies and access logs record), unlike WebhookKey's ``?code=``.
+        "authtype": HTTP_HEADER_AUTH,
+        "authvalue": header_settings({KEY_HEADER: key}),
         "messageformat": JSON_FORMAT,
     }
     found = _endpoints(client, name)
