@@ -29,12 +29,27 @@ pytestmark = pytest.mark.filterwarnings(
 
 KEY = "ACC-000003"
 SELECT = ["accountnumber", "address1_city", "telephone1", "creditlimit", "versionnumber"]
+# The person editing in Dynamics: an application user of their own, not the sync's.
+PERSON = {
+    "client_id": "6d1b8e2a-9c1f-4a57-8a41-3f0e6b2c9d10",
+    "client_secret": "person-secret",
+    "name": "A person",
+}
 
 
 @pytest.fixture
 def env(dataverse_sandbox_factory: SandboxFactory, tmp_path: Path) -> Iterator[Env]:
-    with running_env(dataverse_sandbox_factory, tmp_path, seed=10, rows=10) as environment:
+    def factory(**options: Any) -> Any:
+        return dataverse_sandbox_factory(extra_users=[PERSON], **options)
+
+    with running_env(factory, tmp_path, seed=10, rows=10) as environment:
         yield environment
+
+
+@pytest.fixture
+def person(env: Env) -> Iterator[Any]:
+    with env.sandbox.client(client_id=PERSON["client_id"], client_secret=PERSON["client_secret"]) as client:
+        yield client
 
 
 def _account(env: Env) -> dict[str, Any]:
@@ -49,8 +64,8 @@ def _erp(env: Env) -> tuple[Any, ...]:
     return rows[0]
 
 
-def _user_edit(env: Env, **changes: Any) -> None:
-    outcome = env.dynamics.upsert_many(
+def _user_edit(person: Any, **changes: Any) -> None:
+    outcome = person.upsert_many(
         "accounts", "accountnumber", [{"accountnumber": KEY, **changes}], logical_name="account"
     )
     assert outcome[0].ok, outcome
@@ -76,12 +91,12 @@ def _edit_erp(env: Env) -> None:
 
 
 def test_edit_between_extract_and_load_is_deferred_then_merged_with_ours(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, person: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env.run("customers")
     _edit_erp(env)
     phone = "+44 20 7946 0123"
-    _before_load(monkeypatch, lambda: _user_edit(env, address1_city="User City", telephone1=phone))
+    _before_load(monkeypatch, lambda: _user_edit(person, address1_city="User City", telephone1=phone))
 
     first = env.run("customers")
 
@@ -126,11 +141,13 @@ def test_unchanged_records_are_written_with_one_check_per_chunk(env: Env) -> Non
     assert env.store.dead_letters("customers") == []
 
 
-def test_record_deleted_after_extract_is_not_recreated(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_record_deleted_after_extract_is_not_recreated(
+    env: Env, person: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env.run("customers")
     _edit_erp(env)
     guid = env.dynamics_rows("accounts", ["accountid"], f"accountnumber eq '{KEY}'")[0]["accountid"]
-    _before_load(monkeypatch, lambda: env.dynamics.delete("accounts", guid))
+    _before_load(monkeypatch, lambda: person.delete("accounts", guid))
 
     result = env.run("customers")
 
@@ -140,15 +157,25 @@ def test_record_deleted_after_extract_is_not_recreated(env: Env, monkeypatch: py
     assert result.manifests["load"]["dynamics"]["deferred"] == 1
 
 
-def test_backfill_window_defers_records_changed_after_the_window(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+def test_backfill_defers_what_a_person_changed_and_writes_over_the_syncs_own_writes(
+    env: Env, person: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env.run("customers")
-    _edit_erp(env)
+    """A backfill did not read the Dynamics rows modified after its window; those the sync itself
+    wrote last (its initial creates) are at their base and are written, a person's edit waits."""
+    env.run("customers")  # creates the ERP's customers in Dynamics: modified by the sync itself
+    other = "C000000002"
+    env.erp.execute(
+        [
+            f"UPDATE CUST_MASTER SET CITY = 'ERP City', CREDIT_LIMIT = 4321.00 WHERE CUST_NO = '{KEY}'",
+            f"UPDATE CUST_MASTER SET CREDIT_LIMIT = 1234.00 WHERE CUST_NO = '{other}'",
+        ]
+    )
     start = datetime.now(UTC) - timedelta(hours=1)
-    _before_load(monkeypatch, lambda: _user_edit(env, address1_city="User City"))
+    _before_load(monkeypatch, lambda: _user_edit(person, address1_city="User City"))
 
     result = env.run("customers", window=Window(start, datetime.now(UTC) + timedelta(minutes=1)))
 
     assert _account(env)["address1_city"] == "User City"
+    rows = env.dynamics_rows("accounts", ["creditlimit"], f"accountnumber eq '{other}'")
+    assert [r["creditlimit"] for r in rows] == [1234]
     assert result.manifests["load"]["dynamics"]["deferred"] == 1

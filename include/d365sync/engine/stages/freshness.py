@@ -13,8 +13,11 @@ deferred: it goes to the dead-letter queue at stage ``load`` with the newest row
 sides, due at once, so the next run re-reads both sides and merges the user's edit with ours
 (field-level, by the entity's rules). Nothing is overwritten and nothing is lost.
 
-A backfill has no delta token (it reads a ``modifiedon`` window): its check reads the rows
-modified since the window's start and compares ``versionnumber`` with the row the merge used.
+A backfill has no delta token (it reads a ``modifiedon`` window), and records it did not read
+were merged against their base. Its check reads the rows modified since the window's start by
+anyone but the sync's own application user (``WhoAmI``): a row the merge read defers when its
+``versionnumber`` moved; a row it did not read defers when it was modified after the
+``modifiedon`` its base recorded. The sync's own earlier writes never defer anything.
 
 What remains: an edit landing between this check and the write it precedes (the time of one
 request) is not seen; README.md ("load") and BENCHMARKS.md give the cost.
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from d365sync.engine.stages.context import CLOCK_MARGIN, RunContext, norm_key, now
+from d365sync.engine.stages.context import CLOCK_MARGIN, RunContext, aware, norm_key, now
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class Freshness:
     since: datetime | None = None
     versions: dict[str, str] = field(default_factory=dict)
     by_key: dict[str, str] = field(default_factory=dict)  # alternate key → GUID
+    modified: dict[str, datetime | None] = field(default_factory=dict)  # window mode: GUID → modifiedon
+    ours: str | None = None  # window mode: the sync's application user
     checks: int = 0
 
     @classmethod
@@ -70,13 +75,24 @@ class Freshness:
                 self.by_key.clear()
             self.token = feed.delta_token
             return
+        self._refresh_window(client, entity_set)
+
+    def _refresh_window(self, client: Any, entity_set: str) -> None:
         from d365sync.dynamics.odata import format_datetime
 
-        checked = now()
+        spec, checked = self.ctx.spec, now()
+        if self.ours is None:
+            self.ours = str(client.whoami().get("UserId") or "").lower()
+        primary = spec.dynamics_select[0]
+        select = [primary, spec.dynamics.key, "versionnumber", "modifiedon", "_modifiedby_value"]
         since = self.since if self.checks == 1 else self.since - CLOCK_MARGIN  # type: ignore[operator]
         where = f"modifiedon ge {format_datetime(since)}"
         for row in client.iter_rows(entity_set, select, filter=where):
-            self._note(row.get(select[0]), row)
+            if str(row.get("_modifiedby_value") or "").lower() == self.ours:
+                self.by_key.setdefault(norm_key(row.get(spec.dynamics.key)) or "", str(row[primary]).lower())
+                continue  # our own earlier write: the base already accounts for it
+            self._note(row.get(primary), row)
+            self.modified[str(row[primary]).lower()] = aware(row.get("modifiedon"))
         self.since = checked
 
     def _note(self, guid: Any, row: Mapping[str, Any] | None) -> None:
@@ -102,7 +118,14 @@ class Freshness:
             return "deleted in Dynamics since extract"
         if seen is not None and str(seen) == current:
             return None
+        if seen is None and guid in self.modified and not self._after_base(entry, self.modified[guid]):
+            return None  # a backfill: not read, and unchanged since the base the merge used
         return f"changed in Dynamics since extract (versionnumber {seen or 'not read'} -> {current})"
+
+    @staticmethod
+    def _after_base(entry: Mapping[str, Any], modified: datetime | None) -> bool:
+        known = aware((entry.get("base") or {}).get("dynamics_modified"))
+        return modified is None or known is None or modified > known
 
     def current_row(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """The Dynamics side of a deferred record's letter: its GUID, so the retry re-reads it."""

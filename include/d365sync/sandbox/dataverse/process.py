@@ -46,8 +46,11 @@ class DataverseSandbox:
         client_id: str = DEFAULT_CLIENT_ID,
         client_secret: str = DEFAULT_CLIENT_SECRET,
         env_url: str | None = None,
+        extra_users: list[dict[str, str]] | None = None,
     ) -> None:
         self.data_dir = data_dir
+        if extra_users:  # more application users (``sandbox.json``): other integrations, people
+            (data_dir / "sandbox.json").write_text(json.dumps({"users": extra_users}), encoding="utf-8")
         # The environment URL clients use and tokens are issued for (``--env-url``), when it is not
         # the server's own address: e.g. https://contoso.crm.dynamics.com reached through a proxy.
         self.env_url = env_url.rstrip("/") if env_url else None
@@ -209,20 +212,19 @@ class DataverseSandbox:
 
     def client(self, **overrides: Any) -> DynamicsClient:
         """A :class:`~d365sync.dynamics.DynamicsClient` for the default app user (close it);
-        ``overrides`` are further :class:`~d365sync.dynamics.DynamicsConfig` fields."""
+        ``overrides`` are further :class:`~d365sync.dynamics.DynamicsConfig` fields (another
+        ``client_id`` / ``client_secret`` of ``extra_users`` acts as that user)."""
         from d365sync.dynamics import DynamicsClient, DynamicsConfig
 
-        return DynamicsClient(
-            DynamicsConfig(
-                environment_url=self.base_url,
-                tenant_id=self.tenant,
-                client_id=self.client_id,
-                client_secret=self.client_secret,
-                authority_host=self.base_url,
-                verify=self.verify,
-                **overrides,
-            )
-        )
+        fields = {
+            "environment_url": self.base_url,
+            "tenant_id": self.tenant,
+            "client_id": self.client_id,
+            "client_secret": self.client_secret,
+            "authority_host": self.base_url,
+            "verify": self.verify,
+        }
+        return DynamicsClient(DynamicsConfig(**(fields | overrides)))
 
     # -- helpers -----------------------------------------------------------------------------------
     def token(self, *, fresh: bool = False) -> str:
