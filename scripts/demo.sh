@@ -194,9 +194,12 @@ start() {
         for _ in $(seq 60); do airflow dags unpause "$dag" > /dev/null 2>&1 && break; sleep 2; done
     done
     # Dataverse notifies the receiver of changes to the event-driven entities' tables
-    d365sync events register --url "http://127.0.0.1:$UI_PORT/d365sync/events/dataverse" > "$DEMO/webhook.log" 2>&1 \
-        && echo "webhook: sandbox changes notify http://127.0.0.1:$UI_PORT/d365sync/events/dataverse" \
-        || { echo "webhook registration failed:"; tail -5 "$DEMO/webhook.log"; }
+    if d365sync events register --url "http://127.0.0.1:$UI_PORT/d365sync/events/dataverse" > "$DEMO/webhook.log" 2>&1; then
+        if grep -q '^nothing to register' "$DEMO/webhook.log"; then echo "webhook: $(cat "$DEMO/webhook.log")"
+        else echo "webhook: sandbox changes notify http://127.0.0.1:$UI_PORT/d365sync/events/dataverse"; fi
+    else
+        echo "webhook registration failed:"; tail -5 "$DEMO/webhook.log"
+    fi
     echo "Airflow UI: http://127.0.0.1:$UI_PORT   logins (SimpleAuthManager):"
     logins
     echo "  passwords: $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
