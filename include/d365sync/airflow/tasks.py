@@ -359,6 +359,7 @@ def sync_events(entity: str) -> dict[str, Any]:
             run_id=run.run_id,
             chunk_size=settings.chunk_size(),
             actor=f"airflow:{run.dag_id}",
+            keep_staging=True,  # cleaned below as the staged chain's report does (a remote root too)
         )
         done = store.inbox_done(entity, run.run_id)
         metrics = _emit_metrics(store.run_report(run.run_id, entity))
@@ -370,6 +371,7 @@ def sync_events(entity: str) -> dict[str, Any]:
         "timings": result.timings,
         "metrics": metrics,
         "run_time": run_time(context).isoformat(),
+        "staging": finish_run(run.dag_id, run.run_id),
     }
     summary = xcom_safe(summary)
     log.info("summary: %s", summary)
