@@ -97,16 +97,7 @@ def _engine_conn(conn_id: str) -> Any:
     from d365sync.engine.connections import Conn
 
     c = BaseHook.get_connection(conn_id)
-    return Conn(
-        conn_id,
-        c.conn_type or "",
-        c.host or "",
-        c.login or "",
-        c.password or "",
-        c.schema or "",
-        c.port,
-        c.extra_dejson,
-    )
+    return Conn.of(conn_id, c, c.extra_dejson)
 
 
 @contextmanager

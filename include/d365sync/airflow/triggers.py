@@ -87,17 +87,8 @@ async def _engine_conn(conn_id: str) -> Any:
     from d365sync.engine.connections import Conn
 
     c = await BaseHook.aget_connection(conn_id)
-    extra = await c.aextra_dejson()  # the sync extra_dejson masks secrets through a blocking call
-    return Conn(
-        conn_id,
-        c.conn_type or "",
-        c.host or "",
-        c.login or "",
-        c.password or "",
-        c.schema or "",
-        c.port,
-        extra,
-    )
+    # the sync extra_dejson masks secrets through a call that blocks the triggerer's event loop
+    return Conn.of(conn_id, c, await c.aextra_dejson())
 
 
 class InboxTrigger(_PollingTrigger):

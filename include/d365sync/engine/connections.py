@@ -55,6 +55,21 @@ class Conn:
     port: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, conn_id: str, connection: Any, extra: Mapping[str, Any]) -> Conn:
+        """From any object with Airflow's connection attributes (``extra`` already decoded)."""
+        c = connection
+        return cls(
+            conn_id,
+            c.conn_type or "",
+            c.host or "",
+            c.login or "",
+            c.password or "",
+            c.schema or "",
+            c.port,
+            extra,
+        )
+
     def option(self, name: str, default: Any = None) -> Any:
         """An extra, plain or in the legacy ``extra__<type>__name`` form."""
         value = self.extra.get(name, self.extra.get(f"extra__{self.conn_type}__{name}"))
