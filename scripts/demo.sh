@@ -138,6 +138,11 @@ stop_one() {
 
 start_sandbox() {
     if alive dataverse; then echo "dataverse sandbox already running (pid $(cat "$PIDS/dataverse.pid"))"; return; fi
+    # a second application user for people's edits (d365sync.sandbox.dataverse.config.PERSON_USER)
+    mkdir -p "$DEMO/dataverse"
+    [[ -f "$DEMO/dataverse/sandbox.json" ]] || PYTHONPATH="$REPO/include" "$VENV/bin/python" -c 'import json, sys
+from d365sync.sandbox.dataverse.config import PERSON_USER
+json.dump({"users": [PERSON_USER]}, open(sys.argv[1], "w"))' "$DEMO/dataverse/sandbox.json"
     setsid "$VENV/bin/d365sync" sandbox dataverse --host 127.0.0.1 --port "$DV_PORT" \
         --data "$DEMO/dataverse" --seed 200 > "$DEMO/dataverse.log" 2>&1 &
     echo $! > "$PIDS/dataverse.pid"

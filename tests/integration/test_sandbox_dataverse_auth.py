@@ -165,3 +165,20 @@ def test_expire_tokens_now_knob(dataverse_sandbox_factory):
         f"{sandbox.api_url}/WhoAmI", headers={"Authorization": f"Bearer {fresh}"}, timeout=30
     )
     assert again.status_code == 200
+
+
+def test_a_second_application_user_writes_as_itself(dataverse_sandbox_factory):
+    """``extra_users``: the demo's and the soak's simulated people are not the sync's app user."""
+    from d365sync.sandbox.dataverse.config import PERSON_USER
+
+    sandbox = dataverse_sandbox_factory(extra_users=[PERSON_USER])
+    with sandbox.client() as sync, sandbox.client_as(PERSON_USER) as person:
+        ours, theirs = sync.whoami()["UserId"], person.whoami()["UserId"]
+        assert ours != theirs
+        created = person.create("accounts", {"name": "Edited by a person", "accountnumber": "PERSON-1"})
+        (row,) = sync.iter_rows(
+            "accounts", ["_modifiedby_value", "_createdby_value"], filter="accountnumber eq 'PERSON-1'"
+        )
+        assert row["_modifiedby_value"] == row["_createdby_value"] == theirs.lower()
+        assert created
+    sandbox.stop()

@@ -328,7 +328,14 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def dynamics(self) -> Any:
+        """A client acting as the sync's application user (what the DAGs use)."""
         return self.sandbox.client()
+
+    def people(self) -> Any:
+        """A client acting as the simulated people: their edits are not the sync's own."""
+        from d365sync.sandbox.dataverse.config import PERSON_USER
+
+        return self.sandbox.client_as(PERSON_USER)
 
     def erp(self) -> Any:
         from d365sync.erp import ErpClient
@@ -407,6 +414,7 @@ def pii_key(workdir: Path) -> str:
 def stack(opts: SoakOptions, workdir: Path) -> Iterator[Stack]:
     """Start every system (see the module docstring); stop every process started, by group."""
     from d365sync.erp import ErpClient
+    from d365sync.sandbox.dataverse.config import PERSON_USER
     from d365sync.sandbox.dataverse.process import DataverseSandbox
     from d365sync.sandbox.erp.seeder import init_sandbox, tidy
 
@@ -414,7 +422,9 @@ def stack(opts: SoakOptions, workdir: Path) -> Iterator[Stack]:
     for folder in (home / "plugins", workdir / "logs", workdir / "dataverse", workdir / "staging"):
         folder.mkdir(parents=True, exist_ok=True)
     with ExitStack() as cleanup:
-        sandbox = DataverseSandbox(workdir / "dataverse", seed=opts.dataverse_accounts)
+        sandbox = DataverseSandbox(
+            workdir / "dataverse", seed=opts.dataverse_accounts, extra_users=[PERSON_USER]
+        )
         cleanup.callback(sandbox.stop)
         erp_odbc = f"DRIVER={{SQLite3}};Database={workdir / 'erp.db'};"
         with ErpClient(erp_odbc) as erp:
@@ -601,7 +611,7 @@ class Soak:
 
         avoid = [(e, k) for e, k, *_ in self.baseline["dead_letters"] | self.baseline["parked"]]
         with ExitStack() as clients:
-            dynamics = clients.enter_context(self.stack.dynamics())
+            dynamics = clients.enter_context(self.stack.people())
             erp = clients.enter_context(self.stack.erp())
             self.sim = Simulator(dynamics, erp, seed=self.opts.seed, avoid=avoid)
             runner = SimulatorThread(
@@ -620,7 +630,7 @@ class Soak:
 
     def _fix(self) -> datetime:
         with ExitStack() as clients:
-            self.sim.dynamics = clients.enter_context(self.stack.dynamics())
+            self.sim.dynamics = clients.enter_context(self.stack.people())
             self.sim.erp = clients.enter_context(self.stack.erp())
             self.sim.fix()
         return _now()
@@ -771,7 +781,7 @@ class Soak:
     ) -> list[dict[str, Any]]:
         out = []
         with ExitStack() as clients:
-            self.sim.dynamics = clients.enter_context(self.stack.dynamics())
+            self.sim.dynamics = clients.enter_context(self.stack.people())
             self.sim.erp = clients.enter_context(self.stack.erp())
             for bad in self.sim.bad:
                 letters = [

@@ -26,6 +26,14 @@ DEFAULT_TENANT = "sandbox-tenant"
 DEFAULT_CLIENT_ID = "51f81489-12ee-4a9e-aaae-a2591f45987d"
 DEFAULT_CLIENT_SECRET = "sandbox-secret"
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+# The application user the demo's and the soak's simulated people edit Dynamics as (``sandbox.json``
+# ``users``): their edits are not the sync's own, as a person's are not in a real environment,
+# so webhook notifications of them start runs and the load's freshness check treats them as foreign.
+PERSON_USER = {
+    "client_id": "9b0c6f0e-3f7a-4b8e-9f50-2c6d1e7a4b31",
+    "client_secret": "sandbox-person-secret",
+    "name": "People (simulated users)",
+}
 DEFAULT_TOKEN_LIFETIME = 3600
 CONFIG_FILE = "sandbox.json"
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -225,6 +226,11 @@ class DataverseSandbox:
             "verify": self.verify,
         }
         return DynamicsClient(DynamicsConfig(**(fields | overrides)))
+
+    def client_as(self, user: Mapping[str, str]) -> DynamicsClient:
+        """A client acting as another application user of ``extra_users`` (``client_id``,
+        ``client_secret``), e.g. :data:`~d365sync.sandbox.dataverse.config.PERSON_USER`."""
+        return self.client(client_id=user["client_id"], client_secret=user["client_secret"])
 
     # -- helpers -----------------------------------------------------------------------------------
     def token(self, *, fresh: bool = False) -> str:
