@@ -145,6 +145,8 @@ class FakeAirflow:
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     triggered: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     password: str = "s3cret"
+    busy: dict[str, int] = field(default_factory=dict)  # dag_id → 500s before a trigger goes through
+    committed_busy: set[str] = field(default_factory=set)  # the first 500 comes after the commit
 
     def handle(self, method: str, path: str, body: Any, auth: str | None) -> tuple[int, Any]:
         if path == "/api/v2/monitor/health":
@@ -159,9 +161,18 @@ class FakeAirflow:
         if len(parts) == 1:
             return 200, {"dag_id": dag_id, "is_paused": dag_id in self.paused}
         if len(parts) == 2 and method == "POST":
-            run_id = f"manual__{dag_id}"
+            run_id = body.get("dag_run_id") or f"manual__{dag_id}"
+            if run_id in self.runs:
+                return 409, {"detail": f"DAG run {run_id} already exists"}
+            busy = self.busy.get(dag_id, 0)
+            if busy and dag_id not in self.committed_busy:
+                self.busy[dag_id] = busy - 1
+                return 500, {"detail": {"reason": "Database error"}}
             self.triggered.append((dag_id, body))
             self.runs[run_id] = {"dag_run_id": run_id, "state": "queued", "polls": 0}
+            if busy:  # committed, then the answer failed
+                self.busy[dag_id] = busy - 1
+                return 500, {"detail": {"reason": "Database error"}}
             return 200, {"dag_run_id": run_id, "state": "queued"}
         run = self.runs[parts[2]]
         if len(parts) == 3:
@@ -219,7 +230,21 @@ def test_runner_api_exits_1_and_names_the_failed_task(
     assert runner.main(api_args(tmp_path, "customers", "products"), transport=fake.transport()) == 1
     out = capsys.readouterr().out
     assert "| sync_products | failed |" in out
-    assert "sync_products failed: {'validate': 'failed'} (run manual__sync_products)" in out
+    assert "sync_products failed: {'validate': 'failed'} (run manual__20" in out  # the runner's own run id
+
+
+def test_runner_api_triggers_again_when_the_metadata_db_is_busy_and_never_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SQLite metadata DB busy with the scheduler answers 500 "Database error": the runner asks
+    again under the same run id, and a POST that had committed before its 500 is not repeated."""
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: None)  # the back-off, not the subject
+    fake = FakeAirflow(busy={"sync_customers": 2, "sync_orders": 1}, committed_busy={"sync_orders"})
+    assert runner.main(api_args(tmp_path, "customers", "orders"), transport=fake.transport()) == 0
+    assert [d for d, _ in fake.triggered] == ["sync_customers", "sync_orders"]  # one run each
+    assert sorted(fake.runs) == sorted(b["dag_run_id"] for _, b in fake.triggered)
+    err = capsys.readouterr().err
+    assert err.count("trigger answered HTTP 500; again in") == 3
 
 
 def test_runner_api_does_not_trigger_a_paused_dag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

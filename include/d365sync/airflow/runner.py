@@ -34,7 +34,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -231,8 +231,7 @@ class ApiRunner:
         if dag.get("is_paused"):
             self.log(f"{dag_id}: paused in Airflow, not triggered (unpause it to run it)")
             return {"dag_id": dag_id, "run_id": None, "state": "paused", "seconds": 0, "tasks": {}}
-        body = {"logical_date": None, "conf": conf or {}, "note": "make sync"}
-        run = self._json("POST", f"dags/{dag_id}/dagRuns", json=body)
+        run = self._trigger(dag_id, conf)
         run_id = run["dag_run_id"]
         self.log(f"{dag_id}: triggered {run_id} ({run.get('state')})")
         deadline = time.monotonic() + self.timeout
@@ -258,6 +257,25 @@ class ApiRunner:
             "tasks": {ti["task_id"]: str(ti.get("state")) for ti in tis.get("task_instances", [])},
             "report": self.report(dag_id, run_id),
         }
+
+    def _trigger(self, dag_id: str, conf: dict[str, Any] | None, attempts: int = 5) -> dict[str, Any]:
+        """POST the manual run under a run id of our own, again after a 5xx (a SQLite metadata DB
+        busy with the scheduler answers "Database error"): a retry of a POST that did commit gets
+        409 for that id, and the run is then read rather than triggered twice."""
+        run_id = f"manual__{datetime.now(UTC).isoformat()}"
+        body = {"dag_run_id": run_id, "logical_date": None, "conf": conf or {}, "note": "make sync"}
+        path = f"dags/{dag_id}/dagRuns"
+        for attempt in range(1, attempts + 1):
+            response = self._call("POST", path, json=body)
+            if response.status_code in (200, 201):
+                return dict(response.json())
+            if response.status_code == 409 and attempt > 1:
+                return self._json("GET", f"{path}/{run_id}")
+            if response.status_code < 500 or attempt == attempts:
+                raise ApiError(f"POST /api/v2/{path}: HTTP {response.status_code} {response.text[:300]}")
+            self.log(f"{dag_id}: trigger answered HTTP {response.status_code}; again in {2**attempt} s")
+            time.sleep(2**attempt)
+        raise AssertionError("unreachable")
 
     def report(self, dag_id: str, run_id: str) -> Any:
         """The ``report`` task's return value; None when it did not run."""
