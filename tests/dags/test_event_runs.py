@@ -13,7 +13,6 @@ is written. Latency figures belong to ``benchmarks/``, not here: the waits only 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,24 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from cryptography.fernet import Fernet
 
 from d365sync.dynamics.webhooks import MESSAGES, register_webhook
 from d365sync.sandbox.dataverse.config import PERSON_USER
 from d365sync.sandbox.erp import sqlite_airflow_connection
 from d365sync.spec import load_entities
 from d365sync.webhook_cli import tables_for
+from tests.airflow_local import Components, components, entity_files
 from tests.dags.conftest import BIN, airflow_base_env
-from tests.integration.pipeline_env import ENTITIES, Env, running_env
+from tests.integration.pipeline_env import Env, running_env
 from tests.sandbox_fixtures import SandboxFactory
 
 pytestmark = [pytest.mark.slow]
 
 DAG_ID = "sync_customers"
 KEY = "0123456789abcdef-events-test-key"
-EVENTS = "events: {dynamics: webhook, erp: poll, poll_seconds: 2, inbox_poll_seconds: 0.5}\n"
+EVENTS = "{dynamics: webhook, erp: poll, poll_seconds: 2, inbox_poll_seconds: 0.5}"
 PROPAGATION = 90.0  # an edit reaches the other system well within this (seconds, loaded CI)
 USERS = {"alice": "op", "victor": "viewer"}
 
@@ -46,26 +44,17 @@ USERS = {"alice": "op", "victor": "viewer"}
 @dataclass
 class Stack:
     env: Env
-    server: Any
+    server: Components
     entities: Path
 
-    def rest(self, method: str, path: str, **kwargs: Any) -> Any:
-        headers = {"Authorization": f"Bearer {self.server.token('alice')}"}
-        response = httpx.request(
-            method, f"{self.server.url}/api/v2/{path}", headers=headers, timeout=30, **kwargs
-        )
-        assert response.status_code < 300, response.text
-        return response.json()
-
     def runs(self) -> list[dict[str, Any]]:
-        return self.rest("GET", f"dags/{DAG_ID}/dagRuns?limit=100&order_by=start_date")["dag_runs"]
+        return self.server.runs(DAG_ID)
 
     def tasks(self, run_id: str) -> dict[str, str]:
-        tis = self.rest("GET", f"dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]
-        return {t["task_id"]: t["state"] for t in tis}
+        return self.server.task_states(DAG_ID, run_id)
 
     def settled(self) -> bool:
-        return all(r["state"] in ("success", "failed") for r in self.runs())
+        return self.server.settled(DAG_ID)
 
 
 def _until(what: str, probe: Callable[[], Any], stack: Stack, timeout: float = PROPAGATION) -> Any:
@@ -77,31 +66,16 @@ def _until(what: str, probe: Callable[[], Any], stack: Stack, timeout: float = P
     pytest.fail(f"{what} not within {timeout:.0f} s\n{stack.server.log_tail()}")
 
 
-def _entities(folder: Path) -> Path:
-    """The shipped entity files, ``customers`` with events turned on."""
-    target = folder / "entities"
-    shutil.copytree(ENTITIES, target)
-    customers = target / "customers.yaml"
-    text = customers.read_text(encoding="utf-8")
-    head, _, rest = text.partition("\nschedule:")
-    line, _, tail = rest.partition("\n")
-    customers.write_text(f"{head}\nschedule:{line}\n{EVENTS}{tail}", encoding="utf-8")
-    assert load_entities(target)["customers"].events.enabled
-    return target
-
-
 @pytest.fixture(scope="module")
 def stack(
     dataverse_sandbox_factory: SandboxFactory, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    from tests.browser.conftest import standalone
-
     folder = tmp_path_factory.mktemp("event-runs")
 
     def factory(**options: Any) -> Any:
         return dataverse_sandbox_factory(extra_users=[PERSON_USER], **options)
 
-    entities = _entities(folder)
+    entities = entity_files(folder / "entities", {"customers": EVENTS})
     with running_env(factory, folder, seed=5, rows=10) as env:
         extra = {
             "AIRFLOW_CONN_DYNAMICS_DEFAULT": json.dumps(env.sandbox.airflow_connection()),
@@ -111,12 +85,20 @@ def stack(
             ),
             "D365SYNC_ENTITIES_DIR": str(entities),
             "D365SYNC_WEBHOOK_KEY": KEY,
-            "D365SYNC_PII_KEYS": Fernet.generate_key().decode(),
             "D365SYNC_STAGING_ROOT": f"file://{folder / 'staging'}",
-            "D365SYNC_TASK_RETRIES": "0",
+            "AIRFLOW__CORE__EXECUTOR": "d365sync.airflow.executor.WarmLocalExecutor",
+            # a killed scheduler takes its running task with it (detected in a minute); with the
+            # api-server down a task cannot start (Airflow 3 tasks call its execution API): both
+            # are retried, after 10 s and then 20 s, enough for a restart
+            "D365SYNC_TASK_RETRIES": "2",
+            "D365SYNC_RETRY_DELAY_SECONDS": "10",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
+            # a restarted triggerer takes over the dead one's triggers this long after its last beat
+            "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
         }
         state = (env.store, f"sqlite:///{folder / 'state.db'}")
-        with standalone(folder, state, folder, extra, "-events", USERS) as server:
+        with components(folder, state, extra, USERS, folder) as server:
             running = Stack(env, server, entities)
             spec = load_entities(entities)["customers"]
             url = f"{server.url}/d365sync/events/dataverse"
@@ -129,7 +111,7 @@ def stack(
             )
             pool = [str(BIN / "airflow"), "pools", "set", "dynamics_api", "2", "Dataverse Web API"]
             subprocess.run(pool, env=airflow_base_env(folder), check=True, capture_output=True, timeout=120)
-            running.rest("PATCH", f"dags/{DAG_ID}", json={"is_paused": False})
+            server.unpause(DAG_ID)
             # the first runs: the ERP trigger fires at once (nothing committed yet), the cron may too
             _until(
                 "a first successful run",
@@ -139,6 +121,14 @@ def stack(
             )
             _until("the runs to settle", running.settled, running, 240)
             yield running
+
+
+def _quiesce(stack: Stack, timeout: float = PROPAGATION) -> None:
+    """Settled, and still settled once the triggers have polled again: a run's own ERP writes move
+    the cursor, so one more (echo) run may start after it, and writes nothing."""
+    _until("the runs to settle", stack.settled, stack, timeout)
+    time.sleep(3)  # an ERP poll (2 s) and inbox polls (0.5 s) later
+    _until("the runs to settle", stack.settled, stack, timeout)
 
 
 def _city_in_erp(env: Env, number: str) -> str | None:
@@ -175,7 +165,7 @@ def test_a_dataverse_edit_by_a_person_reaches_the_erp_through_the_fast_lane(stac
     started = time.monotonic()
     _until("the ERP row", lambda: _city_in_erp(env, number) == "Webhook City", stack)
     print(f"Dataverse -> ERP: {time.monotonic() - started:.1f} s")  # a figure for people, not a check
-    _until("the runs to settle", stack.settled, stack)
+    _quiesce(stack)
 
     _event_run_that_wrote(stack, before)
     events = env.store.inbox_events("customers")
@@ -192,7 +182,7 @@ def test_an_erp_edit_reaches_dataverse_and_the_syncs_own_write_is_ignored(stack:
     started = time.monotonic()
     _until("the Dataverse row", lambda: _city_in_dynamics(env, number) == "Polled City", stack)
     print(f"ERP -> Dataverse: {time.monotonic() - started:.1f} s")
-    _until("the runs to settle", stack.settled, stack)
+    _quiesce(stack)
 
     _event_run_that_wrote(stack, before)
     # our write to Dataverse came back as a notification: stored, ignored, and it started nothing
@@ -204,9 +194,7 @@ def test_an_erp_edit_reaches_dataverse_and_the_syncs_own_write_is_ignored(stack:
 
 
 def test_when_nothing_changes_nothing_runs_and_nothing_is_written(stack: Stack) -> None:
-    _until("the runs to settle", stack.settled, stack)
-    time.sleep(3)  # the triggers' next polls see whatever the last run wrote
-    _until("the runs to settle", stack.settled, stack)
+    _quiesce(stack)
     before = {r["dag_run_id"] for r in stack.runs()}
     stack.env.sandbox.reset_counters()
 
@@ -215,3 +203,82 @@ def test_when_nothing_changes_nothing_runs_and_nothing_is_written(stack: Stack) 
     assert {r["dag_run_id"] for r in stack.runs()} == before
     assert stack.env.write_requests() == 0
     assert stack.env.sandbox.counters().get("requests", 0) == 0, "a quiet system makes no Dataverse request"
+
+
+def _person_edits(stack: Stack, values: dict[str, str], during: Callable[[int], None]) -> None:
+    """One person edit per account, a second apart; ``during(i)`` runs before the i-th edit."""
+    with stack.env.sandbox.client_as(PERSON_USER) as person:
+        for i, (number, city) in enumerate(values.items()):
+            during(i)
+            person.upsert_many(
+                "accounts",
+                "accountnumber",
+                [{"accountnumber": number, "address1_city": city}],
+                logical_name="account",
+            )
+            time.sleep(1.0)  # a stream of edits, spread over the outage
+
+
+@pytest.mark.parametrize("component", ["triggerer", "scheduler", "api-server"])
+def test_a_component_killed_mid_stream_loses_no_acknowledged_notification_and_syncs_each_once(
+    stack: Stack, component: str
+) -> None:
+    """SIGKILL one component after the second of six edits, start it again after the fourth.
+    Every notification the receiver acknowledged is done by exactly one run, every edit reaches
+    the ERP with exactly one ERP write, and every run ends green. With the api-server down the
+    sandbox's deliveries fail and are retried until the restarted receiver takes them."""
+    env, server = stack.env, stack.server
+    _quiesce(stack)
+    accounts = env.dynamics_rows(
+        "accounts", ["accountid", "accountnumber"], "startswith(accountnumber,'ACC-')"
+    )
+    ids = {a["accountnumber"]: a["accountid"] for a in accounts}
+    numbers = sorted(ids)[-6:]
+    tag = f"{component[:5]} {int(time.time()) % 100_000}"
+    values = {number: f"{tag} {i}" for i, number in enumerate(numbers)}
+    runs_before = {r["dag_run_id"] for r in stack.runs()}
+    inbox_after = max((e.id for e in env.store.inbox_events("customers")), default=0)
+    audit_after = max((a["id"] for a in env.store.audit_log("customers", limit=1)), default=0)
+    deliveries_after = max((d["id"] for d in env.sandbox.webhooks(limit=1)["deliveries"]), default=0)
+
+    def outage(i: int) -> None:
+        if i == 2:
+            server.kill(component)
+        elif i == 4:
+            server.start(component)
+
+    _person_edits(stack, values, outage)
+    server.wait_healthy()
+    _until(
+        "every edit in the ERP",
+        lambda: all(_city_in_erp(env, n) == v for n, v in values.items()),
+        stack,
+        180,
+    )
+    _quiesce(stack, 180)
+
+    # the sandbox delivered every notification of the person's edits (retrying while the receiver was down)
+    ours = {ids[n] for n in numbers}
+    log = env.sandbox.webhooks(limit=1000)["deliveries"]
+    mine = [d for d in log if d["id"] > deliveries_after and d["record_id"] in ours]
+    assert mine and {d["status"] for d in mine} == {"delivered"}, mine
+    if component == "api-server":
+        assert any(d["attempts"] > 1 for d in mine), mine
+    # the inbox holds each acknowledged notification once, done by one run
+    person = [
+        e
+        for e in env.store.inbox_events("customers", after_id=inbox_after)
+        if e.record_id in ours and e.status != "ignored"
+    ]
+    assert len(person) == len(numbers), person
+    assert len({e.dedupe_key for e in person}) == len(person)
+    assert all(e.status == "done" and e.run_id for e in person), person
+    # exactly one ERP write per edited customer, by a run that ended green
+    writes = [
+        a
+        for a in env.store.audit_log("customers", limit=1000)
+        if a["id"] > audit_after and a["side"] == "erp" and a["record_key"] in values
+    ]
+    assert sorted(a["record_key"] for a in writes) == sorted(values), writes
+    new = [r for r in stack.runs() if r["dag_run_id"] not in runs_before]
+    assert new and all(r["state"] == "success" for r in new), new

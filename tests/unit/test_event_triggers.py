@@ -21,6 +21,7 @@ from d365sync.engine.events import as_timestamp, committed_erp_cursor, erp_curso
 from d365sync.engine.inbox import IncomingEvent
 from d365sync.engine.state import StateStore
 from d365sync.erp import ErpClient
+from d365sync.erp.session import Session
 from d365sync.sandbox.erp import sqlite_airflow_connection
 from d365sync.sandbox.erp.seeder import init_sandbox
 from d365sync.spec import load_entities
@@ -159,6 +160,58 @@ def test_erp_trigger_fires_when_the_cursor_column_moves_past_the_committed_water
     assert seen[0] is None and seen[2] is None
     assert seen[1].payload["source"] == "erp_poll"
     assert as_timestamp(seen[1].payload["cursor"]) == datetime.fromisoformat(later)
+
+
+def test_a_quiet_erp_costs_one_query_per_poll_and_fires_nothing(
+    store: StateStore, erp: ErpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every statement the trigger sends to the ERP, counted at the client: one per poll."""
+    spec = load_entities(ENTITIES)["customers"]
+    newest = erp_cursor_max(erp, spec)
+    assert newest is not None
+    store.stage_watermark("customers", "erp", "run-0", token=json.dumps({"value": newest.isoformat()}))
+    store.commit_watermarks("customers", "run-0")
+    statements: list[str] = []
+    probes = 0
+
+    class Counting:
+        """A pyodbc cursor that records each statement (pyodbc's own type cannot be patched)."""
+
+        def __init__(self, cursor: Any) -> None:
+            self._cursor = cursor
+
+        def execute(self, sql: str, *params: Any) -> Any:
+            statements.append(sql)
+            return self._cursor.execute(sql, *params)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._cursor, name)
+
+    run = Session.run
+    monkeypatch.setattr(Session, "run", lambda self, unit: run(self, lambda cur: unit(Counting(cur))))
+    probe = ErpChangeTrigger._probe
+
+    def counted_probe(self: ErpChangeTrigger, state: dict[str, Any]) -> Any:
+        nonlocal probes
+        probes += 1
+        return probe(self, state)
+
+    monkeypatch.setattr(ErpChangeTrigger, "_probe", counted_probe)
+
+    async def scenario() -> list[Any]:
+        events = Listener(ErpChangeTrigger("customers", poll_seconds=0.2))
+        seen = []
+        for _ in range(100):  # until three polls are done (a loaded machine opens the ERP slowly)
+            seen.append(await events.next(0.3))
+            if probes >= 3:
+                break
+        await events.close()
+        return seen
+
+    assert set(asyncio.run(scenario())) == {None}
+    assert probes >= 3
+    assert len(statements) == probes, statements
+    assert all(s.upper().startswith("SELECT MAX(") for s in statements), statements
 
 
 def test_triggers_serialize_to_their_own_class_and_arguments() -> None:
