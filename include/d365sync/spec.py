@@ -524,12 +524,17 @@ class Events(Model):
     """What starts a run between cron ticks (issue 13); the cron stays as the safety net.
 
     ``dynamics: webhook``: Dataverse notifications that reach the receiver's inbox start a run
-    within seconds. ``erp: poll``: one cheap query (the cursor column's maximum) every
-    ``poll_seconds`` starts a run when it moved. Either way the run itself still reads the delta
-    token and the cursor, so a lost notification only delays a change until the next event or tick.
+    within seconds; ``dynamics: servicebus``: the same, delivered through an Azure Service Bus
+    queue and the ``d365sync_servicebus_inbox`` DAG (docs/events-servicebus.md), and
+    ``d365sync events register`` leaves the entity out. ``erp: poll``: one cheap query (the cursor
+    column's maximum) every ``poll_seconds`` starts a run when it moved. Either way the run itself
+    still reads the delta token and the cursor, so a lost notification only delays a change until
+    the next event or tick.
     """
 
-    dynamics: Literal["webhook", "none"] = Field("none", description="Dataverse webhook notifications.")
+    dynamics: Literal["webhook", "servicebus", "none"] = Field(
+        "none", description="Dataverse change notifications: by webhook or through Azure Service Bus."
+    )
     erp: Literal["poll", "none"] = Field("none", description="ERP cursor polling (cursor tables only).")
     poll_seconds: float = Field(5.0, ge=1.0, le=3600.0, description="ERP poll interval.")
     inbox_poll_seconds: float = Field(1.0, ge=0.2, le=60.0, description="How often the inbox is checked.")
@@ -540,6 +545,11 @@ class Events(Model):
     @property
     def enabled(self) -> bool:
         return self.dynamics != "none" or self.erp != "none"
+
+    @property
+    def inbox(self) -> bool:
+        """Runs start from Dataverse notifications waiting in the inbox (webhook or Service Bus)."""
+        return self.dynamics != "none"
 
 
 class EntitySpec(Model):

@@ -111,6 +111,11 @@ def test_event_driven_entity_dag_shape() -> None:
     }
     erp_only = build_entity_dag(spec.model_copy(update={"events": Events(erp="poll")}))
     assert [w.name for w in erp_only.timetable.asset_condition.watchers] == ["d365sync_customers_erp_poll"]
+    # notifications through Service Bus land in the same inbox: the same trigger and lanes
+    servicebus = build_entity_dag(spec.model_copy(update={"events": Events(dynamics="servicebus")}))
+    (watcher,) = servicebus.timetable.asset_condition.watchers
+    assert watcher.trigger.serialize() == ("d365sync.airflow.triggers.InboxTrigger", triggers["InboxTrigger"])
+    assert {"route", "sync_events"} <= {t.task_id for t in servicebus.tasks}
 
 
 def test_doc_md_shows_ownership_mapping_and_policies(dagbag: Any) -> None:
@@ -243,3 +248,51 @@ def test_staging_cleanup_respects_retention(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("D365SYNC_STAGING_RETENTION_HOURS", "0")
     assert staging.finish_run("sync_x", "run_b")["removed"] is True
     assert not (tmp_path / "sync_x" / "run_b").exists()
+
+
+def test_servicebus_dag_exists_only_when_a_queue_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dags/d365sync_servicebus.py``: no queue, no DAG (and no Azure SDK import); a queue: the
+    ``d365sync_servicebus_inbox`` DAG on an asset watched by the provider's Service Bus queue trigger."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import AssetWatcher
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    path = str(DAGS_FOLDER / "d365sync_servicebus.py")
+    monkeypatch.delenv("D365SYNC_SERVICEBUS_QUEUE", raising=False)
+    unset = DagBag(dag_folder=path)
+    assert (unset.import_errors, unset.dags) == ({}, {})
+
+    monkeypatch.setenv("D365SYNC_SERVICEBUS_QUEUE", "d365sync, d365sync-orders,d365sync")
+    monkeypatch.setenv("D365SYNC_SERVICEBUS_CONN_ID", "asb_dataverse")
+    monkeypatch.setenv("D365SYNC_SERVICEBUS_POLL_SECONDS", "2")
+    bag = DagBag(dag_folder=path)
+    assert bag.import_errors == {} and set(bag.dags) == {"d365sync_servicebus_inbox"}
+    dag = bag.dags["d365sync_servicebus_inbox"]
+    assert [t.task_id for t in dag.tasks] == ["servicebus_to_inbox"]
+    assert "d365sync" in dag.tags and dag.max_active_runs == 1 and dag.catchup is False
+    assert dag.doc_md and "docs/events-servicebus.md" in dag.doc_md
+    task = dag.get_task("servicebus_to_inbox")
+    assert task.retries >= 1 and task.retry_policy is not None and task.on_failure_callback
+
+    assert type(dag.timetable).__name__ == "AssetTriggeredTimetable"
+    asset = dag.timetable.asset_condition
+    assert (asset.name, asset.uri) == ("d365sync_servicebus", "d365sync://events/servicebus")
+    (watcher,) = asset.watchers
+    assert isinstance(watcher, AssetWatcher) and watcher.name == "d365sync_servicebus_queue"
+    trigger_class = "airflow.providers.microsoft.azure.triggers.message_bus.AzureServiceBusQueueTrigger"
+    kwargs = {
+        "azure_service_bus_conn_id": "asb_dataverse",
+        "queues": ["d365sync", "d365sync-orders"],
+        "poll_interval": 2.0,
+        "max_wait_time": 5.0,
+    }
+    assert watcher.trigger.serialize() == (trigger_class, kwargs)
+    # what the DAG processor stores, and the triggerer starts the trigger from
+    encoded = DagSerialization.to_dict(dag)["dag"]["timetable"]["__var"]["asset_condition"]
+    assert encoded["watchers"] == [
+        {"name": "d365sync_servicebus_queue", "trigger": {"classpath": trigger_class, "kwargs": kwargs}}
+    ]
+
+    monkeypatch.setenv("D365SYNC_SERVICEBUS_WAIT_SECONDS", "0")  # the provider would read 0 as 60 s
+    refused = DagBag(dag_folder=path)
+    assert "WAIT_SECONDS must be above 0" in str(refused.import_errors)

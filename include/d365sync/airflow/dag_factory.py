@@ -111,7 +111,7 @@ def events_asset(spec: EntitySpec) -> Asset | None:
 
     events, name = spec.events, spec.name
     watchers = []
-    if events.dynamics == "webhook":
+    if events.inbox:
         trigger = InboxTrigger(name, poll_seconds=events.inbox_poll_seconds)
         watchers.append(AssetWatcher(name=f"d365sync_{name}_inbox", trigger=trigger))
     if events.erp == "poll":
@@ -490,6 +490,69 @@ def build_erase_dag(specs: Mapping[str, EntitySpec]) -> DAG:
         "key": Param("", type="string", description="The data subject's record key (required)."),
     }
     return _one_task_ops_dag("privacy_erase", doc, params)
+
+
+# ----------------------------------------------------------------------- Service Bus intake
+SERVICEBUS_DAG = "d365sync_servicebus_inbox"
+
+
+def servicebus_asset(config: settings.ServiceBus) -> Asset:
+    """The asset the provider's ``AzureServiceBusQueueTrigger`` watches: one asset event per message,
+    its body in ``extra["payload"]["message"]``. Imported only here (it loads the Azure SDK), so
+    parsing costs nothing when no queue is configured."""
+    from airflow.providers.microsoft.azure.triggers.message_bus import AzureServiceBusQueueTrigger
+    from airflow.sdk import AssetWatcher
+
+    trigger = AzureServiceBusQueueTrigger(
+        queues=list(config.queues),
+        azure_service_bus_conn_id=config.conn_id,
+        poll_interval=config.poll_seconds,
+        max_wait_time=config.wait_seconds,
+    )
+    watcher = AssetWatcher(name="d365sync_servicebus_queue", trigger=trigger)
+    return Asset(
+        name="d365sync_servicebus", uri="d365sync://events/servicebus", group="d365sync", watchers=[watcher]
+    )
+
+
+def build_servicebus_dag(config: settings.ServiceBus) -> DAG:
+    """``servicebus_to_inbox``: the run's Service Bus messages (Dataverse notifications) into the inbox."""
+    queues = ", ".join(f"`{q}`" for q in config.queues)
+    doc = (
+        "# Dataverse notifications from Azure Service Bus\n\nRuns when the queue trigger "
+        f"(`AzureServiceBusQueueTrigger`, connection `{config.conn_id}`) receives messages from {queues}. "
+        "Each message is a Dataverse `RemoteExecutionContext` (service endpoint message format JSON); the "
+        "task parses it as the webhook receiver does and adds one row per syncing entity to the event inbox "
+        "(deduplicated by `OperationId`; the sync's own writes are stored `ignored`). The entities' inbox "
+        "triggers then start their runs. A message that is not a notification fails the task after the "
+        "others are stored, and stays in the run's asset events. See docs/events-servicebus.md."
+    )
+    with DAG(
+        dag_id=SERVICEBUS_DAG,
+        schedule=servicebus_asset(config),
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        default_args=default_args(),
+        tags=[*TAGS, "events"],
+        doc_md=doc,
+        description="Dataverse notifications from Azure Service Bus into the sync's event inbox",
+    ) as dag:
+
+        @task(task_id="servicebus_to_inbox")
+        def servicebus_to_inbox() -> dict[str, Any]:
+            from d365sync.airflow import servicebus
+
+            return servicebus.servicebus_to_inbox()
+
+        servicebus_to_inbox()
+    return dag
+
+
+def servicebus_dags() -> dict[str, DAG]:
+    """``{"d365sync_servicebus_inbox": DAG}`` when ``D365SYNC_SERVICEBUS_QUEUE`` is set, else ``{}``."""
+    config = settings.servicebus()
+    return {} if config is None else {SERVICEBUS_DAG: build_servicebus_dag(config)}
 
 
 def entity_dags() -> dict[str, DAG]:

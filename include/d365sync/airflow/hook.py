@@ -11,6 +11,8 @@ defaults.
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import replace
 from typing import Any
 
 from airflow.sdk import BaseHook
@@ -90,6 +92,19 @@ class DynamicsWebApiHook(BaseHook):
             f"Connected as user {who.get('UserId')} "
             f"(organization {who.get('OrganizationId')}, business unit {who.get('BusinessUnitId')})"
         )
+
+
+def application_user_ids(conn_id: str) -> frozenset[str]:
+    """The sync's own Dataverse user: ``WhoAmI`` with the connection ``conn_id`` (short timeouts,
+    two tries), for telling its writes apart in change notifications."""
+    from d365sync.dynamics.config import RetrySettings
+
+    config = DynamicsWebApiHook(conn_id).get_config()
+    retry = RetrySettings(max_attempts=2, max_total_seconds=15.0, backoff_cap=2.0)
+    quick = replace(config, connect_timeout=3.0, read_timeout=10.0, retry=retry)
+    with DynamicsClient(quick) as client:
+        user = client.whoami().get("UserId")
+    return frozenset({str(uuid.UUID(str(user)))})
 
 
 def _settings(extras: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

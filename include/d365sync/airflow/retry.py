@@ -5,7 +5,7 @@ would drag the Dataverse client (msal) and GX into DAG parsing. Matching the nam
 exception's MRO needs no import and still catches subclasses.
 
 * a bad spec, rejected credentials, a validation threshold exceeded, a user whose role may not
-  run an operations DAG → fail now;
+  run an operations DAG, Service Bus messages that are not Dataverse notifications → fail now;
 * a Dataverse 429 that outlived the client's own Retry-After handling → retry after a long
   pause (the service-protection window), so a throttling storm cannot burn the retries in minutes;
 * anything else → the task's exponential backoff.
@@ -27,6 +27,7 @@ NOT_RETRIABLE = frozenset(
         "d365sync.erp.errors.ErpSpecError",
         "d365sync.engine.connections.ConnectionConfigError",
         "d365sync.roles.AccessDenied",
+        "d365sync.airflow.servicebus.RejectedMessages",
     }
 )
 THROTTLED_DELAY = timedelta(minutes=5)

@@ -28,6 +28,15 @@ parse. Every setting has a default that makes the embedded demo work with nothin
 ``D365SYNC_ALERT_SMTP_CONN_ID``        alerts by e-mail through this smtp connection (off when empty)
 ``D365SYNC_ALERT_EMAIL_TO``            comma-separated recipients (required with SMTP)
 ``D365SYNC_ALERT_EMAIL_FROM``          sender (else the connection's ``from_email``)
+``D365SYNC_SERVICEBUS_QUEUE``          Azure Service Bus queue(s) Dataverse posts notifications
+                                       to, comma-separated; set: the ``d365sync_servicebus_inbox``
+                                       DAG exists (docs/events-servicebus.md); unset: it does not
+``D365SYNC_SERVICEBUS_CONN_ID``        its connection (``azure_service_bus_default``)
+``D365SYNC_SERVICEBUS_POLL_SECONDS``   the trigger's pause after each receive (1); it takes at
+                                       most one message per pause
+``D365SYNC_SERVICEBUS_WAIT_SECONDS``   how long one receive waits for a message (5)
+``D365SYNC_APP_USER_IDS``              the sync's Dataverse application user id(s): notifications
+                                       of its writes are stored ``ignored`` (else ``WhoAmI``)
 =====================================  =========================================================
 """
 
@@ -69,6 +78,16 @@ class Retries:
     retries: int
     delay: timedelta
     max_delay: timedelta
+
+
+@dataclass(frozen=True)
+class ServiceBus:
+    """Where Dataverse's Service Bus notifications are read (the provider's queue trigger)."""
+
+    queues: tuple[str, ...]
+    conn_id: str
+    poll_seconds: float
+    wait_seconds: float
 
 
 @dataclass(frozen=True)
@@ -151,3 +170,18 @@ def alert_channels() -> AlertChannels:
         recipients,
         _env("D365SYNC_ALERT_EMAIL_FROM") or None,
     )
+
+
+def servicebus() -> ServiceBus | None:
+    """The Service Bus source (``D365SYNC_SERVICEBUS_*``), or None when no queue is configured."""
+    queues = tuple(
+        dict.fromkeys(q.strip() for q in _env("D365SYNC_SERVICEBUS_QUEUE").split(",") if q.strip())
+    )
+    if not queues:
+        return None
+    poll = _number("D365SYNC_SERVICEBUS_POLL_SECONDS", 1.0)
+    wait = _number("D365SYNC_SERVICEBUS_WAIT_SECONDS", 5.0)
+    if poll <= 0 or wait <= 0:  # the provider's trigger reads 0 as "unset" (60 s)
+        raise ValueError("D365SYNC_SERVICEBUS_POLL_SECONDS and _WAIT_SECONDS must be above 0")
+    conn_id = _env("D365SYNC_SERVICEBUS_CONN_ID", "azure_service_bus_default")
+    return ServiceBus(queues, conn_id, poll, wait)

@@ -305,7 +305,7 @@ INBOX_DRAIN = 100_000  # a run takes every waiting notification: bursts coalesce
 def _claim_events(store: Any, spec: Any, run_id: str) -> int:
     """Mark the waiting Dataverse notifications as this run's, *before* its change feed is read:
     every notification claimed here is for a change committed before that read."""
-    if spec.events.dynamics != "webhook":
+    if not spec.events.inbox:
         return 0
     return len(store.inbox_claim(spec.name, run_id, limit=INBOX_DRAIN))
 

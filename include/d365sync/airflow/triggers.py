@@ -6,8 +6,9 @@ says "something changed"; the run itself still reads the delta token and the cur
 or duplicated signal costs at most one run or one cron period, never a change.
 
 * :class:`InboxTrigger` polls the sync inbox (``sync_inbox``, filled by the operations app's
-  Dataverse webhook receiver) with one indexed aggregate, the newest waiting event's id, and
-  fires when it grows. After a triggerer restart it fires once if anything is waiting.
+  Dataverse webhook receiver or the ``d365sync_servicebus_inbox`` DAG) with one indexed
+  aggregate, the newest waiting event's id, and fires when it grows. After a triggerer restart
+  it fires once if anything is waiting.
 * :class:`ErpChangeTrigger` asks the ERP one question per ``poll_seconds``: the maximum of the
   entity's cursor column. It fires when that moved past the last value seen (at start: past the
   committed watermark). Our own writes move it too; the run they start finds only echoes and

@@ -21,7 +21,9 @@ Answers (Dataverse retries once, and only on 502/503/504):
 ====  ==============================================================================
 
 A 2xx is sent only after the row has committed, so an acknowledged notification is never lost.
-Kept fast: one transaction, no call to the Airflow API. Notifications of the sync's own writes
+Kept fast: one transaction, no call to the Airflow API. What is stored, and how, is
+:class:`~d365sync.engine.intake.Intake`'s, shared with the Service Bus bridge
+(:mod:`d365sync.airflow.servicebus`). Notifications of the sync's own writes
 (``UserId`` or ``InitiatingUserId`` is one of the sync's application users:
 ``D365SYNC_APP_USER_IDS``, else ``WhoAmI`` of the Dynamics connection, asked once) are stored
 ``ignored``: deduplicated and counted, but they start no run. If ``WhoAmI`` cannot be asked, they
@@ -35,10 +37,8 @@ import hmac
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Final
 
 from fastapi import APIRouter, HTTPException, Request
@@ -46,8 +46,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from d365sync.dynamics.notifications import Notification, NotificationError, parse_notification
-from d365sync.engine.inbox import MESSAGES, InboxQueries, IncomingEvent
-from d365sync.engine.pii import mask_text
+from d365sync.engine.inbox import InboxQueries
+from d365sync.engine.intake import AppUsers, Intake, IntakeUnavailable
 from d365sync.ui.auth import Principal, machine_to_machine
 from d365sync.ui.settings import UiSettings
 
@@ -61,7 +61,6 @@ KEY_VARIABLE: Final = "d365sync_webhook_key"
 MIN_KEY_LENGTH: Final = 16
 MAX_BODY: Final = 1024 * 1024
 KEY_TTL_SECONDS: Final = 60.0
-WHOAMI_RETRY_SECONDS: Final = 300.0
 SOURCE: Final = "dataverse_webhook"
 
 
@@ -138,96 +137,15 @@ async def webhook_key(request: Request) -> Principal:
     return Principal("dataverse-webhook", "none", "machine", "")
 
 
-# --- the sync's own application users ---------------------------------------------------------
-
-
-class AppUsers:
-    """The sync's application user ids: configured, else resolved once (``WhoAmI``) and cached."""
-
-    def __init__(
-        self,
-        configured: frozenset[str] | None,
-        resolve: Callable[[], frozenset[str]],
-        retry_after: float = WHOAMI_RETRY_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._ids, self._resolve = configured, resolve
-        self._retry_after, self._clock = retry_after, clock
-        self._next_try = 0.0
-        self._warned = False
-        self._lock = threading.Lock()
-
-    def get(self) -> frozenset[str] | None:
-        """The ids, or None while they are unknown (then nothing is ignored)."""
-        if self._ids is not None:
-            return self._ids
-        with self._lock:
-            if self._ids is None and self._clock() >= self._next_try:
-                self._ids = self._try_resolve()
-            return self._ids
-
-    def _try_resolve(self) -> frozenset[str] | None:
-        try:
-            ids = self._resolve()
-        except Exception as exc:  # unreachable, unauthorised, not configured: all the same here
-            self._next_try = self._clock() + self._retry_after
-            if not self._warned:
-                self._warned = True
-                reason = mask_text(f"{type(exc).__name__}: {exc}")[:300]
-                log.warning(
-                    "webhook receiver: the sync's application user is unknown (WhoAmI failed: %s); "
-                    "its own writes are stored as new events until it is known "
-                    "(set D365SYNC_APP_USER_IDS to avoid asking)",
-                    reason,
-                )
-            return None
-        log.info("webhook receiver: the sync's application user ids are %s", ", ".join(sorted(ids)))
-        return ids
-
-
 def whoami(conn_id: str) -> Callable[[], frozenset[str]]:
-    """Ask ``WhoAmI`` with the Dynamics connection ``conn_id`` (short timeouts, two tries)."""
+    """Ask ``WhoAmI`` with the Dynamics connection ``conn_id`` (when first needed)."""
 
     def resolve() -> frozenset[str]:
-        from d365sync.airflow.hook import DynamicsWebApiHook
-        from d365sync.dynamics import DynamicsClient
-        from d365sync.dynamics.config import RetrySettings
+        from d365sync.airflow.hook import application_user_ids
 
-        config = DynamicsWebApiHook(conn_id).get_config()
-        retry = RetrySettings(max_attempts=2, max_total_seconds=15.0, backoff_cap=2.0)
-        quick = replace(config, connect_timeout=3.0, read_timeout=10.0, retry=retry)
-        with DynamicsClient(quick) as client:
-            user = client.whoami().get("UserId")
-        return frozenset({str(uuid.UUID(str(user)))})
+        return application_user_ids(conn_id)
 
     return resolve
-
-
-# --- tables to entities -----------------------------------------------------------------------
-
-
-class TableMap:
-    """Dataverse table -> the entities syncing it, from the entity files (read once)."""
-
-    def __init__(self, directory: Path | None = None) -> None:
-        self._directory = directory
-        self._map: dict[str, tuple[str, ...]] | None = None
-        self._lock = threading.Lock()
-
-    def entities(self, table: str) -> tuple[str, ...]:
-        if self._map is None:
-            with self._lock:
-                if self._map is None:
-                    self._map = self._load()
-        return self._map.get(table.lower(), ())
-
-    def _load(self) -> dict[str, tuple[str, ...]]:
-        from d365sync.spec import entities_dir, load_entities
-
-        found: dict[str, list[str]] = {}
-        for name, spec in load_entities(self._directory or entities_dir()).items():
-            found.setdefault(spec.dynamics.table.lower(), []).append(name)
-        return {table: tuple(sorted(names)) for table, names in found.items()}
 
 
 # --- the receiver -----------------------------------------------------------------------------
@@ -235,77 +153,31 @@ class TableMap:
 
 @dataclass
 class Receiver:
-    """Turns one notification into inbox rows (one per entity syncing its table)."""
+    """Turns one notification into inbox rows (:class:`~d365sync.engine.intake.Intake`) and an answer."""
 
     keys: WebhookKeys
-    app_users: AppUsers
-    tables: TableMap = field(default_factory=TableMap)
-    _said: set[str] = field(default_factory=set, init=False, repr=False)
+    intake: Intake
 
     @classmethod
     def from_settings(cls, settings: UiSettings) -> Receiver:
-        keys = WebhookKeys(settings.webhook_keys)
-        return cls(keys, AppUsers(settings.app_user_ids, whoami(settings.dynamics_conn_id)))
+        app_users = AppUsers(settings.app_user_ids, whoami(settings.dynamics_conn_id))
+        return cls(WebhookKeys(settings.webhook_keys), Intake(SOURCE, app_users))
 
     def receive(
         self, store: Callable[[], InboxQueries], note: Notification, body: bytes
     ) -> tuple[int, dict[str, Any]]:
         """(HTTP status, answer) for one parsed notification; stores before it answers 2xx."""
-        if note.message not in MESSAGES:
-            return self._not_stored(f"message {note.message} does not start a sync (Create, Update, Delete)")
         try:
-            entities = self.tables.entities(note.table)
-        except Exception as exc:  # a broken entity file: the DAGs report it; Dataverse retries once
-            log.error("webhook receiver: entity files unreadable (%s)", type(exc).__name__)
-            return 503, {"detail": "entity files unreadable; retry"}
-        if not entities:
-            return self._not_stored(f"no entity syncs table {note.table}")
-        ignored = self._own_write(note)
-        events = [_event(note, entity, note.dedupe_key(body), ignored) for entity in entities]
-        try:
-            result = store().inbox_add(events)
-        except Exception as exc:  # whatever it was, nothing committed: 503 makes Dataverse retry
-            log.error("webhook receiver: event not stored, answered 503 (%s)", type(exc).__name__)
-            return 503, {"detail": "state store unavailable; retry"}
-        log.info(
-            "dataverse %s of %s %s (correlation %s): %d added, %d ignored, %d duplicates",
-            note.message, note.table, note.record_id, note.correlation_id,
-            result.added, result.ignored, result.duplicates,
-        )  # fmt: skip
+            (planned,), result = self.intake.add(store, [(note, body)])
+        except IntakeUnavailable as exc:  # nothing committed: 503 makes Dataverse retry
+            return 503, {"detail": exc.detail}
+        if planned.reason is not None:
+            answer = {"accepted": True, "duplicate": False, "added": 0, "ignored": 0, "entities": []}
+            return 202, answer | {"reason": planned.reason}
         if result.duplicate:
             return 200, {"accepted": True, "duplicate": True}
         answer = {"accepted": True, "duplicate": False, "added": result.added, "ignored": result.ignored}
-        return 202, answer | {"entities": list(entities)}
-
-    def _own_write(self, note: Notification) -> bool:
-        own = self.app_users.get()
-        return own is not None and bool(note.users & own)
-
-    def _not_stored(self, reason: str) -> tuple[int, dict[str, Any]]:
-        if reason not in self._said:  # once per reason: a misrouted webhook must not flood the log
-            if len(self._said) >= 1000:
-                self._said.clear()
-            self._said.add(reason)
-            log.warning("webhook receiver: accepted and not stored: %s", reason)
-        answer = {"accepted": True, "duplicate": False, "added": 0, "ignored": 0, "entities": []}
-        return 202, answer | {"reason": reason}
-
-
-def _event(note: Notification, entity: str, dedupe_key: str, ignored: bool) -> IncomingEvent:
-    return IncomingEvent(
-        source=SOURCE,
-        entity=entity,
-        table_name=note.table,
-        record_id=note.record_id,
-        message=note.message,  # type: ignore[arg-type]  (checked against MESSAGES)
-        dedupe_key=dedupe_key,
-        attributes=note.attributes,
-        correlation_id=note.correlation_id,
-        user_id=note.user_id,
-        depth=note.depth,
-        operation_created_on=note.created_on,
-        ignored=ignored,
-    )
+        return 202, answer | {"entities": list(planned.entities)}
 
 
 async def _body(request: Request) -> bytes:

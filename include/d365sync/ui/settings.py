@@ -42,11 +42,11 @@ has a default that makes the embedded demo work with nothing set.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from d365sync.engine.intake import APP_USER_IDS_ENV, parse_app_user_ids
 from d365sync.roles import ROLE_MAP_ENV, parse_role_map
 
 DEFAULT_STATE_URL = "sqlite:///var/demo/state.db"
@@ -95,7 +95,7 @@ class UiSettings:
             "role_map": parse_role_map(env.get(ROLE_MAP_ENV, "")),
             "stale_review_days": _int(env, "D365SYNC_UI_STALE_REVIEW_DAYS", 7),
             "webhook_keys": _items(env.get("D365SYNC_WEBHOOK_KEY", "")),
-            "app_user_ids": _guids(env, "D365SYNC_APP_USER_IDS"),
+            "app_user_ids": parse_app_user_ids(env.get(APP_USER_IDS_ENV, "")),
             "dynamics_conn_id": env.get("D365SYNC_DYNAMICS_CONN_ID") or "dynamics_default",
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -105,15 +105,6 @@ class UiSettings:
 def _items(raw: str) -> tuple[str, ...]:
     """``"a, b,"`` -> ``("a", "b")``."""
     return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-def _guids(env: Mapping[str, str], name: str) -> frozenset[str] | None:
-    """Comma-separated GUIDs, normalised (lower case, no braces); None when unset."""
-    items = _items(env.get(name, ""))
-    try:
-        return frozenset(str(uuid.UUID(item.strip("{}"))) for item in items) if items else None
-    except ValueError:
-        raise ValueError(f"{name}: every item must be a GUID") from None
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
