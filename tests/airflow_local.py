@@ -26,8 +26,11 @@ from typing import Any
 
 import httpx
 
+from d365sync.dynamics.webhooks import MESSAGES, register_webhook
 from d365sync.engine.state import StateStore
+from d365sync.sandbox.erp import sqlite_airflow_connection
 from d365sync.spec import load_entities
+from d365sync.webhook_cli import tables_for
 from tests.browser.conftest import (
     REPLAY_DAG,
     STARTUP_TIMEOUT,
@@ -39,7 +42,7 @@ from tests.browser.conftest import (
     _stop,
 )
 from tests.dags.conftest import BIN
-from tests.integration.pipeline_env import ENTITIES
+from tests.integration.pipeline_env import ENTITIES, Env
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
@@ -185,3 +188,35 @@ def entity_files(target: Path, events: Mapping[str, str | None], source: Path = 
     for name, line in events.items():
         assert specs[name].events.enabled == (line is not None), name
     return target
+
+
+def sync_settings(env: Env, folder: Path, entities: Path, webhook_key: str) -> dict[str, str]:
+    """The sync's settings for Airflow on ``env``: connections to its sandbox, its SQLite ERP and
+    state store in ``folder``, these entity files, this webhook key, staging under ``folder``."""
+    return {
+        "AIRFLOW_CONN_DYNAMICS_DEFAULT": json.dumps(env.sandbox.airflow_connection()),
+        "AIRFLOW_CONN_ERP_DEFAULT": json.dumps(sqlite_airflow_connection(folder / "erp.db")),
+        "AIRFLOW_CONN_SYNC_STATE_DEFAULT": json.dumps(
+            {"conn_type": "sqlite", "host": str(folder / "state.db")}
+        ),
+        "D365SYNC_ENTITIES_DIR": str(entities),
+        "D365SYNC_WEBHOOK_KEY": webhook_key,
+        "D365SYNC_STAGING_ROOT": f"file://{folder / 'staging'}",
+    }
+
+
+def ready_for_events(
+    stack: Components, env: Env, key: str, entities: tuple[str, ...] = ("customers",)
+) -> None:
+    """What ``make demo`` does once Airflow is up: the ``dynamics_api`` pool, and the Dataverse
+    webhook of ``entities`` registered through the Web API, calling the stack's receiver."""
+    specs = load_entities(Path(stack.env["D365SYNC_ENTITIES_DIR"]))
+    register_webhook(
+        env.dynamics,
+        name="d365sync",
+        url=f"{stack.url}/d365sync/events/dataverse",
+        key=key,
+        tables=tables_for({name: specs[name] for name in entities}, MESSAGES),
+    )
+    pool = [str(BIN / "airflow"), "pools", "set", "dynamics_api", "2", "Dataverse Web API"]
+    subprocess.run(pool, env=stack.env, cwd=stack.home, check=True, capture_output=True, timeout=120)

@@ -12,8 +12,6 @@ is written. Latency figures belong to ``benchmarks/``, not here: the waits only 
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,13 +20,8 @@ from typing import Any
 
 import pytest
 
-from d365sync.dynamics.webhooks import MESSAGES, register_webhook
 from d365sync.sandbox.dataverse.config import PERSON_USER
-from d365sync.sandbox.erp import sqlite_airflow_connection
-from d365sync.spec import load_entities
-from d365sync.webhook_cli import tables_for
-from tests.airflow_local import Components, components, entity_files
-from tests.dags.conftest import BIN, airflow_base_env
+from tests.airflow_local import Components, components, entity_files, ready_for_events, sync_settings
 from tests.integration.pipeline_env import Env, running_env
 from tests.sandbox_fixtures import SandboxFactory
 
@@ -78,14 +71,7 @@ def stack(
     entities = entity_files(folder / "entities", {"customers": EVENTS})
     with running_env(factory, folder, seed=5, rows=10) as env:
         extra = {
-            "AIRFLOW_CONN_DYNAMICS_DEFAULT": json.dumps(env.sandbox.airflow_connection()),
-            "AIRFLOW_CONN_ERP_DEFAULT": json.dumps(sqlite_airflow_connection(folder / "erp.db")),
-            "AIRFLOW_CONN_SYNC_STATE_DEFAULT": json.dumps(
-                {"conn_type": "sqlite", "host": str(folder / "state.db")}
-            ),
-            "D365SYNC_ENTITIES_DIR": str(entities),
-            "D365SYNC_WEBHOOK_KEY": KEY,
-            "D365SYNC_STAGING_ROOT": f"file://{folder / 'staging'}",
+            **sync_settings(env, folder, entities, KEY),
             "AIRFLOW__CORE__EXECUTOR": "d365sync.airflow.executor.WarmLocalExecutor",
             # a killed scheduler takes its running task with it (detected in a minute); with the
             # api-server down a task cannot start (Airflow 3 tasks call its execution API): both
@@ -100,17 +86,7 @@ def stack(
         state = (env.store, f"sqlite:///{folder / 'state.db'}")
         with components(folder, state, extra, USERS, folder) as server:
             running = Stack(env, server, entities)
-            spec = load_entities(entities)["customers"]
-            url = f"{server.url}/d365sync/events/dataverse"
-            register_webhook(
-                env.dynamics,
-                name="d365sync",
-                url=url,
-                key=KEY,
-                tables=tables_for({"customers": spec}, MESSAGES),
-            )
-            pool = [str(BIN / "airflow"), "pools", "set", "dynamics_api", "2", "Dataverse Web API"]
-            subprocess.run(pool, env=airflow_base_env(folder), check=True, capture_output=True, timeout=120)
+            ready_for_events(server, env, KEY)
             server.unpause(DAG_ID)
             # the first runs: the ERP trigger fires at once (nothing committed yet), the cron may too
             _until(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,14 +27,11 @@ from d365sync.engine.state import StateStore
 from d365sync.sandbox.dataverse.process import DataverseSandbox
 from d365sync.ui.app import create_app
 from d365sync.ui.settings import UiSettings
+from tests.notifications import ACCOUNT, APP_USER, PERSON, STREET, context
 from tests.ui.conftest import EMAIL, PHONE, PREFIX
 
 KEY, OLD_KEY = "k3y-" + "a" * 28, "old-" + "b" * 28
 URL = f"{PREFIX}/events/dataverse"
-APP_USER = "51f81489-0000-4a9e-aaae-a2591f45987d"
-PERSON = "a1b2c3d4-0000-4000-8000-000000000001"
-ACCOUNT = "6F9619FF-8B86-D011-B42D-00C04FC964FF"
-STREET = "221B Baker Street"
 
 
 @dataclass
@@ -75,43 +71,6 @@ def hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
     monkeypatch.delenv("AIRFLOW_VAR_D365SYNC_WEBHOOK_KEY", raising=False)
     with receiver(tmp_path, webhook_keys=(KEY, OLD_KEY), app_user_ids=frozenset({APP_USER})) as env:
         yield env
-
-
-def context(message: str = "Update", table: str = "account", **overrides: Any) -> dict[str, Any]:
-    """A RemoteExecutionContext as Dataverse posts it, with personal data in the Target."""
-    target: dict[str, Any] = {
-        "__type": "Entity:http://schemas.microsoft.com/xrm/2011/Contracts",
-        "Attributes": [
-            {"key": "emailaddress1", "value": EMAIL},
-            {"key": "telephone1", "value": PHONE},
-            {"key": "address1_line1", "value": STREET},
-        ],
-        "Id": ACCOUNT,
-        "LogicalName": table,
-    }
-    if message == "Delete":
-        target = {"__type": "EntityReference:http://schemas.microsoft.com/xrm/2011/Contracts"}
-        target |= {"Id": ACCOUNT, "LogicalName": table, "Name": None}
-    body = {
-        "MessageName": message,
-        "PrimaryEntityName": table,
-        "PrimaryEntityId": ACCOUNT,
-        "InputParameters": [{"key": "Target", "value": target}],
-        "PreEntityImages": [
-            {"key": "pre", "value": {"Attributes": [{"key": "emailaddress1", "value": EMAIL}]}}
-        ],
-        "UserId": PERSON,
-        "InitiatingUserId": PERSON,
-        "CorrelationId": str(uuid.uuid4()),
-        "OperationId": str(uuid.uuid4()),
-        "RequestId": str(uuid.uuid4()),
-        "Depth": 1,
-        "Stage": 40,
-        "Mode": 1,
-        "OperationCreatedOn": "/Date(1506409448000-0700)/",
-        "OrganizationName": "contoso",
-    }
-    return body | overrides
 
 
 def server_log(caplog: pytest.LogCaptureFixture) -> str:

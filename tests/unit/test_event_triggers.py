@@ -134,14 +134,19 @@ async def _silent(trigger: Any) -> bool:
         await events.close()
 
 
-def test_erp_trigger_fires_when_the_cursor_column_moves_past_the_committed_watermark(
-    store: StateStore, erp: ErpClient
-) -> None:
-    spec = load_entities(ENTITIES)["customers"]
-    newest = erp_cursor_max(erp, spec)
+def _committed_up_to_now(store: StateStore, erp: ErpClient) -> datetime:
+    """A committed run that read the ERP up to its current cursor maximum; that maximum."""
+    newest = erp_cursor_max(erp, load_entities(ENTITIES)["customers"])
     assert newest is not None
     store.stage_watermark("customers", "erp", "run-0", token=json.dumps({"value": newest.isoformat()}))
     store.commit_watermarks("customers", "run-0")
+    return newest
+
+
+def test_erp_trigger_fires_when_the_cursor_column_moves_past_the_committed_watermark(
+    store: StateStore, erp: ErpClient
+) -> None:
+    newest = _committed_up_to_now(store, erp)
     assert committed_erp_cursor(store, "customers") == newest
 
     later = (newest + timedelta(minutes=3)).strftime("%Y-%m-%d %H:%M:%S")
@@ -166,11 +171,7 @@ def test_a_quiet_erp_costs_one_query_per_poll_and_fires_nothing(
     store: StateStore, erp: ErpClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every statement the trigger sends to the ERP, counted at the client: one per poll."""
-    spec = load_entities(ENTITIES)["customers"]
-    newest = erp_cursor_max(erp, spec)
-    assert newest is not None
-    store.stage_watermark("customers", "erp", "run-0", token=json.dumps({"value": newest.isoformat()}))
-    store.commit_watermarks("customers", "run-0")
+    _committed_up_to_now(store, erp)
     statements: list[str] = []
     probes = 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections import deque
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -31,41 +30,12 @@ from d365sync.airflow.servicebus import RejectedMessages, messages_of, store_mes
 from d365sync.engine.inbox import InboxEvent
 from d365sync.engine.intake import AppUsers, Intake, IntakeUnavailable
 from d365sync.engine.state import StateStore
+from tests.notifications import ACCOUNT, APP_USER, PERSON, context
+from tests.ui.conftest import EMAIL, PHONE
 
 QUEUE = "d365sync-notifications"
-APP_USER = "51f81489-0000-4a9e-aaae-a2591f45987d"
-PERSON = "a1b2c3d4-0000-4000-8000-000000000001"
-ACCOUNT = "6F9619FF-8B86-D011-B42D-00C04FC964FF"
-EMAIL, PHONE = "jane.doe@example.com", "+44 20 7946 0958"
 CLAIMS = "http://schemas.microsoft.com/xrm/2011/Claims/"
 T0 = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
-
-
-def context(message: str = "Update", table: str = "account", **overrides: Any) -> dict[str, Any]:
-    """A RemoteExecutionContext in the JSON message format, with personal data in the Target."""
-    target = {
-        "__type": "Entity:http://schemas.microsoft.com/xrm/2011/Contracts",
-        "Attributes": [{"key": "emailaddress1", "value": EMAIL}, {"key": "telephone1", "value": PHONE}],
-        "Id": ACCOUNT,
-        "LogicalName": table,
-    }
-    body = {
-        "MessageName": message,
-        "PrimaryEntityName": table,
-        "PrimaryEntityId": ACCOUNT,
-        "InputParameters": [{"key": "Target", "value": target}],
-        "UserId": PERSON,
-        "InitiatingUserId": PERSON,
-        "CorrelationId": str(uuid.uuid4()),
-        "OperationId": str(uuid.uuid4()),
-        "RequestId": str(uuid.uuid4()),
-        "Depth": 1,
-        "Stage": 40,
-        "Mode": 1,
-        "OperationCreatedOn": "/Date(1772443800000+0000)/",
-        "OrganizationName": "contoso",
-    }
-    return body | overrides
 
 
 def received(body: bytes, message_id: str) -> ServiceBusReceivedMessage:
@@ -201,10 +171,10 @@ def test_a_json_context_becomes_one_inbox_row_with_ids_and_names_only(
         "new",
     )
     assert row.record_id == ACCOUNT.lower() and row.user_id == PERSON
-    assert row.attributes == ("emailaddress1", "telephone1")
+    assert row.attributes == ("address1_line1", "emailaddress1", "telephone1")
     assert row.dedupe_key == f"op:{ctx['OperationId']}:{ACCOUNT.lower()}:Update"
     assert row.correlation_id == ctx["CorrelationId"] and row.depth == 1
-    assert row.operation_created_on == datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+    assert row.operation_created_on == datetime(2017, 9, 26, 7, 4, 8, tzinfo=UTC)
     assert EMAIL not in repr(row) and PHONE not in repr(row)
     with StateStore.open(f"sqlite:///{db}") as store:
         assert store.inbox_head("customers", waiting_only=True) == row.id  # what InboxTrigger watches
