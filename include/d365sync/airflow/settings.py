@@ -17,6 +17,8 @@ parse. Every setting has a default that makes the embedded demo work with nothin
 ``D365SYNC_CHUNK_SIZE``                rows per staging file and write batch (5000)
 ``D365SYNC_TASK_RETRIES``              task retries (3), exponential backoff from
 ``D365SYNC_RETRY_DELAY_SECONDS``       (30) up to ``D365SYNC_MAX_RETRY_DELAY_SECONDS`` (900)
+``D365SYNC_EVENT_DRAIN_SECONDS``       a fast-lane task syncs notifications that arrived while it
+                                       ran, in further passes, for up to this long (30; 0: one pass)
 ``D365SYNC_SCHEDULE_OVERRIDE``         one cron for every entity DAG instead of the entity files'
                                        ``schedule`` (soak tests: ``* * * * *``); unset = per file
 ``D365SYNC_DEADLINE_MINUTES``          run deadline; default: the schedule's period, 5 to 120 min
@@ -146,6 +148,11 @@ def schedule_override() -> str | None:
 def deadline_override() -> timedelta | None:
     minutes = _number("D365SYNC_DEADLINE_MINUTES", 0)
     return timedelta(minutes=minutes) if minutes > 0 else None
+
+
+def event_drain_seconds() -> float:
+    """How long a fast-lane task keeps taking notifications that arrive while it runs (30 s)."""
+    return max(0.0, _number("D365SYNC_EVENT_DRAIN_SECONDS", 30))
 
 
 def chunk_size() -> int:

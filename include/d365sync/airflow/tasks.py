@@ -332,41 +332,79 @@ def route(entity: str) -> str | list[str]:
 
 def sync_events(entity: str) -> dict[str, Any]:
     """The fast lane: the same stages, merge, echo guard and audit as the staged chain, in one task
-    (no task start-ups or XCom between stages), for the few records an event brings."""
+    (no task start-ups or XCom between stages), for the few records an event brings.
+
+    A run drains what arrives while it runs: when a pass has committed and notifications are
+    waiting again (no more than ``events.fast_lane_max``), another pass takes them at once, for up
+    to ``D365SYNC_EVENT_DRAIN_SECONDS``, instead of leaving them to a run queued behind this one.
+    Each further pass is an engine run of its own (``<run id>.pass<n>``: its own report, watermarks and
+    staging); the notifications are claimed under the Airflow run's id, so a failed or retried
+    run gives back or takes back every one of them."""
     from d365sync.airflow.dag_factory import load_specs
     from d365sync.engine.pipeline import run_entity
 
     context = airflow_context()
     run = context["dag_run"]
     spec = load_specs()[entity]
+    deadline = time.monotonic() + settings.event_drain_seconds()
+    passes: list[dict[str, Any]] = []
     with clients() as (dynamics, erp, store):
-        claimed = _claim_events(store, spec, run.run_id)
-        result = run_entity(
-            spec,
-            dynamics=dynamics,
-            erp=erp,
-            store=store,
-            staging=staging_root(run.dag_id),
-            run_id=run.run_id,
-            chunk_size=settings.chunk_size(),
-            actor=f"airflow:{run.dag_id}",
-            keep_staging=True,  # cleaned below as the staged chain's report does (a remote root too)
-        )
-        done = store.inbox_done(entity, run.run_id)
-        metrics = _emit_metrics(store.run_report(run.run_id, entity))
+        while True:
+            engine_run = run.run_id if not passes else f"{run.run_id}.pass{len(passes) + 1}"
+            claimed = _claim_events(store, spec, run.run_id)
+            result = run_entity(
+                spec,
+                dynamics=dynamics,
+                erp=erp,
+                store=store,
+                staging=staging_root(run.dag_id),
+                run_id=engine_run,
+                chunk_size=settings.chunk_size(),
+                actor=f"airflow:{run.dag_id}",
+                keep_staging=True,  # cleaned below as the staged chain's report does (a remote root too)
+            )
+            passes.append(
+                {
+                    "run_id": engine_run,
+                    "events": {"claimed": claimed, "done": store.inbox_done(entity, run.run_id)},
+                    "counts": result.counts,
+                    "timings": result.timings,
+                    "metrics": _emit_metrics(store.run_report(engine_run, entity)),
+                    "staging": finish_run(run.dag_id, engine_run),
+                }
+            )
+            if time.monotonic() >= deadline or not _more_waiting(store, spec):
+                break
     summary = {
         "entity": entity,
         "lane": "fast",
-        "events": {"claimed": claimed, "done": done},
-        "counts": result.counts,
-        "timings": result.timings,
-        "metrics": metrics,
+        "events": _totals(p["events"] for p in passes),
+        "counts": _totals(p["counts"] for p in passes),
+        "timings": _totals(p["timings"] for p in passes),
+        "metrics": sum(p["metrics"] for p in passes),
+        "passes": len(passes),
         "run_time": run_time(context).isoformat(),
-        "staging": finish_run(run.dag_id, run.run_id),
+        "staging": passes[0]["staging"],
     }
     summary = xcom_safe(summary)
     log.info("summary: %s", summary)
     return summary
+
+
+def _totals(parts: Iterator[Mapping[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for part in parts:
+        for name, value in part.items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+def _more_waiting(store: Any, spec: Any) -> bool:
+    """Notifications waiting for a run, and few enough for the fast lane."""
+    if not spec.events.inbox:
+        return False
+    waiting = store.inbox_pending(spec.name, limit=spec.events.fast_lane_max + 1)
+    return 0 < len(waiting) <= spec.events.fast_lane_max
 
 
 def report(entity: str, committed: dict[str, Any]) -> dict[str, Any]:
