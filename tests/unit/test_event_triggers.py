@@ -191,6 +191,25 @@ def test_register_command_without_event_entities_does_nothing(
     """No entity file asks for webhooks: nothing is registered, nothing is contacted, exit 0."""
     from d365sync.cli import main
 
+    quiet = tmp_path / "entities"  # the shipped files with their `events:` lines taken out
+    quiet.mkdir()
+    for source in ENTITIES.glob("*.yaml"):
+        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+        (quiet / source.name).write_text("".join(x for x in lines if not x.startswith("events:")))
+    assert not any(s.events.enabled for s in load_entities(quiet).values())
     url = "http://127.0.0.1:9/d365sync/events/dataverse"  # port 9: nothing may connect there
-    assert main(["events", "register", "--url", url, "--entities-dir", str(ENTITIES)]) == 0
+    assert main(["events", "register", "--url", url, "--entities-dir", str(quiet)]) == 0
     assert "nothing to register" in capsys.readouterr().out
+
+
+def test_register_command_by_default_takes_the_shipped_event_entities(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The shipped customers and orders ask for webhooks: their tables are what register asks for."""
+    from d365sync.cli import main
+
+    url = "http://127.0.0.1:9/d365sync/events/dataverse"  # --dry-run: nothing is contacted
+    assert main(["events", "register", "--url", url, "--entities-dir", str(ENTITIES), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert sorted(plan["tables"]) == ["account", "salesorder"]
+    assert "address1_city" in plan["tables"]["account"]["filtering_attributes"]
