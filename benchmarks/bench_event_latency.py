@@ -304,7 +304,7 @@ def main() -> int:
             erp_numbers = [n for n in erp_numbers if not n.startswith("ACC-")][: args.erp_edits]
 
             began = time.monotonic()
-            with airflow(env, folder, "events", events, None, executor) as stack:
+            with airflow(env, folder, "events", events, executor) as stack:
                 stack.unpause(DAG_ID)
                 time.sleep(5)
                 settle(stack)  # the first run creates every account in the ERP

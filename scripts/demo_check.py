@@ -6,7 +6,9 @@ Usage (after ``make demo``)::
 
 Logs in with the SimpleAuthManager password ``airflow standalone`` generated (read from
 ``var/airflow/simple_auth_manager_passwords.json.generated``), lists the d365sync DAGs, then polls
-``/api/v2/dags/sync_customers/dagRuns`` until a run of type ``scheduled`` has succeeded.
+``/api/v2/dags/sync_customers/dagRuns`` until a run of type ``scheduled`` has succeeded. Customers
+ships with events, so runs the webhook or ERP polling started (``asset_triggered``) appear next to
+the scheduled ones; a failed customers run among the latest ten, of any kind, fails the check.
 """
 
 from __future__ import annotations
@@ -59,13 +61,16 @@ def main() -> int:
             timeout=30,
         ).json()["dag_runs"]
         scheduled = [r for r in runs if r["run_type"] == "scheduled"]
+        events = [r for r in runs if r["run_type"] == "asset_triggered"]
         print(
             "sync_customers scheduled runs:", [(r["dag_run_id"], r["state"]) for r in scheduled] or "none yet"
         )
+        print("sync_customers event-started runs:", [(r["dag_run_id"], r["state"]) for r in events] or "none")
+        if failed := [r["dag_run_id"] for r in runs if r["state"] == "failed"]:
+            print(f"failed: {failed}")
+            return 1
         if any(r["state"] == "success" for r in scheduled):
             return 0
-        if any(r["state"] == "failed" for r in scheduled):
-            return 1
         time.sleep(10)
     print("timed out waiting for a successful scheduled run")
     return 1

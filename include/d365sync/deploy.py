@@ -27,7 +27,9 @@ from typing import Any, Final
 @dataclass(frozen=True)
 class Secret:
     name: str
-    kind: str  # "token" (random text, min_length) or "fernet" (a urlsafe-base64 32-byte key)
+    # "token" (random text, min_length), "keys" (comma-separated tokens, each min_length: the old and
+    # the new one during a rotation) or "fernet" (a urlsafe-base64 32-byte key, or several, comma-separated)
+    kind: str
     purpose: str
     min_length: int = 16
     required: bool = True  # optional ones are checked only when set
@@ -42,6 +44,8 @@ SECRETS: Final[tuple[Secret, ...]] = (
     Secret("STATE_DB_PASSWORD", "token", "sync-state database", 16),
     Secret("ERP_DB_PASSWORD", "token", "the ERP stand-in database", 16),
     Secret("DATAVERSE_CLIENT_SECRET", "token", "the Dataverse sandbox app's client secret", 16),
+    # the receiver ignores shorter keys (d365sync.ui.events.MIN_KEY_LENGTH)
+    Secret("D365SYNC_WEBHOOK_KEY", "keys", "the key Dataverse's webhook presents to the event receiver", 16),
     # empty: the d365sync_pii connection of a secrets backend holds them (docs/security.md)
     Secret("D365SYNC_PII_KEYS", "fernet", "encrypts personal data in the sync state", required=False),
 )
@@ -102,6 +106,13 @@ def _weakness(secret: Secret, value: str) -> str | None:
                     return "not a Fernet key (32 url-safe base64-encoded bytes)"
             except (binascii.Error, ValueError):
                 return "not a Fernet key (32 url-safe base64-encoded bytes)"
+        return None
+    if secret.kind == "keys":  # newest first, comma-separated: every one of them must be usable
+        keys = [key.strip() for key in value.split(",")]
+        if any(key.lower() in PUBLISHED or _PLACEHOLDER.search(key) for key in keys):
+            return "a published default or placeholder"
+        if any(len(key) < secret.min_length for key in keys):
+            return f"a key shorter than {secret.min_length} characters"
         return None
     if len(value) < secret.min_length:
         return f"shorter than {secret.min_length} characters"

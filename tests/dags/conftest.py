@@ -38,6 +38,34 @@ ENTITY_TASKS = [
 ]
 # Entities with ``events`` (customers, orders) run a branch first: the fast lane or the chain above.
 EVENT_TASKS = ["route", "sync_events"]
+FAST_LANE = ["sync_events"]
+
+
+def lane_of(tasks: Mapping[str, str]) -> str:
+    """The lane a successful entity run took, ``"staged"`` or ``"fast"``, from its task states
+    (task id → state); fails unless they are exactly one of these:
+
+    * no ``route`` (an entity without ``events``): every task of the chain ``success``;
+    * ``route`` ``success`` and every task of one lane ``success``, every task of the lane it did
+      not take ``skipped`` (the chain for the fast lane, ``sync_events`` for the chain).
+    """
+    states = dict(tasks)
+    if "route" not in states:
+        assert states == dict.fromkeys(ENTITY_TASKS, "success"), states
+        return "staged"
+    staged = {
+        "route": "success",
+        **dict.fromkeys(ENTITY_TASKS, "success"),
+        **dict.fromkeys(FAST_LANE, "skipped"),
+    }
+    fast = {
+        "route": "success",
+        **dict.fromkeys(ENTITY_TASKS, "skipped"),
+        **dict.fromkeys(FAST_LANE, "success"),
+    }
+    assert states in (staged, fast), states
+    return "staged" if states == staged else "fast"
+
 
 # The triggering_user_name dag.test() records for its run (airflow.sdk DAG.test): the user whose role
 # the operations DAGs check (d365sync.airflow.tasks.acting_user).
@@ -86,7 +114,7 @@ class RunResult:
     log: str = field(repr=False, default="")
 
     def __repr__(self) -> str:  # failed assertions show the task states and the log's tail
-        failed = {t: s for t, s in self.tasks.items() if s != "success"}
+        failed = {t: s for t, s in self.tasks.items() if s not in ("success", "skipped")}
         tail = "" if not failed else "\n--- log tail ---\n" + self.log[-6000:]
         return f"RunResult({self.dag_id}: {self.state}, not successful: {failed}){tail}"
 
@@ -153,10 +181,15 @@ class AirflowEnv:
 
 
 def assert_success(runs: list[RunResult]) -> None:
-    """Fail with the failed tasks and the child's log tail (pytest truncates long reprs)."""
+    """Every run succeeded; an entity run (``dag.test()``: a manual run) took the staged chain, every
+    task of it ``success`` and only the fast lane ``skipped`` (:func:`lane_of`). Fails with the
+    failed tasks and the child's log tail (pytest truncates long reprs)."""
     bad = [r for r in runs if r.state != "success"]
     if bad:
         pytest.fail("\n".join(repr(r) for r in bad), pytrace=False)
+    for run in runs:
+        if run.dag_id.startswith("sync_"):
+            assert lane_of(run.tasks) == "staged", run.tasks
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ import pytest
 import requests
 
 from d365sync.engine.stages.context import aware
-from tests.dags.conftest import BIN, REPO, AirflowEnv, airflow_base_env, assert_success
+from tests.dags.conftest import BIN, REPO, AirflowEnv, airflow_base_env, assert_success, lane_of
 from tests.dags.sync_env import SyncEnv, connections_env, init_erp, sqlite_backend, tidy_erp, writes
 
 ERP_ROWS = 150
@@ -48,7 +48,7 @@ DAG_ID = "sync_customers"
 TODAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 DAYS = [TODAY - timedelta(days=n) for n in (4, 3, 2)]  # three complete daily intervals
 OUTSIDE = TODAY - timedelta(days=6)  # before the first interval
-BACKFILL_TIMEOUT = 900.0  # a wait, not a timing check: a loaded 2-core machine runs 9 tasks a run slowly
+BACKFILL_TIMEOUT = 900.0  # a wait, not a timing check: a loaded 2-core machine runs 10 tasks a run slowly
 API_TIMEOUT = 90.0
 WRITE_METHODS = ("PATCH", "POST", "PUT", "DELETE")
 
@@ -67,6 +67,13 @@ class Backfill:
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with sqlite3.connect(self.db, timeout=30) as conn:
             return conn.execute(sql, params).fetchall()
+
+    def tasks(self, run_id: str) -> dict[str, str]:
+        """Task id → state of one run of the DAG."""
+        rows = self.query(
+            "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?", DAG_ID, run_id
+        )
+        return {task_id: state for task_id, state in rows}
 
     def create(self) -> int:
         """``airflow backfill create`` over the three days; returns the backfill id."""
@@ -286,6 +293,8 @@ def test_backfill_of_three_days_resyncs_their_erp_changes(backfill: Backfill) ->
     runs = backfill.run()
 
     assert [(state, kind) for _, state, kind in runs] == [("success", "backfill")] * 3, runs
+    for run_id, _, _ in runs:  # a window run takes the staged chain, never the fast lane
+        assert lane_of(backfill.tasks(run_id)) == "staged", run_id
     assert _dynamics_limits(sync, list(backfill.edits)) == backfill.edits
     assert _dynamics_limits(sync, [outside_key]) == untouched != {outside_key: outside_limit}
     after = _live_watermarks(sync)

@@ -57,11 +57,15 @@ def test_every_dag_has_tags_retries_one_active_run_and_docs(dagbag: Any) -> None
 
 
 def test_entity_dag_shape(dagbag: Any) -> None:
+    """The shipped customers DAG: events on in its file (``dynamics: webhook, erp: poll``), so the
+    cron or its change signal starts it, and ``route`` picks the fast lane or the staged chain."""
     from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable
 
     dag = dagbag.dags["sync_customers"]
-    assert sorted(t.task_id for t in dag.tasks) == sorted(ENTITY_TASKS)
+    assert sorted(t.task_id for t in dag.tasks) == sorted(ENTITY_TASKS + EVENT_TASKS)
     up = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
+    assert up["route"] == []
+    assert up["extract_dynamics"] == up["extract_erp"] == up["sync_events"] == ["route"]
     assert up["validate"] == ["extract_dynamics", "extract_erp"]
     assert up["load_erp"] == up["load_dynamics"] == ["resolve"]
     assert up["commit_state"] == ["load_dynamics", "load_erp", "resolve"]
@@ -71,50 +75,57 @@ def test_entity_dag_shape(dagbag: Any) -> None:
         "extract_dynamics",
         "transform",
         "load_dynamics",
+        "sync_events",
     }
-    assert isinstance(dag.timetable, CronDataIntervalTimetable)
-    assert dag.timetable.expression == "*/10 * * * *"
-    outlets = dag.get_task("commit_state").outlets
-    assert [a.uri for a in outlets] == ["d365sync://entities/customers"]
-    orders = dagbag.dags["sync_orders"].timetable
-    assert isinstance(orders, AssetOrTimeSchedule)
-    assert "d365sync://entities/customers" in repr(orders.asset_condition)
-
-
-def test_event_driven_entity_dag_shape() -> None:
-    """``events`` in an entity file: the cron or the change signal (the inbox and ERP-poll
-    triggers), and a ``route`` branch between the one-task fast lane and the staged chain."""
-    from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable
-
-    from d365sync.airflow.dag_factory import build_entity_dag, load_specs
-    from d365sync.spec import Events
-
-    spec = load_specs()["customers"]
-    events = Events(dynamics="webhook", erp="poll", poll_seconds=3)
-    dag = build_entity_dag(spec.model_copy(update={"events": events}))
-
-    assert sorted(t.task_id for t in dag.tasks) == sorted(ENTITY_TASKS + EVENT_TASKS)
-    up = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
-    assert up["extract_dynamics"] == up["extract_erp"] == up["sync_events"] == ["route"]
-    assert up["validate"] == ["extract_dynamics", "extract_erp"]
-    assert dag.get_task("sync_events").pool == "dynamics_api"
-    for lane in ("commit_state", "sync_events"):
-        assert [a.uri for a in dag.get_task(lane).outlets] == ["d365sync://entities/customers"]
     assert isinstance(dag.timetable, AssetOrTimeSchedule)
     assert isinstance(dag.timetable.timetable, CronDataIntervalTimetable)
+    assert dag.timetable.timetable.expression == "*/10 * * * *"  # the safety net
     changes = dag.timetable.asset_condition
     assert changes.uri == "d365sync://events/customers"
     triggers = {type(w.trigger).__name__: w.trigger.serialize()[1] for w in changes.watchers}
     assert triggers == {
         "InboxTrigger": {"entity": "customers", "poll_seconds": 1.0},
-        "ErpChangeTrigger": {"entity": "customers", "poll_seconds": 3.0},
+        "ErpChangeTrigger": {"entity": "customers", "poll_seconds": 5.0},
     }
-    erp_only = build_entity_dag(spec.model_copy(update={"events": Events(erp="poll")}))
-    assert [w.name for w in erp_only.timetable.asset_condition.watchers] == ["d365sync_customers_erp_poll"]
+    for lane in ("commit_state", "sync_events"):
+        assert [a.uri for a in dag.get_task(lane).outlets] == ["d365sync://entities/customers"]
+    orders = dagbag.dags["sync_orders"]
+    assert sorted(t.task_id for t in orders.tasks) == sorted(ENTITY_TASKS + EVENT_TASKS)
+    assert isinstance(orders.timetable, AssetOrTimeSchedule)
+    assert orders.timetable.timetable.expression == "*/5 * * * *"
+    condition = repr(orders.timetable.asset_condition)  # the customers commit, or its own change signal
+    assert "d365sync://entities/customers" in condition and "d365sync://events/orders" in condition
+    for dag_id in ("sync_invoices", "sync_products", "sync_inventory"):  # no events in their files
+        assert sorted(t.task_id for t in dagbag.dags[dag_id].tasks) == sorted(ENTITY_TASKS), dag_id
+
+
+def test_entity_dag_shape_without_events() -> None:
+    """No ``events`` in an entity file: the staged chain alone, on the cron alone; with ERP
+    polling only, one watcher."""
+    from airflow.sdk import CronDataIntervalTimetable
+
+    from d365sync.airflow.dag_factory import build_entity_dag, load_specs
+    from d365sync.spec import Events
+
+    spec = load_specs()["customers"]
+    dag = build_entity_dag(spec.model_copy(update={"events": Events()}))
+
+    assert sorted(t.task_id for t in dag.tasks) == sorted(ENTITY_TASKS)
+    up = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
+    assert up["extract_dynamics"] == up["extract_erp"] == []
+    assert up["validate"] == ["extract_dynamics", "extract_erp"]
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)
+    assert dag.timetable.expression == "*/10 * * * *"
+    assert [a.uri for a in dag.get_task("commit_state").outlets] == ["d365sync://entities/customers"]
+    erp_only = build_entity_dag(spec.model_copy(update={"events": Events(erp="poll", poll_seconds=3)}))
+    (watcher,) = erp_only.timetable.asset_condition.watchers
+    assert watcher.name == "d365sync_customers_erp_poll"
+    assert watcher.trigger.serialize()[1] == {"entity": "customers", "poll_seconds": 3.0}
     # notifications through Service Bus land in the same inbox: the same trigger and lanes
     servicebus = build_entity_dag(spec.model_copy(update={"events": Events(dynamics="servicebus")}))
     (watcher,) = servicebus.timetable.asset_condition.watchers
-    assert watcher.trigger.serialize() == ("d365sync.airflow.triggers.InboxTrigger", triggers["InboxTrigger"])
+    inbox = {"entity": "customers", "poll_seconds": 1.0}
+    assert watcher.trigger.serialize() == ("d365sync.airflow.triggers.InboxTrigger", inbox)
     assert {"route", "sync_events"} <= {t.task_id for t in servicebus.tasks}
 
 
@@ -125,6 +136,10 @@ def test_doc_md_shows_ownership_mapping_and_policies(dagbag: Any) -> None:
     assert "last_write_wins (skew 120s, winner dynamics)" in doc
     assert "email(max_length=80)" in doc
     assert "Depends on" in dagbag.dags["sync_orders"].doc_md
+    assert "* **Events**: Dataverse webhook notifications (inbox checked every 1s) and ERP `LAST_UPD` " in doc
+    assert "`route` runs first" in doc and "`sync_events`" in doc
+    invoices = dagbag.dags["sync_invoices"].doc_md  # no events in its file
+    assert "**Events**" not in invoices and "`route`" not in invoices
 
 
 def test_operations_dags_take_params(dagbag: Any) -> None:
@@ -213,7 +228,7 @@ def test_schedule_override_applies_to_every_entity_dag(monkeypatch: pytest.Monke
     with pytest.raises(ValueError, match="D365SYNC_SCHEDULE_OVERRIDE"):
         build_entity_dag(specs["customers"])
     monkeypatch.delenv("D365SYNC_SCHEDULE_OVERRIDE")
-    assert build_entity_dag(specs["customers"]).timetable.expression == "*/10 * * * *"
+    assert build_entity_dag(specs["customers"]).timetable.timetable.expression == "*/10 * * * *"
 
 
 def test_retry_policy_fails_fast_waits_out_throttling_and_backs_off_otherwise() -> None:

@@ -47,16 +47,21 @@ DEMO_NAMES = {
 # Service-specific additions on top of x-airflow-common (everything else must be inherited as is).
 SERVICE_EXTRAS = {
     "airflow-worker": {"DUMB_INIT_SETSID"},
+    # the webhook receiver's key: the api-server hosts the receiver, airflow-init registers the
+    # webhook; no other service gets it
+    "airflow-apiserver": {"D365SYNC_WEBHOOK_KEY"},
     "airflow-init": {
         "_AIRFLOW_WWW_USER_PASSWORD",
         "D365SYNC_SEED_ERP",
         "DEMO_ROWS",
         "ERP_ODBC",
+        "D365SYNC_WEBHOOK_URL",
         # checked by `d365sync deploy check-secrets` before anything starts
         "POSTGRES_PASSWORD",
         "STATE_DB_PASSWORD",
         "ERP_DB_PASSWORD",
         "DATAVERSE_CLIENT_SECRET",
+        "D365SYNC_WEBHOOK_KEY",
     },
 }
 
@@ -112,12 +117,38 @@ def test_every_airflow_service_gets_the_common_settings(service: str) -> None:
     assert set(env) >= DEMO_NAMES
 
 
+def test_airflow_init_registers_the_webhook_with_the_receivers_key() -> None:
+    """The receiver (api-server) and the registration (airflow-init) read one key, a required
+    secret; the webhook calls the api-server on the compose network unless the URL is set, and
+    an empty URL leaves the registration to the operator."""
+    services = compose.load()["services"]
+    key = compose.SECRETS["D365SYNC_WEBHOOK_KEY"]
+    assert services["airflow-apiserver"]["environment"]["D365SYNC_WEBHOOK_KEY"] == key
+    init = services["airflow-init"]["environment"]
+    assert init["D365SYNC_WEBHOOK_KEY"] == key
+    assert init["D365SYNC_WEBHOOK_URL"] == "http://airflow-apiserver:8080/d365sync/events/dataverse"
+    assert (
+        compose.service_environment("airflow-init", {"D365SYNC_WEBHOOK_URL": ""})["D365SYNC_WEBHOOK_URL"]
+        == ""
+    )
+    other = compose.service_environment("airflow-init", {"D365SYNC_WEBHOOK_URL": "https://ops.example.org/x"})
+    assert other["D365SYNC_WEBHOOK_URL"] == "https://ops.example.org/x"
+    script = compose.service_command("airflow-init")
+    assert isinstance(script, list)
+    lines = [line.strip() for line in script[1].splitlines()]
+    register = lines.index('d365sync events register --url "${D365SYNC_WEBHOOK_URL}"')
+    assert (
+        lines[register - 1] == 'if [[ -n "${D365SYNC_WEBHOOK_URL}" ]]; then' and lines[register + 1] == "fi"
+    )
+    assert lines.index("d365sync deploy check-secrets") < register
+
+
 def test_topology_test_uses_the_compose_settings(tmp_path: Path) -> None:
     """The environment the process-level test gives its processes == the compose environment,
     value by value, once endpoints (host, port, database, user, password), container paths and
     listen ports are masked."""
     local = localizer(tmp_path, "parity", 41001, 41002, 7)
-    for service in ("airflow-worker", "airflow-init"):
+    for service in ("airflow-worker", "airflow-init", "airflow-apiserver"):
         compose_env = compose.service_environment(service, DOTENV)
         local_env = local.environment(compose_env)
         assert set(local_env) == set(compose_env)

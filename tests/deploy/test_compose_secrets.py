@@ -67,7 +67,8 @@ def test_airflow_init_checks_the_secrets_before_anything_else() -> None:
 
 
 def _check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in FORMER_DEFAULTS}
+    names = {s.name for s in deploy.SECRETS}  # none of them inherited from this process
+    clean = {k: v for k, v in os.environ.items() if k not in names}
     return subprocess.run(
         [sys.executable, "-m", "d365sync.cli", "deploy", "check-secrets"],
         env={**clean, **env},
@@ -94,11 +95,24 @@ def test_check_secrets_refuses_the_former_defaults_without_echoing_them() -> Non
         ("AIRFLOW__API_AUTH__JWT_SECRET", "short-but-random-x9", "shorter than 32"),
         ("AIRFLOW__API_AUTH__JWT_SECRET", "please-change-me-please-change-me-1234", "placeholder"),
         ("AIRFLOW__CORE__FERNET_KEY", "bm90LWEta2V5", "not a Fernet key"),
+        ("D365SYNC_WEBHOOK_KEY", "a-15-chars-key!", "a key shorter than 16"),
+        # a rotation: each key must be usable, the receiver ignores short ones
+        ("D365SYNC_WEBHOOK_KEY", "0123456789abcdef-new-key,short", "a key shorter than 16"),
+        ("D365SYNC_WEBHOOK_KEY", "0123456789abcdef-new-key,change-me-change-me", "placeholder"),
     ],
 )
 def test_check_secrets_names_the_weakness(name: str, value: str, why: str) -> None:
     found = deploy.problems({**deploy.generate(), name: value})
     assert len(found) == 1 and found[0].startswith(name) and why in found[0], found
+
+
+def test_a_webhook_key_rotation_passes_when_both_keys_are_usable() -> None:
+    rotation = "0123456789abcdef-new-key,0123456789abcdef-old-key"
+    assert deploy.problems({**deploy.generate(), "D365SYNC_WEBHOOK_KEY": rotation}) == []
+    found = deploy.problems({**deploy.generate(), "D365SYNC_WEBHOOK_KEY": ""})
+    assert found == [
+        "D365SYNC_WEBHOOK_KEY (the key Dataverse's webhook presents to the event receiver): not set"
+    ]
 
 
 def test_generated_env_file_starts_the_stack(tmp_path: Path) -> None:
@@ -109,7 +123,7 @@ def test_generated_env_file_starts_the_stack(tmp_path: Path) -> None:
     lines = [line for line in out.read_text().splitlines() if "=" in line and not line.startswith("#")]
     dotenv = dict(line.split("=", 1) for line in lines)
     assert deploy.problems(dotenv) == []
-    assert _check({k: dotenv[k] for k in FORMER_DEFAULTS}).returncode == 0
+    assert _check({s.name: dotenv[s.name] for s in deploy.SECRETS}).returncode == 0
     env = compose.load(dotenv, secrets={})  # the .env alone is enough to interpolate the file
     assert env["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == dotenv["POSTGRES_PASSWORD"]
     # two runs, two different secrets; an existing .env is never overwritten silently

@@ -205,7 +205,9 @@ def topology(
         for process in PROCESSES:
             command = compose.service_command(process, dotenv)
             assert isinstance(command, str)
-            stack.start(process, command.split())
+            # what the service adds to x-airflow-common (the api-server: the webhook receiver's key)
+            own = local.environment(compose.service_environment(process, dotenv))
+            stack.start(process, command.split(), **{**own, **(overrides or {})})
         worker = compose.service_command("airflow-worker", dotenv)
         assert isinstance(worker, str)
         worker_env = {
@@ -334,6 +336,15 @@ def account_numbers(stack: Stack) -> list[str]:
         numbers += [row["accountnumber"] for row in body["value"]]
         url = body.get("@odata.nextLink")
     return numbers
+
+
+def state_store(stack: Stack) -> Any:
+    """The sync-state store the stack's tasks use (from its ``AIRFLOW_CONN_SYNC_STATE_DEFAULT``)."""
+    from d365sync.engine import connections
+    from d365sync.engine.state import StateStore
+
+    url, schema = connections.state_url(connections.from_env(connections.STATE_CONN, stack.env))
+    return StateStore.open(url, schema=schema)
 
 
 def executed_line(dag_id: str, run_id: str, task_id: str) -> str:

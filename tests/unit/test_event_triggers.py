@@ -245,6 +245,60 @@ def test_register_command_without_event_entities_does_nothing(
     """No entity file asks for webhooks: nothing is registered, nothing is contacted, exit 0."""
     from d365sync.cli import main
 
+    quiet = tmp_path / "entities"  # the shipped files with their `events:` lines taken out
+    quiet.mkdir()
+    for source in ENTITIES.glob("*.yaml"):
+        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+        (quiet / source.name).write_text("".join(x for x in lines if not x.startswith("events:")))
+    assert not any(s.events.enabled for s in load_entities(quiet).values())
     url = "http://127.0.0.1:9/d365sync/events/dataverse"  # port 9: nothing may connect there
-    assert main(["events", "register", "--url", url, "--entities-dir", str(ENTITIES)]) == 0
+    assert main(["events", "register", "--url", url, "--entities-dir", str(quiet)]) == 0
     assert "nothing to register" in capsys.readouterr().out
+
+
+def test_register_command_by_default_takes_the_shipped_event_entities(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The shipped customers and orders ask for webhooks: their tables are what register asks for."""
+    from d365sync.cli import main
+
+    url = "http://127.0.0.1:9/d365sync/events/dataverse"  # --dry-run: nothing is contacted
+    assert main(["events", "register", "--url", url, "--entities-dir", str(ENTITIES), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert sorted(plan["tables"]) == ["account", "salesorder"]
+    assert "address1_city" in plan["tables"]["account"]["filtering_attributes"]
+
+
+def test_route_takes_the_fast_lane_only_for_an_event_started_run_with_a_small_batch(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``route`` of the shipped event-driven customers DAG: an ``asset_triggered`` run (an inbox or
+    ERP-poll event, or the upstream's commit) with at most ``fast_lane_max`` waiting notifications
+    runs ``sync_events``; a bigger burst, a dry run, a window, and every scheduled, manual or
+    backfill run take the staged chain."""
+    from types import SimpleNamespace
+
+    from d365sync.airflow import tasks
+    from d365sync.airflow.dag_factory import load_specs
+
+    limit = load_specs()["customers"].events.fast_lane_max
+    context: dict[str, Any] = {}
+    monkeypatch.setattr(tasks, "airflow_context", lambda: context)
+    monkeypatch.setattr(tasks, "state_store", lambda: contextlib.nullcontext(store))
+
+    def lane(kind: str, **params: Any) -> Any:
+        context.clear()
+        context.update({"dag_run": SimpleNamespace(run_type=kind), "params": params})
+        return tasks.route("customers")
+
+    window = {"window_start": "2026-11-01T00:00:00+00:00", "window_end": "2026-11-02T00:00:00+00:00"}
+    assert lane("asset_triggered") == tasks.FAST_LANE  # nothing waiting: ERP poll or upstream commit
+    assert lane("asset_triggered", dry_run=True) == tasks.STAGED_LANE
+    assert lane("asset_triggered", **window) == tasks.STAGED_LANE
+    for kind in ("scheduled", "manual", "backfill"):
+        assert lane(kind) == tasks.STAGED_LANE, kind
+    store.inbox_add([_event(n) for n in range(1, limit + 1)])
+    store.inbox_add([_event(n, ignored=True) for n in range(limit + 1, limit + 6)])  # our own writes
+    assert lane("asset_triggered") == tasks.FAST_LANE  # exactly the limit waiting
+    store.inbox_add([_event(limit + 6)])
+    assert lane("asset_triggered") == tasks.STAGED_LANE  # one more: the staged chain

@@ -93,6 +93,8 @@ def entity_doc_md(spec: EntitySpec, upstream: Sequence[str] = ()) -> str:
     if upstream:
         names = ", ".join(f"`{u}`" for u in upstream)
         lines.append(f"* **Depends on**: {names} (runs when they commit; missing parents are parked)")
+    if spec.events.enabled:
+        lines.append(f"* **Events**: {_events(spec)}")
     lines += ["", "## Ownership and conflict policies", "", *ownership_table(spec)]
     lines += ["", "## Mapping (transform chains)", "", *mapping_table(spec)]
     lines += [
@@ -102,4 +104,21 @@ def entity_doc_md(spec: EntitySpec, upstream: Sequence[str] = ()) -> str:
         "`extract_dynamics ∥ extract_erp → validate → transform → resolve → load_erp ∥ load_dynamics "
         "→ commit_state → report`. Data moves as Parquet under the staging root; XCom holds manifests.",
     ]
+    if spec.events.enabled:
+        lines += [
+            "",
+            f"`route` runs first: a run started by an event with at most {spec.events.fast_lane_max} waiting "
+            "notifications takes `sync_events` (every stage in one task), anything else (scheduled, manual, "
+            "backfill, dry run) the chain above; the other side is skipped.",
+        ]
     return "\n".join(lines)
+
+
+def _events(spec: EntitySpec) -> str:
+    ev, signals = spec.events, []
+    if ev.dynamics == "webhook":
+        signals.append(f"Dataverse webhook notifications (inbox checked every {ev.inbox_poll_seconds:g}s)")
+    if ev.erp == "poll":
+        column = getattr(spec.erp.change_detection, "column", "?")
+        signals.append(f"ERP `{column}` maximum polled every {ev.poll_seconds:g}s")
+    return " and ".join(signals) + " start a run within seconds; the schedule stays as the safety net"

@@ -8,7 +8,11 @@
    ``AIRFLOW_HOME`` (SQLite metadata DB, LocalExecutor, ``parallelism`` 4): ``api-server``,
    ``scheduler`` and ``dag-processor``, each in its own process group, all stopped at the end.
    Every entity DAG runs on ``D365SYNC_SCHEDULE_OVERRIDE`` (``* * * * *``); the operations DAGs
-   stay paused; no triggerer (deadline alerts are off).
+   stay paused; no triggerer (deadline alerts are off), so the shipped entities' ``events``
+   (webhook, ERP polling) start nothing here: the soak exercises the cron, the safety net that
+   event runs ride on (those are ``tests/dags/test_event_runs.py``'s). An entity run its upstream's
+   commit starts (orders after customers) is event-started all the same and takes the fast lane
+   ``sync_events`` when its entity has events; the scheduled ones take the staged chain.
 2. **Baseline**: every entity DAG is unpaused; the runner waits for one full cycle (below) and
    notes what is pending then (the legacy seed's dirt that ``tidy`` leaves: invalid e-mails,
    duplicate customers) — the simulator never touches those records.
@@ -28,9 +32,9 @@
 
 A **cycle** after time *T*: for each entity in dependency order (the DAGs' own asset schedules:
 orders after customers), a *finished* run whose ``start_date`` is after *T* and after the cycle's
-run of every upstream entity committed (its ``commit_state`` ended: the key map moved and the
-asset fired). A run still queued or running is never mistaken for a finished one: only
-``success`` and ``failed`` are final.
+run of every upstream entity committed (its ``commit_state``, or in a fast-lane run its
+``sync_events``, ended: the key map moved and the asset fired). A run still queued or running is
+never mistaken for a finished one: only ``success`` and ``failed`` are final.
 
 Checks (the exit status is non-zero if any fails): every DAG run green; each bad value
 dead-lettered with a reason; each fixed value synced to the other system with nothing pending
@@ -70,6 +74,9 @@ DAGS_FOLDER = INCLUDE.parent / "dags"
 DAG_PREFIX = "sync_"  # d365sync.airflow.dag_factory.DAG_PREFIX (this module stays Airflow-free)
 ASSET_PREFIX = "d365sync_"  # dag_factory.entity_asset: an entity DAG's upstream, from its schedule
 FINAL = ("success", "failed")
+# The task whose end is an entity run's commit (key map moved, asset emitted): the staged chain's
+# commit_state, or the fast lane's one task (dag_factory: route takes one, the other is skipped).
+COMMIT_TASKS = ("commit_state", "sync_events")
 STARTUP_TIMEOUT = 240.0
 POLL = 5.0
 # AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS of the soak's Airflow processes: SQLite metadata DB
@@ -662,14 +669,14 @@ class Soak:
             time.sleep(POLL)
 
     def _committed(self, entity: str, run: dict[str, Any]) -> datetime | None:
-        """When the run's ``commit_state`` ended (None if it never did); final runs are cached."""
+        """When the run's commit ended (None if it never did): ``commit_state`` of the staged chain,
+        or ``sync_events``, the fast lane, which commits and emits the asset itself (the lane the
+        run did not take is skipped); final runs are cached."""
         key = (entity, run["dag_run_id"])
         if key not in self._commits:
             tis = self.stack.api.task_instances(self.dag_ids[entity], run["dag_run_id"])
             ends = [
-                _when(t["end_date"])
-                for t in tis
-                if t["task_id"] == "commit_state" and t["state"] == "success"
+                _when(t["end_date"]) for t in tis if t["task_id"] in COMMIT_TASKS and t["state"] == "success"
             ]
             self._commits[key] = ends[0] if ends else None
         return self._commits[key]
