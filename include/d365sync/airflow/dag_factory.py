@@ -240,10 +240,7 @@ def build_entity_dag(spec: EntitySpec) -> DAG:
     with EntityDAG(
         dag_id=dag_id,
         schedule=schedule_for(spec),
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        default_args=default_args(),
+        **_one_run_at_a_time(),
         on_failure_callback=record_failed_run,
         tags=[*TAGS, "entity", entity],
         doc_md=entity_doc_md(spec, upstream_of(spec)),
@@ -354,14 +351,16 @@ def who_may_run(scheduled: bool = False, roles: str = "`op` or `admin`") -> str:
     )
 
 
+def _one_run_at_a_time() -> dict[str, Any]:
+    """What every DAG of the product shares: no catch-up, one active run, the retry policy."""
+    return {"start_date": START, "catchup": False, "max_active_runs": 1, "default_args": default_args()}
+
+
 def _ops_dag(dag_id: str, doc: str, params: dict[str, Param], schedule: Any = None) -> DAG:
     return DAG(
         dag_id=dag_id,
         schedule=schedule,
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        default_args=default_args(),
+        **_one_run_at_a_time(),
         tags=[*TAGS, "operations"],
         doc_md=doc,
         params=params,
@@ -530,10 +529,7 @@ def build_servicebus_dag(config: settings.ServiceBus) -> DAG:
     with DAG(
         dag_id=SERVICEBUS_DAG,
         schedule=servicebus_asset(config),
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        default_args=default_args(),
+        **_one_run_at_a_time(),
         tags=[*TAGS, "events"],
         doc_md=doc,
         description="Dataverse notifications from Azure Service Bus into the sync's event inbox",
