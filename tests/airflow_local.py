@@ -142,7 +142,6 @@ def components(
     port = _free_port()
     env = {
         **_env(home, port, passwords_file, store[1], users),
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         **(extra_env or {}),
     }
     migrate = subprocess.run(

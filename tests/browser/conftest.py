@@ -41,7 +41,7 @@ import pytest
 
 from d365sync.engine.state import StateStore
 from tests.conftest import IN_CI
-from tests.dags.conftest import BIN, REPO, airflow_base_env
+from tests.dags.conftest import BIN, REPO, WARM_EXECUTOR, airflow_base_env
 from tests.ui.conftest import seed
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -125,6 +125,7 @@ def _env(
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # standalone spawns `airflow <cmd>`
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
             "AIRFLOW__CORE__PARALLELISM": "2",
+            "AIRFLOW__CORE__EXECUTOR": WARM_EXECUTOR,
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in users.items()),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),

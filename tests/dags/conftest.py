@@ -75,6 +75,10 @@ DAG_TEST_USER = "dag_test"
 FOREIGN_WARNING_PATHS = ("/site-packages/",)
 
 
+#: what ``make demo`` runs: the LocalExecutor with GX preloaded before its workers fork
+WARM_EXECUTOR = "d365sync.airflow.executor.WarmLocalExecutor"
+
+
 def airflow_base_env(home: Path) -> dict[str, str]:
     """Environment for Airflow child processes: temp home, repo dags, examples off, SQLite."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))}

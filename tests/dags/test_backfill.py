@@ -39,7 +39,15 @@ import pytest
 import requests
 
 from d365sync.engine.stages.context import aware
-from tests.dags.conftest import BIN, REPO, AirflowEnv, airflow_base_env, assert_success, lane_of
+from tests.dags.conftest import (
+    BIN,
+    REPO,
+    WARM_EXECUTOR,
+    AirflowEnv,
+    airflow_base_env,
+    assert_success,
+    lane_of,
+)
 from tests.dags.sync_env import SyncEnv, connections_env, init_erp, sqlite_backend, tidy_erp, writes
 
 ERP_ROWS = 150
@@ -139,7 +147,7 @@ def _airflow(home: Path, entities: Path, extra: dict[str, str]) -> AirflowEnv:
     env = airflow_base_env(home) | extra
     env |= {
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTOR": WARM_EXECUTOR,
         "AIRFLOW__CORE__PARALLELISM": "2",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__API__HOST": "127.0.0.1",

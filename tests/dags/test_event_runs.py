@@ -74,7 +74,6 @@ def stack(
     with running_env(factory, folder, seed=5, rows=10) as env:
         extra = {
             **sync_settings(env, folder, entities, KEY),
-            "AIRFLOW__CORE__EXECUTOR": "d365sync.airflow.executor.WarmLocalExecutor",
             # no cron tick in the middle of a test: every run after the first is event-started
             "D365SYNC_SCHEDULE_OVERRIDE": "0 0 1 1 *",
             # a killed scheduler takes its running task with it (detected in a minute); with the

@@ -4,8 +4,8 @@
 
 1. **Stack** in a work directory: the Dataverse sandbox (seeded), a SQLite ERP over ODBC (seeded,
    then ``seeder.tidy`` as the demo does), a SQLite state store (migrated before any task runs,
-   as the compose ``airflow-init`` does), and Airflow on a fresh
-   ``AIRFLOW_HOME`` (SQLite metadata DB, LocalExecutor, ``parallelism`` 4): ``api-server``,
+   as the compose ``airflow-init`` does), and Airflow on a fresh ``AIRFLOW_HOME`` (SQLite
+   metadata DB, WarmLocalExecutor as ``make demo``, ``parallelism`` 4): ``api-server``,
    ``scheduler`` and ``dag-processor``, each in its own process group, all stopped at the end.
    Every entity DAG runs on ``D365SYNC_SCHEDULE_OVERRIDE`` (``* * * * *``); the operations DAGs
    stay paused; no triggerer (deadline alerts are off), so the shipped entities' ``events``
@@ -67,6 +67,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+#: the LocalExecutor with GX preloaded before its workers fork (d365sync.airflow.executor), as ``make demo``
+WARM_EXECUTOR = "d365sync.airflow.executor.WarmLocalExecutor"
 log = logging.getLogger(__name__)
 
 INCLUDE = Path(__file__).resolve().parents[2]
@@ -377,7 +379,7 @@ def airflow_env(
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE_CONNECT_ARGS",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTOR": WARM_EXECUTOR,
         "AIRFLOW__CORE__PARALLELISM": str(opts.parallelism),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
