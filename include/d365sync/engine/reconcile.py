@@ -65,7 +65,7 @@ def erp_records(ctx: RunContext) -> Iterator[tuple[str, dict[str, Any] | None, d
     A record with a value the ERP client could not convert (``Row.errors``; the sync
     dead-letters it) comes with record None: it cannot be compared, and is no drift.
     """
-    plan, table = ctx.spec.plan, ctx.spec.erp_table_spec()
+    plan, table = ctx.spec.plan, ctx.erp_table
     status, inactive = table.status_column, table.inactive_status
     key_column = ctx.spec.fields[ctx.spec.key].erp or ""
     for chunk in ctx.erp.iter_rows(table, chunk_size=ctx.chunk_size):

@@ -390,12 +390,18 @@ class StateStore(InboxQueries):
         dyn_ids = [d for d, _, _ in rows if d is not None]
         erp_keys = [e for _, e, _ in rows if e is not None]
         hashed = {erased_key(entity, e): e for e in erp_keys}
-        query = select(t.record.c.id, t.record.c.dynamics_id, t.record.c.erp_key, t.record.c.status).where(
-            t.record.c.entity == entity,
-            or_(t.record.c.dynamics_id.in_(dyn_ids), t.record.c.erp_key.in_([*erp_keys, *hashed])),
-        )
+        columns = select(t.record.c.id, t.record.c.dynamics_id, t.record.c.erp_key, t.record.c.status)
+        # one indexed look-up per key column: SQLite answers an OR of two IN lists by scanning
+        # every row of the entity, which made each chunk cost the size of the table
+        lookups = [(t.record.c.dynamics_id, dyn_ids), (t.record.c.erp_key, [*erp_keys, *hashed])]
+        found_rows = [
+            row
+            for column, values in lookups
+            if values
+            for row in conn.execute(columns.where(t.record.c.entity == entity, column.in_(values)))
+        ]
         index: dict[tuple[str, str], dict[str, Any]] = {}
-        for row in conn.execute(query):
+        for row in found_rows:
             found = dict(row._mapping)
             if found["status"] == "erased":
                 found["erp_key"] = hashed.get(found["erp_key"] or "")
@@ -612,11 +618,15 @@ class StateStore(InboxQueries):
                 keys = [f.record_key for f in chunk]
                 attempts = self._attempts(conn, entity, stage, keys)
                 older = self._supersede(conn, entity, stage, keys, now)
+                rows = {}  # one letter per record and stage: the last failure of the chunk wins
                 for failure in chunk:
                     tries = attempts.get(failure.record_key, 0) + 1
                     delay = min(backoff * 2 ** (tries - 1), max_backoff)
                     failure = _with_older_sides(failure, older.get(failure.record_key, []))
-                    self._upsert_dead_letter(conn, entity, stage, run_id, failure, tries, now, now + delay)
+                    rows[failure.record_key] = self._dead_letter_row(
+                        entity, stage, run_id, failure, tries, now, now + delay
+                    )
+                self._upsert_dead_letters(conn, list(rows.values()))
                 count += len(chunk)
         return count
 
@@ -697,9 +707,8 @@ class StateStore(InboxQueries):
         )
         return {key: attempts for key, attempts in conn.execute(query)}
 
-    def _upsert_dead_letter(
+    def _dead_letter_row(
         self,
-        conn: Connection,
         entity: str,
         stage: str,
         run_id: str,
@@ -707,11 +716,16 @@ class StateStore(InboxQueries):
         attempts: int,
         now: datetime,
         next_retry: datetime,
-    ) -> None:
+    ) -> dict[str, Any]:
         row = {"entity": entity, "record_key": failure.record_key, "stage": stage, "error": failure.error}
         row |= {"attempts": attempts, "status": "pending", "run_id": run_id, "first_failed_at": now}
         payload = encode(self.privacy.seal_whole(entity, failure.payload))
-        row |= {"last_failed_at": now, "next_retry_at": next_retry, "payload_json": payload}
+        return row | {"last_failed_at": now, "next_retry_at": next_retry, "payload_json": payload}
+
+    def _upsert_dead_letters(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Insert the chunk's letters in one statement; a record's active letter is updated."""
+        if not rows:
+            return
         stmt = self._insert(t.dead_letter)
         keep = ("error", "attempts", "status", "run_id", "last_failed_at", "next_retry_at", "payload_json")
         stmt = stmt.on_conflict_do_update(
@@ -719,7 +733,7 @@ class StateStore(InboxQueries):
             index_where=t.ACTIVE_DEAD_LETTER,
             set_={k: stmt.excluded[k] for k in keep},
         )
-        conn.execute(stmt, row)
+        conn.execute(stmt, rows)
 
     # --- parked children ------------------------------------------------------------------------
 

@@ -59,6 +59,8 @@ class RunContext:
     actor: str = "d365sync"
     validator: Any = None  # validate(spec, side, rows, key_column=...); default: GX (engine.validation)
     _tctx: Any = None
+    _erp_table: Any = None
+    _select: list[str] | None = None
 
     def __post_init__(self) -> None:
         """The store encrypts the spec's ``pii`` fields; with no key for them the run refuses to start."""
@@ -72,6 +74,20 @@ class RunContext:
 
             self._tctx = transform_context(self.spec, self.store, self.dynamics)
         return self._tctx
+
+    @property
+    def erp_table(self) -> Any:
+        """The spec's ERP TableSpec, built once per run (stages ask for it per record)."""
+        if self._erp_table is None:
+            self._erp_table = self.spec.erp_table_spec()
+        return self._erp_table
+
+    @property
+    def dynamics_select(self) -> list[str]:
+        """The spec's Dataverse ``$select``, built once per run."""
+        if self._select is None:
+            self._select = self.spec.dynamics_select
+        return self._select
 
     @property
     def entity(self) -> str:

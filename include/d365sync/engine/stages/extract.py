@@ -118,7 +118,7 @@ class _Pending:
         if self.side not in rows:
             return
         self.markers.setdefault(key, []).append([*marker, sorted(s for s in rows if s in SIDES)])
-        if self.side == "dynamics" and (guid := rows["dynamics"].get(self.ctx.spec.dynamics_select[0])):
+        if self.side == "dynamics" and (guid := rows["dynamics"].get(self.ctx.dynamics_select[0])):
             self.ids[key] = str(guid).lower()
         if due:
             self.due[key] = self.due.get(key, False) or self.side in payload.get("repair", ())
@@ -262,7 +262,7 @@ def _overlap(spec: Any) -> Any:
 
 def _erp_snapshot(ctx: RunContext) -> tuple[Iterator[dict[str, Any]], Any]:
     """Whole table in key order; stored keys that are gone become deletes (unless ignored)."""
-    table, key_column = ctx.spec.erp_table_spec(), ctx.spec.fields[ctx.spec.key].erp
+    table, key_column = ctx.erp_table, ctx.spec.fields[ctx.spec.key].erp
     seen = _Seen()
     started = now()
 

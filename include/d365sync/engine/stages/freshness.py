@@ -129,7 +129,7 @@ class Freshness:
 
     def current_row(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """The Dynamics side of a deferred record's letter: its GUID, so the retry re-reads it."""
-        primary = self.ctx.spec.dynamics_select[0]
+        primary = self.ctx.dynamics_select[0]
         guid = str(entry.get("dynamics_id") or "").lower() or self.by_key.get(entry["key"])
         row = dict(entry["raw"].get("dynamics") or {})
         if guid:

@@ -192,7 +192,7 @@ def _fetch_ids(ctx: RunContext, keys: list[str], since: datetime) -> dict[str, s
         return {}
     from d365sync.dynamics.odata import format_datetime, in_filters
 
-    key_attr, primary = ctx.spec.dynamics.key, ctx.spec.dynamics_select[0]
+    key_attr, primary = ctx.spec.dynamics.key, ctx.dynamics_select[0]
     by_key = in_filters(key_attr, keys)
     where = by_key[0] if len(by_key) == 1 else f"createdon ge {format_datetime(since - CLOCK_MARGIN)}"
     wanted, found = set(keys), {}
@@ -205,7 +205,7 @@ def _fetch_ids(ctx: RunContext, keys: list[str], since: datetime) -> dict[str, s
 
 # --------------------------------------------------------------------------------- ERP
 def _load_erp(ctx: RunContext, entries: list[dict[str, Any]], errors: dict[str, str]) -> None:
-    table = ctx.spec.erp_table_spec()
+    table = ctx.erp_table
     by_op: dict[str, list[dict[str, Any]]] = {}
     for entry in entries:
         by_op.setdefault(entry["writes"]["erp"]["op"], []).append(entry)

@@ -120,7 +120,7 @@ def _unreadable(ctx: RunContext, side: Side, entries: list[dict[str, Any]]) -> d
             if reader is None:
                 from d365sync.erp import RowReader
 
-                table = ctx.spec.erp_table_spec()
+                table = ctx.erp_table
                 reader = RowReader(table, table.columns)
             error = [problem.as_dict() for problem in reader.check(entry["row"])]
         if error:
@@ -139,7 +139,7 @@ def _run_validator(ctx: RunContext, side: Side, rows: list[dict[str, Any]]) -> A
     from d365sync.engine.validation import ValidationFailed
     from d365sync.engine.validation import validate as gx_validate
 
-    key = ctx.spec.dynamics.key if side == "dynamics" else list(ctx.spec.erp_table_spec().key)
+    key = ctx.spec.dynamics.key if side == "dynamics" else list(ctx.erp_table.key)
     try:
         return (ctx.validator or gx_validate)(ctx.spec, side, rows, key_column=key)
     except ValidationFailed as exc:  # the run-level threshold is decided over all chunks
@@ -258,7 +258,7 @@ def _inactive(ctx: RunContext, side: Side, row: Mapping[str, Any]) -> bool:
     """A deactivated row counts as a delete on its side (the delete policy then applies)."""
     if side == "dynamics":
         return row.get("statecode") == ctx.spec.dynamics.inactive_state
-    table = ctx.spec.erp_table_spec()
+    table = ctx.erp_table
     status = table.status_column
     return status is not None and _strip(row.get(status)) == table.inactive_status
 
@@ -269,9 +269,9 @@ def _record(
     row = entry["row"]
     if side == "dynamics":
         modified, version = row.get("modifiedon"), row.get("versionnumber")
-        guid = entry["id"] or (str(row.get(ctx.spec.dynamics_select[0]) or "").lower() or None)
+        guid = entry["id"] or (str(row.get(ctx.dynamics_select[0]) or "").lower() or None)
     else:
-        table = ctx.spec.erp_table_spec()
+        table = ctx.erp_table
         modified = row.get(table.cursor_column) if table.cursor_column else None
         version = row.get(table.version_column) if table.version_column else None
         guid = None
