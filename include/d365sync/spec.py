@@ -686,6 +686,12 @@ class EntitySpec(Model):
         names += [c for c in ("modifiedon", "versionnumber", "statecode", "statuscode") if c in dv.columns]
         return list(dict.fromkeys(names))
 
+    def dynamics_has(self, *columns: str) -> bool:
+        """Whether the Dataverse table has all these columns (logical names)."""
+        assert self._catalog is not None, "load the spec with load_entity()"
+        known = self._catalog.dynamics[self.dynamics.table].columns
+        return all(c in known for c in columns)
+
     def erp_table_spec(self) -> TableSpec:
         """The ERP client's TableSpec: the table's keys, system columns and the mapped columns only."""
         from d365sync.erp.spec import TableSpec

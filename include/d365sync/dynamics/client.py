@@ -183,13 +183,19 @@ class DynamicsClient:
         *,
         logical_name: str | None = None,
         strategy: Strategy = "multiple",
+        id_attribute: str | None = None,
     ) -> list[UpsertOutcome]:
-        """Upsert by alternate key; one outcome per record, in input order (see ``upsert``)."""
+        """Upsert by alternate key; one outcome per record, in input order (see ``upsert``).
+
+        ``strategy="create"`` creates rows that must be new (``CreateMultiple``) and returns each
+        new GUID in its outcome; ``id_attribute`` (the table's primary id) makes the ``$batch``
+        path return the GUIDs of upserted rows too.
+        """
         keys = [key_attributes] if isinstance(key_attributes, str) else list(key_attributes)
         if not records:
             return []
         logical = logical_name or self.logical_name(entity_set)
-        return self._upserter.upsert(entity_set, logical, keys, records, strategy)
+        return self._upserter.upsert(entity_set, logical, keys, records, strategy, id_attribute)
 
     def update_if_match(
         self, entity_set: str, id_or_key: IdOrKey, changes: Mapping[str, Any], etag: str

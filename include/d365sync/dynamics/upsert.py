@@ -6,8 +6,15 @@ fails the whole call, so such a chunk is re-sent as a ``$batch`` with
 ``Prefer: odata.continue-on-error``: one PATCH per record to its alternate-key URL with
 ``Prefer: return=representation`` (and a ``$select`` of the key only, to keep responses small),
 which isolates the bad rows and tells ``created`` (201) from ``updated`` (200). Callers that need
-created-vs-updated for every row can choose ``strategy="batch"`` to use that path throughout.
-Both paths are idempotent (upsert by key), so retrying a chunk after a lost response is safe.
+created-vs-updated for every row can choose ``strategy="batch"`` to use that path throughout;
+with an ``id_attribute`` that path also returns each row's GUID. Both paths are idempotent
+(upsert by key), so retrying a chunk after a lost response is safe.
+
+``strategy="create"`` is for rows that must be new: ``CreateMultiple`` per chunk, whose answer
+lists the new GUIDs in input order, so a caller never has to read its own creates back. A chunk
+it refuses (one row failing fails the call) is re-sent as a continue-on-error ``$batch`` of one
+``POST`` per row: a row whose key already exists fails alone (duplicate key) and is never turned
+into an update of somebody else's record.
 Key values go percent-encoded into request URLs but only quote-doubled into ``@odata.id``.
 """
 
@@ -31,7 +38,7 @@ from d365sync.engine.pii import mask_text
 log = logging.getLogger(__name__)
 
 Status = Literal["created", "updated", "upserted", "failed"]
-Strategy = Literal["multiple", "batch"]
+Strategy = Literal["multiple", "batch", "create"]
 _PART_STATUS: dict[int, Status] = {201: "created", 200: "updated", 204: "upserted"}
 _RETRIABLE_PART = frozenset({429, 500, 502, 503, 504})
 
@@ -46,6 +53,7 @@ class UpsertOutcome:
     http_status: int | None = None
     code: str = ""
     message: str = ""
+    id: str | None = None  # the row's GUID, where the answer tells it
 
     @property
     def ok(self) -> bool:
@@ -58,6 +66,7 @@ class _Chunk:
     keys: list[dict[str, KeyValue]]
     bodies: list[dict[str, Any]]
     outcomes: dict[int, UpsertOutcome] = field(default_factory=dict)
+    id_attribute: str | None = None  # also $select the GUID on the $batch path
 
 
 class Upserter:
@@ -75,9 +84,12 @@ class Upserter:
         key_attributes: Sequence[str],
         records: Sequence[Mapping[str, Any]],
         strategy: Strategy = "multiple",
+        id_attribute: str | None = None,
     ) -> list[UpsertOutcome]:
         outcomes, chunks = self._prepare(key_attributes, records)
-        run = self._run_multiple if strategy == "multiple" else self._run_batch
+        for chunk in chunks:
+            chunk.id_attribute = id_attribute
+        run = {"multiple": self._run_multiple, "batch": self._run_batch, "create": self._run_create}[strategy]
 
         def guarded(chunk: _Chunk) -> dict[int, UpsertOutcome]:
             """A chunk that still fails after retries reports its rows; other chunks keep theirs."""
@@ -139,21 +151,44 @@ class Upserter:
             i: UpsertOutcome(i, k, "upserted", 204) for i, k in zip(chunk.indices, chunk.keys, strict=True)
         }
 
-    def _run_batch(
+    def _run_create(
         self, entity_set: str, logical_name: str, keys: Sequence[str], chunk: _Chunk
     ) -> dict[int, UpsertOutcome]:
-        """Send one PATCH per record in a continue-on-error $batch; re-send throttled parts."""
+        targets = [
+            {"@odata.type": f"Microsoft.Dynamics.CRM.{logical_name}", **key, **body}
+            for key, body in zip(chunk.keys, chunk.bodies, strict=True)
+        ]
+        url = f"{entity_set}/Microsoft.Dynamics.CRM.CreateMultiple"
+        try:
+            answer = self._send_json("POST", url, {"Targets": targets}, operations=len(targets))
+        except DynamicsApiError as exc:
+            if not 400 <= exc.status < 500:
+                raise
+            log.info("CreateMultiple of %d rows failed (%s); isolating via $batch", len(targets), exc.code)
+            return self._run_batch(entity_set, logical_name, keys, chunk, create=True)
+        ids = answer.get("Ids") if isinstance(answer, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(targets):
+            raise DynamicsError(f"CreateMultiple answered {answer!r:.200} for {len(targets)} target(s)")
+        return {
+            i: UpsertOutcome(i, k, "created", 200, id=str(guid).lower())
+            for i, k, guid in zip(chunk.indices, chunk.keys, ids, strict=True)
+        }
+
+    def _run_batch(
+        self, entity_set: str, logical_name: str, keys: Sequence[str], chunk: _Chunk, *, create: bool = False
+    ) -> dict[int, UpsertOutcome]:
+        """Send one PATCH (or POST) per record in a continue-on-error $batch; re-send throttled parts."""
         pending = list(range(len(chunk.indices)))
         max_attempts = self._transport.policy.settings.max_attempts
         for attempt in range(1, max_attempts + 1):
-            parts = self._send_batch(entity_set, keys, chunk, pending)
+            parts = self._send_batch(entity_set, keys, chunk, pending, create)
             retry: list[tuple[int, multipart.BatchPart]] = []
             for pos, part in zip(pending, parts, strict=True):
                 if part.status in _RETRIABLE_PART and attempt < max_attempts:
                     retry.append((pos, part))
                 else:
                     chunk.outcomes[chunk.indices[pos]] = _part_outcome(
-                        chunk.indices[pos], chunk.keys[pos], part
+                        chunk.indices[pos], chunk.keys[pos], part, chunk.id_attribute
                     )
             if not retry:
                 break
@@ -162,12 +197,20 @@ class Upserter:
         return chunk.outcomes
 
     def _send_batch(
-        self, entity_set: str, keys: Sequence[str], chunk: _Chunk, positions: list[int]
+        self, entity_set: str, keys: Sequence[str], chunk: _Chunk, positions: list[int], create: bool
     ) -> list[multipart.BatchPart]:
         base_path = urlsplit(self._transport.config.api_url).path
-        query = f"?$select={select_clause(list(keys))}"
+        select = [*keys, *([chunk.id_attribute] if chunk.id_attribute else [])]
+        query = f"?$select={select_clause(select)}"
         parts: list[multipart.BatchItem] = [
             multipart.BatchPart(
+                method="POST",
+                url=f"{base_path}/{entity_set}",
+                headers={"Content-Type": "application/json"},
+                body=dumps_json({**chunk.keys[pos], **chunk.bodies[pos]}),
+            )
+            if create
+            else multipart.BatchPart(
                 method="PATCH",
                 url=f"{base_path}/{entity_path(entity_set, chunk.keys[pos])}{query}",
                 headers={"Content-Type": "application/json", "Prefer": "return=representation"},
@@ -198,12 +241,14 @@ class Upserter:
         else:
             policy.sleep(wait)
 
-    def _send_json(self, method: str, url: str, payload: Any, operations: int) -> None:
+    def _send_json(self, method: str, url: str, payload: Any, operations: int) -> Any:
+        """The answer's JSON body (None for 204)."""
         headers = {"Content-Type": "application/json"}
         response = self._transport.request(
             method, url, headers=headers, data=dumps_json(payload), operations=operations
         )
-        response.close()
+        with response:
+            return _loads(response.content)
 
 
 def _flatten(items: list[multipart.BatchItem], expected: int) -> list[multipart.BatchPart]:
@@ -222,12 +267,24 @@ def _chunk_failed(chunk: _Chunk, exc: DynamicsApiError) -> dict[int, UpsertOutco
     }
 
 
-def _part_outcome(index: int, key: dict[str, KeyValue], part: multipart.BatchPart) -> UpsertOutcome:
+def _part_outcome(
+    index: int, key: dict[str, KeyValue], part: multipart.BatchPart, id_attribute: str | None = None
+) -> UpsertOutcome:
     status = part.status or 0
     if status in _PART_STATUS:
-        return UpsertOutcome(index, key, _PART_STATUS[status], status)
+        return UpsertOutcome(index, key, _PART_STATUS[status], status, id=_part_id(part, id_attribute))
     code, message = parse_error_body(_loads(part.body))
     return UpsertOutcome(index, key, "failed", status, code, message or f"HTTP {status}")
+
+
+def _part_id(part: multipart.BatchPart, id_attribute: str | None) -> str | None:
+    """A written row's GUID: ``OData-EntityId`` (a create) or the representation's id column."""
+    location = multipart.header(part.headers, "OData-EntityId") or ""
+    if location.endswith(")") and "(" in location:
+        return location.rsplit("(", 1)[1][:-1].lower()
+    body = _loads(part.body) if id_attribute else None
+    guid = body.get(id_attribute) if isinstance(body, dict) and id_attribute else None
+    return str(guid).lower() if guid else None
 
 
 def _summary(outcomes: list[UpsertOutcome]) -> dict[str, int]:

@@ -282,6 +282,18 @@ class StateStore(InboxQueries):
                 )
         return count
 
+    def reserved_keys(self, entity: str, erp_keys: Iterable[str]) -> set[str]:
+        """The keys among ``erp_keys`` already paired in the key map, reserved or synced: the
+        record may exist on both sides, so a load must not assume it is new."""
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in chunks(erp_keys, self.chunk_size):
+                query = select(t.record.c.erp_key).where(
+                    t.record.c.entity == entity, t.record.c.erp_key.in_(chunk)
+                )
+                found.update(conn.execute(query).scalars())
+        return found
+
     def save_base(self, entity: str, rows: Iterable[BaseRow], run_id: str) -> int:
         """Store the new base of records whose loads succeeded, key map included, per chunk."""
         count = 0

@@ -77,6 +77,36 @@ class Freshness:
             return
         self._refresh_window(client, entity_set)
 
+    def advance_past(self, created: set[str]) -> bool:
+        """Stage a delta token past this run's own creates, when the feed holds nothing else.
+
+        One read of the change feed from the last check. Every row must be a record this load
+        created (``created`` GUIDs) that nobody touched since: created and last modified by the
+        sync's own user, ``modifiedon == createdon``. Anything else (a person's edit or create, a
+        delete, a plug-in's update) stops the read and leaves the extract's token staged, so the
+        next run reads all of it. Returns whether the token moved.
+        """
+        audit = ("_createdby_value", "_modifiedby_value", "createdon", "modifiedon")
+        if self.token is None or not self.ctx.spec.dynamics_has("createdby", "modifiedby", *audit[2:]):
+            return False
+        client, entity_set = self.ctx.dynamics, self.ctx.spec.dynamics.entity_set
+        ours = str(client.whoami().get("UserId") or "").lower()
+        select = list(dict.fromkeys([*self.ctx.dynamics_select, *audit]))
+        feed = client.iter_changes(entity_set, select, self.token, id_attribute=select[0])
+        self.checks += 1
+        for change in feed:
+            row = change.row if change.kind != "delete" else None
+            if row is None or not _own_create(row, str(change.id or "").lower(), created, ours):
+                log.info("Delta token not advanced: %s changed in Dataverse during the load", change.id)
+                return False
+        if feed.full_resync:
+            return False
+        mark = self.ctx.store.staged_watermark(self.ctx.entity, "dynamics", self.ctx.run_id)
+        value = mark.value if mark is not None else None
+        self.ctx.store.stage_watermark(self.ctx.entity, "dynamics", self.ctx.run_id, value, feed.delta_token)
+        self.token = feed.delta_token
+        return True
+
     def _refresh_window(self, client: Any, entity_set: str) -> None:
         from d365sync.dynamics.odata import format_datetime
 
@@ -136,3 +166,9 @@ class Freshness:
             row[primary] = guid
         row.setdefault(self.ctx.spec.dynamics.key, entry["key"])
         return row
+
+
+def _own_create(row: Mapping[str, Any], guid: str, created: set[str], ours: str) -> bool:
+    """A row this load created and nobody changed since (the sync's user, one timestamp)."""
+    by = (str(row.get("_createdby_value") or "").lower(), str(row.get("_modifiedby_value") or "").lower())
+    return guid in created and by == (ours, ours) and row.get("createdon") == row.get("modifiedon")

@@ -13,32 +13,45 @@ Per plan file (one bucket, so memory is bounded by the chunk size):
    written on both sides get their base in ``commit`` once both loads are known to be done;
 5. every successful write is audited (field names plus masked before/after values).
 
-Before each Dynamics chunk, :mod:`~d365sync.engine.stages.freshness` defers the records that
-changed in Dataverse since the extract (the Dynamics counterpart of ``ROW_VER``).
+Before a Dynamics chunk that updates records, :mod:`~d365sync.engine.stages.freshness` defers
+the records that changed in Dataverse since the extract (the Dynamics counterpart of
+``ROW_VER``). New records go out through ``CreateMultiple``, which answers with their GUIDs (no
+read-back) and can never overwrite a record someone else created under the same key meanwhile:
+that row fails alone (duplicate key) and is deferred to the next run like a moved record. A
+record the key map already reserved (a rerun after a crash, an erased subject coming back)
+may exist already: it is upserted instead.
+
+After a load that created many records, one read of the change feed positions the Dynamics
+delta token after them, when everything the feed holds is one of this run's creates, untouched
+since (created and last modified by the sync's own user, at the same instant). The next run then
+starts after its own writes instead of reading every created record back as an echo. Anything
+else in the feed (an edit by a person, a delete) leaves the token where the extract put it, so
+nothing is ever skipped.
 
 Results per plan file (``load/<side>/bNNNNN.parquet``): ``{"key", "ok", "id"}`` — ``id`` is the
 Dataverse GUID of a record this load created there. Manifest: ``{"side", "results", "counts",
-"failed"}``, plus ``"deferred"`` and ``"freshness_checks"`` on the Dynamics side.
+"failed"}``, plus ``"deferred"``, ``"freshness_checks"`` and ``"token_advanced"`` on the
+Dynamics side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 from d365sync.engine.stages.context import (
-    CLOCK_MARGIN,
     Manifest,
     RunContext,
     Side,
     base_from_dict,
     norm_key,
-    now,
     replay_payload,
 )
 from d365sync.engine.stages.freshness import Freshness
 from d365sync.engine.state import AuditEntry, BaseRow, Failure, KeyPair
+
+#: creates from which a load positions the delta token after its own writes (one feed read)
+ADVANCE_AFTER_CREATES = 1000
 
 
 def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
@@ -48,33 +61,70 @@ def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
     counts: dict[str, int] = {}
     results, failed, deferred = [], 0, 0
     fresh = Freshness.start(ctx) if side == "dynamics" else None
+    created: set[str] = set()
     for name in resolved["files"]:
         mine = [e for e in ctx.staging.read(name) if side in e["writes"]]
         if not mine:
             continue
-        waiting = _defer_moved(ctx, fresh, mine) if fresh is not None else []
+        known = _known_creates(ctx, side, mine)
+        waiting = _defer_moved(ctx, fresh, mine, known) if fresh is not None else set()
         deferred += len(waiting)
-        outcome = _load_chunk(ctx, side, [e for e in mine if e["key"] not in waiting])
+        outcome = _load_chunk(ctx, side, [e for e in mine if e["key"] not in waiting], known)
+        moved = [k for k in outcome if k in known.moved]
+        failed += sum(1 for ok, _ in outcome.values() if not ok) - len(moved)
+        deferred += len(moved)
         outcome |= {key: (False, None) for key in waiting}
-        failed += sum(1 for k, ok in outcome.items() if not ok[0] and k not in waiting)
         _after_chunk(ctx, side, mine, outcome, counts)
+        created.update(guid for key, (ok, guid) in outcome.items() if ok and guid and key not in known)
         rows = [{"key": k, "ok": ok, "id": guid} for k, (ok, guid) in outcome.items()]
         results.append(ctx.staging.write(f"load/{side}/{name.rsplit('/', 1)[-1]}", rows))
     manifest = {"side": side, "results": results, "counts": counts, "failed": failed}
     if fresh is not None:
-        manifest |= {"deferred": deferred, "freshness_checks": fresh.checks}
+        advanced = len(created) >= ADVANCE_AFTER_CREATES and fresh.advance_past(created)
+        manifest |= {"deferred": deferred, "freshness_checks": fresh.checks, "token_advanced": advanced}
     return manifest
 
 
-def _defer_moved(ctx: RunContext, fresh: Freshness, entries: list[dict[str, Any]]) -> set[str]:
+class _Known(set[str]):
+    """Keys of creates the key map reserved before (they may exist already: upserted, not created);
+    ``moved`` collects creates refused because someone else created the key meanwhile."""
+
+    moved: set[str]
+
+    def __init__(self, keys: set[str]) -> None:
+        super().__init__(keys)
+        self.moved = set()
+
+
+def _known_creates(ctx: RunContext, side: Side, entries: list[dict[str, Any]]) -> _Known:
+    if side != "dynamics":
+        return _Known(set())
+    creates = [e for e in entries if e["writes"]["dynamics"]["op"] == "create"]
+    known = {e["key"] for e in creates if e["dynamics_id"]}
+    rest = [e["key"] for e in creates if not e["dynamics_id"]]
+    return _Known(known | (ctx.store.reserved_keys(ctx.entity, rest) if rest else set()))
+
+
+def _defer_moved(
+    ctx: RunContext, fresh: Freshness, entries: list[dict[str, Any]], known: set[str]
+) -> set[str]:
     """Dynamics writes whose record changed there since the extract: dead-lettered, due at once,
-    with both sides' rows, so the next run merges the newer edit instead of overwriting it."""
-    if not any(e["writes"]["dynamics"]["op"] in ("create", "update") for e in entries):
+    with both sides' rows, so the next run merges the newer edit instead of overwriting it.
+
+    Only chunks that update (or upsert a reserved key) need the read: a new record goes out
+    through ``CreateMultiple``, which refuses a key that exists instead of overwriting it.
+    """
+
+    def checked(entry: dict[str, Any]) -> bool:
+        op = entry["writes"]["dynamics"]["op"]
+        return op == "update" or (op == "create" and entry["key"] in known)
+
+    if not any(checked(e) for e in entries):
         return set()
     fresh.refresh()
     failures = []
     for entry in entries:
-        if entry["writes"]["dynamics"]["op"] not in ("create", "update"):
+        if not checked(entry):
             continue
         if (reason := fresh.moved(entry)) is not None:
             rows = {**entry["raw"], "dynamics": fresh.current_row(entry)}
@@ -84,7 +134,7 @@ def _defer_moved(ctx: RunContext, fresh: Freshness, entries: list[dict[str, Any]
 
 
 def _load_chunk(
-    ctx: RunContext, side: Side, entries: list[dict[str, Any]]
+    ctx: RunContext, side: Side, entries: list[dict[str, Any]], known: _Known
 ) -> dict[str, tuple[bool, str | None]]:
     if not entries:
         return {}
@@ -95,10 +145,11 @@ def _load_chunk(
     errors: dict[str, str] = {}
     ids: dict[str, str] = {}
     if side == "dynamics":
-        _load_dynamics(ctx, entries, errors, ids)
+        _load_dynamics(ctx, entries, errors, ids, known)
     else:
         _load_erp(ctx, entries, errors)
-    _dead_letter(ctx, side, entries, errors)
+    _dead_letter(ctx, side, [e for e in entries if e["key"] not in known.moved], errors)
+    _dead_letter(ctx, side, [e for e in entries if e["key"] in known.moved], errors, retry_now=True)
     return {e["key"]: (e["key"] not in errors, ids.get(e["key"])) for e in entries}
 
 
@@ -133,7 +184,12 @@ def _audit(side: Side, entry: Mapping[str, Any]) -> AuditEntry:
 
 
 def _dead_letter(
-    ctx: RunContext, side: Side, entries: list[dict[str, Any]], errors: Mapping[str, str]
+    ctx: RunContext,
+    side: Side,
+    entries: list[dict[str, Any]],
+    errors: Mapping[str, str],
+    *,
+    retry_now: bool = False,
 ) -> None:
     failures = [
         Failure(
@@ -142,24 +198,44 @@ def _dead_letter(
         for e in entries
         if e["key"] in errors
     ]
-    ctx.dead_letter("load", failures)
+    ctx.dead_letter("load", failures, retry_now=retry_now)
 
 
 # ---------------------------------------------------------------------------- Dynamics
 def _load_dynamics(
-    ctx: RunContext, entries: list[dict[str, Any]], errors: dict[str, str], ids: dict[str, str]
+    ctx: RunContext,
+    entries: list[dict[str, Any]],
+    errors: dict[str, str],
+    ids: dict[str, str],
+    known: _Known,
 ) -> None:
-    d, client, started = ctx.spec.dynamics, ctx.dynamics, now()
-    upserts = [e for e in entries if e["writes"]["dynamics"]["op"] in ("create", "update")]
-    payloads = [e["writes"]["dynamics"]["payload"] for e in upserts]
-    outcomes = client.upsert_many(d.entity_set, d.key, payloads, logical_name=d.table) if payloads else []
-    for entry, outcome in zip(upserts, outcomes, strict=True):
-        if not outcome.ok:
-            errors[entry["key"]] = f"HTTP {outcome.http_status} {outcome.code} {outcome.message}".strip()
-    created = [
-        e["key"] for e in upserts if e["writes"]["dynamics"]["op"] == "create" and e["key"] not in errors
+    d, client, primary = ctx.spec.dynamics, ctx.dynamics, ctx.dynamics_select[0]
+    new = [e for e in entries if e["writes"]["dynamics"]["op"] == "create" and e["key"] not in known]
+    upserts = [
+        e
+        for e in entries
+        if e["writes"]["dynamics"]["op"] == "update"
+        or (e["writes"]["dynamics"]["op"] == "create" and e["key"] in known)
     ]
-    ids.update(_fetch_ids(ctx, created, started))
+    for group, strategy in ((new, "create"), (upserts, "multiple")):
+        if not group:
+            continue
+        # a reserved key's GUID may be unknown (a crash before save_base): the $batch path,
+        # which this strategy falls back to, and the create answer both return it
+        id_attr = primary if any(not e["dynamics_id"] for e in group) else None
+        payloads = [e["writes"]["dynamics"]["payload"] for e in group]
+        if strategy == "multiple" and id_attr is not None:
+            strategy = "batch"
+        outcomes = client.upsert_many(
+            d.entity_set, d.key, payloads, logical_name=d.table, strategy=strategy, id_attribute=id_attr
+        )
+        for entry, outcome in zip(group, outcomes, strict=True):
+            if not outcome.ok:
+                errors[entry["key"]] = f"HTTP {outcome.http_status} {outcome.code} {outcome.message}".strip()
+                if strategy == "create" and outcome.http_status in (409, 412):
+                    known.moved.add(entry["key"])  # someone created the key since the extract
+            elif outcome.id and entry["writes"]["dynamics"]["op"] == "create":
+                ids[entry["key"]] = outcome.id
     for entry in entries:
         op = entry["writes"]["dynamics"]["op"]
         if op in ("deactivate", "delete"):
@@ -178,29 +254,6 @@ def _state_change(ctx: RunContext, entry: Mapping[str, Any], op: str, errors: di
     except DynamicsApiError as exc:
         if exc.status != 404:  # already gone: the goal of a deactivation or delete is met
             errors[entry["key"]] = f"HTTP {exc.status} {exc.code}: {exc.message}"
-
-
-def _fetch_ids(ctx: RunContext, keys: list[str], since: datetime) -> dict[str, str]:
-    """GUIDs of records just created in Dataverse, so children can bind to them this run.
-
-    Keys that fit one ``Microsoft.Dynamics.CRM.In`` query (a few hundred): that query. More: one
-    paged ``createdon ge`` query over the chunk's creation window (a margin for clock skew; rows
-    created by others are ignored), which costs pages of 5,000 instead of a request per few
-    hundred keys.
-    """
-    if not keys:
-        return {}
-    from d365sync.dynamics.odata import format_datetime, in_filters
-
-    key_attr, primary = ctx.spec.dynamics.key, ctx.dynamics_select[0]
-    by_key = in_filters(key_attr, keys)
-    where = by_key[0] if len(by_key) == 1 else f"createdon ge {format_datetime(since - CLOCK_MARGIN)}"
-    wanted, found = set(keys), {}
-    for row in ctx.dynamics.iter_rows(ctx.spec.dynamics.entity_set, [primary, key_attr], filter=where):
-        key = norm_key(row.get(key_attr))
-        if key in wanted:
-            found[key] = str(row[primary]).lower()
-    return found
 
 
 # --------------------------------------------------------------------------------- ERP
