@@ -79,10 +79,10 @@ def test_initial_sync_reads_nothing_back_and_the_next_run_starts_after_its_own_c
     assert {key: s.dynamics_id for key, s in stored.items()} == {
         key: row["accountid"].lower() for key, row in accounts.items()
     }
-    load_manifest = first.manifests["load"]["dynamics"]
-    assert (load_manifest["token_advanced"], load_manifest["failed"], load_manifest["deferred"]) == (True, 0, 0)
+    done = first.manifests["load"]["dynamics"]
+    assert (done["token_advanced"], done["failed"], done["deferred"]) == (True, 0, 0)
     creates = sum(n for route, n in routes.items() if "CreateMultiple" in route)
-    reads = {route: n for route, n in routes.items() if route.upper().startswith("GET") and "accounts" in route}
+    reads = {r: n for r, n in routes.items() if r.upper().startswith("GET") and "accounts" in r}
     assert creates == 1, routes  # 30 rows: one CreateMultiple, no UpsertMultiple, no $batch
     assert not any("UpsertMultiple" in route or "$batch" in route for route in routes), routes
     # the extract's initial read and the one feed read that moved the token: no GUID read-back
