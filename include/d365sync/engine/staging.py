@@ -14,7 +14,7 @@ pyarrow is imported lazily: DAG files import this package at parse time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,31 +41,48 @@ class Staging:
         base: Any = Path(root) if isinstance(root, str) else root
         self.root = base / _safe(run_id) / entity
 
-    def write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> str:
-        """Write one chunk; returns the name to put in a manifest (relative to the run root)."""
+    def write(
+        self,
+        name: str,
+        rows: Iterable[Mapping[str, Any]],
+        tags: Callable[[Mapping[str, Any]], str] | None = None,
+    ) -> str:
+        """Write one chunk; returns the name to put in a manifest (relative to the run root).
+
+        ``tags`` gives each row a short text kept in a column of its own, so a reader that needs
+        only some rows (:meth:`read` with ``tag``) decodes only those.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         rows = list(rows)
-        table = pa.table(
-            {
-                "key": pa.array([_text(r.get("key")) for r in rows], pa.string()),
-                "data": pa.array([encode(dict(r)) for r in rows], pa.string()),
-            }
-        )
+        columns = {
+            "key": pa.array([_text(r.get("key")) for r in rows], pa.string()),
+            "data": pa.array([encode(dict(r)) for r in rows], pa.string()),
+        }
+        if tags is not None:
+            columns["tags"] = pa.array([tags(r) for r in rows], pa.string())
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
+            pq.write_table(pa.table(columns), handle, compression="zstd")
         return name
 
-    def read(self, name: str) -> list[dict[str, Any]]:
-        """One chunk back, values exactly as written (Decimal scale, aware datetimes)."""
+    def read(self, name: str, tag: str | None = None) -> list[dict[str, Any]]:
+        """One chunk back, values exactly as written (Decimal scale, aware datetimes).
+
+        With ``tag``: only the rows whose tags contain it (every row of a file written without
+        tags), the others are never decoded.
+        """
         import pyarrow.parquet as pq
 
         with (self.root / name).open("rb") as handle:
-            column = pq.read_table(handle, columns=["data"]).column("data")
-        return [decode(text) for text in column.to_pylist()]
+            table = pq.read_table(handle)
+        data = table.column("data").to_pylist()
+        if tag is not None and "tags" in table.column_names:
+            marks = table.column("tags").to_pylist()
+            return [decode(text) for text, mark in zip(data, marks, strict=True) if tag in (mark or "")]
+        return [decode(text) for text in data]
 
     def iter(self, names: Iterable[str]) -> Iterator[list[dict[str, Any]]]:
         """Chunks in manifest order, one in memory at a time."""

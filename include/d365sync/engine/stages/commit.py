@@ -24,7 +24,7 @@ def commit(ctx: RunContext, resolved: Manifest, loads: Mapping[str, Manifest]) -
     outcome = _load_outcome(ctx, loads)
     saved, finished, reviews = 0, list(resolved.get("replays_done", [])), []
     for name in resolved["files"]:
-        entries = ctx.staging.read(name)
+        entries = ctx.staging.read(name, tag="C")  # one-sided writes stored their base at load
         rows = [_base_row(e, outcome) for e in entries if _commit_here(e, outcome)]
         saved += ctx.store.save_base(ctx.entity, [r for r in rows if r is not None], ctx.run_id)
         done = [e for e in entries if all(outcome.get((s, e["key"]), (True, None))[0] for s in e["writes"])]

@@ -63,7 +63,7 @@ def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
     fresh = Freshness.start(ctx) if side == "dynamics" else None
     created: set[str] = set()
     for name in resolved["files"]:
-        mine = [e for e in ctx.staging.read(name) if side in e["writes"]]
+        mine = [e for e in ctx.staging.read(name, tag=side[0].upper()) if side in e["writes"]]
         if not mine:
             continue
         known = _known_creates(ctx, side, mine)

@@ -45,9 +45,18 @@ def resolve(ctx: RunContext, transformed: Manifest) -> Manifest:
         records = _meet(ctx, names)
         entries = _resolve_bucket(ctx, records, decided.get(b, {}), held, summary)
         if entries:
-            files.append(ctx.staging.write(f"plan/b{b:05d}.parquet", entries))
+            files.append(ctx.staging.write(f"plan/b{b:05d}.parquet", entries, tags=plan_tags))
         summary.store(ctx)  # per bucket, so queued items never pile up in memory
     return {"files": files, **summary.manifest()}
+
+
+def plan_tags(entry: Mapping[str, Any]) -> str:
+    """Who reads a plan entry: ``D``/``E`` the load of that side, ``C`` commit (a base to store
+    there, or markers and review decisions to close)."""
+    writes = entry["writes"]
+    commit = len(writes) == 2 or (not writes and entry["base"] is not None)
+    commit = commit or bool(entry["replay"]) or bool(entry["review_ids"])
+    return "D" * ("dynamics" in writes) + "E" * ("erp" in writes) + "C" * commit
 
 
 def _decided(ctx: RunContext, buckets: int) -> dict[int, dict[str, list[Review]]]:
