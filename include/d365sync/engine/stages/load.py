@@ -37,6 +37,7 @@ Dynamics side.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from d365sync.engine.stages.context import (
@@ -55,34 +56,81 @@ ADVANCE_AFTER_CREATES = 1000
 
 
 def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
-    """Apply this side's writes; returns counts and the per-record results commit needs."""
+    """Apply this side's writes; returns counts and the per-record results commit needs.
+
+    Writes and book-keeping overlap: while the state store takes chunk N's bases and audit rows
+    (here), a worker thread already sends chunk N+1, so neither system waits for the other.
+    Each chunk is still written before its base is saved, which is all the crash contract asks.
+    """
     if ctx.dry_run:
         raise RuntimeError("load must not run in a dry run")
-    counts: dict[str, int] = {}
-    results, failed, deferred = [], 0, 0
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     fresh = Freshness.start(ctx) if side == "dynamics" else None
-    created: set[str] = set()
-    for name in resolved["files"]:
-        mine = [e for e in ctx.staging.read(name, tag=side[0].upper()) if side in e["writes"]]
-        if not mine:
-            continue
-        known = _known_creates(ctx, side, mine)
-        waiting = _defer_moved(ctx, fresh, mine, known) if fresh is not None else set()
-        deferred += len(waiting)
-        outcome = _load_chunk(ctx, side, [e for e in mine if e["key"] not in waiting], known)
-        moved = [k for k in outcome if k in known.moved]
-        failed += sum(1 for ok, _ in outcome.values() if not ok) - len(moved)
-        deferred += len(moved)
-        outcome |= {key: (False, None) for key in waiting}
-        _after_chunk(ctx, side, mine, outcome, counts)
-        created.update(guid for key, (ok, guid) in outcome.items() if ok and guid and key not in known)
-        rows = [{"key": k, "ok": ok, "id": guid} for k, (ok, guid) in outcome.items()]
-        results.append(ctx.staging.write(f"load/{side}/{name.rsplit('/', 1)[-1]}", rows))
-    manifest = {"side": side, "results": results, "counts": counts, "failed": failed}
+    tally = _Tally(side)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"load-{side}")
+    try:
+        written: Future[_Written] | None = None
+        for name in resolved["files"]:
+            following = pool.submit(_write_file, ctx, side, fresh, name)
+            if written is not None:
+                tally.book(ctx, written.result())
+            written = following
+        if written is not None:
+            tally.book(ctx, written.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    manifest = {"side": side, "results": tally.results, "counts": tally.counts, "failed": tally.failed}
     if fresh is not None:
+        created = tally.created
         advanced = len(created) >= ADVANCE_AFTER_CREATES and fresh.advance_past(created)
-        manifest |= {"deferred": deferred, "freshness_checks": fresh.checks, "token_advanced": advanced}
+        manifest |= {"deferred": tally.deferred, "freshness_checks": fresh.checks, "token_advanced": advanced}
     return manifest
+
+
+@dataclass
+class _Written:
+    """One plan file's writes on one side, waiting for their book-keeping."""
+
+    name: str
+    entries: list[dict[str, Any]]
+    outcome: dict[str, tuple[bool, str | None]]
+    deferred: int
+    known: set[str]
+
+
+def _write_file(ctx: RunContext, side: Side, fresh: Freshness | None, name: str) -> _Written:
+    mine = [e for e in ctx.staging.read(name, tag=side[0].upper()) if side in e["writes"]]
+    if not mine:
+        return _Written(name, [], {}, 0, set())
+    known = _known_creates(ctx, side, mine)
+    waiting = _defer_moved(ctx, fresh, mine, known) if fresh is not None else set()
+    outcome = _load_chunk(ctx, side, [e for e in mine if e["key"] not in waiting], known)
+    moved = {k for k in outcome if k in known.moved}
+    outcome |= {key: (False, None) for key in waiting}
+    return _Written(name, mine, outcome, len(waiting) + len(moved), set(known))
+
+
+@dataclass
+class _Tally:
+    side: Side
+    counts: dict[str, int] = field(default_factory=dict)
+    results: list[str] = field(default_factory=list)
+    failed: int = 0
+    deferred: int = 0
+    created: set[str] = field(default_factory=set)  # GUIDs of records this load created
+
+    def book(self, ctx: RunContext, done: _Written) -> None:
+        """Bases, audit rows and the results file of one written plan file."""
+        if not done.entries:
+            return
+        self.deferred += done.deferred
+        self.failed += sum(1 for ok, _ in done.outcome.values() if not ok) - done.deferred
+        _after_chunk(ctx, self.side, done.entries, done.outcome, self.counts)
+        fresh = (g for k, (ok, g) in done.outcome.items() if ok and g and k not in done.known)
+        self.created.update(fresh)
+        rows = [{"key": k, "ok": ok, "id": guid} for k, (ok, guid) in done.outcome.items()]
+        self.results.append(ctx.staging.write(f"load/{self.side}/{done.name.rsplit('/', 1)[-1]}", rows))
 
 
 class _Known(set[str]):
