@@ -642,13 +642,21 @@ class StateStore(InboxQueries):
                 count += len(chunk)
         return count
 
-    def active_dead_letters(self, entity: str, limit: int = 50_000) -> list[DeadLetter]:
-        """Every pending or replay-requested letter of an entity (due or not), oldest first."""
+    def active_dead_letters(
+        self, entity: str, limit: int = 50_000, keys: Iterable[str] | None = None
+    ) -> list[DeadLetter]:
+        """Every pending or replay-requested letter of an entity (due or not), oldest first; with
+        ``keys``, only the letters of those record keys (indexed, per chunk of keys)."""
         d = t.dead_letter
         query = select(d).where(d.c.entity == entity, d.c.status.in_(ACTIVE))
         with self.engine.connect() as conn:
-            rows = conn.execute(query.order_by(d.c.id).limit(limit)).mappings()
-            return [_dead(row, self.privacy) for row in rows]
+            if keys is None:
+                rows = conn.execute(query.order_by(d.c.id).limit(limit)).mappings()
+                return [_dead(row, self.privacy) for row in rows]
+            found = []
+            for chunk in chunks(keys, self.chunk_size):
+                found += conn.execute(query.where(d.c.record_key.in_(chunk))).mappings().all()
+            return [_dead(row, self.privacy) for row in sorted(found, key=lambda r: r["id"])]
 
     def _supersede(
         self, conn: Connection, entity: str, stage: str, keys: list[str], now: datetime

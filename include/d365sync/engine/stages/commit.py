@@ -21,10 +21,13 @@ def commit(ctx: RunContext, resolved: Manifest, loads: Mapping[str, Manifest]) -
     """Finish the run: remaining bases, queues, watermarks (last), then the report."""
     if ctx.dry_run:
         raise RuntimeError("commit must not run in a dry run")
-    outcome = _load_outcome(ctx, loads)
+    results = _results_by_file(loads)
     saved, finished, reviews = 0, list(resolved.get("replays_done", [])), []
     for name in resolved["files"]:
         entries = ctx.staging.read(name, tag="C")  # one-sided writes stored their base at load
+        if not entries:
+            continue
+        outcome = _load_outcome(ctx, results.get(_base_name(name), []))
         rows = [_base_row(e, outcome) for e in entries if _commit_here(e, outcome)]
         saved += ctx.store.save_base(ctx.entity, [r for r in rows if r is not None], ctx.run_id)
         done = [e for e in entries if all(outcome.get((s, e["key"]), (True, None))[0] for s in e["writes"])]
@@ -35,13 +38,26 @@ def commit(ctx: RunContext, resolved: Manifest, loads: Mapping[str, Manifest]) -
     return {"saved": saved, **closed, "watermarks": {s: _plain(m.value) for s, m in marks.items()}}
 
 
-def _load_outcome(ctx: RunContext, loads: Mapping[str, Manifest]) -> dict[tuple[str, str], tuple[bool, Any]]:
-    out: dict[tuple[str, str], tuple[bool, Any]] = {}
+def _results_by_file(loads: Mapping[str, Manifest]) -> dict[str, list[str]]:
+    """The loads' result files per plan file (same base name), so commit holds one chunk's."""
+    out: dict[str, list[str]] = {}
     for side in SIDES:
-        manifest = loads.get(side) or {"results": []}
-        for chunk in ctx.staging.iter(manifest["results"]):
-            for row in chunk:
-                out[side, row["key"]] = (row["ok"], row["id"])
+        for name in (loads.get(side) or {"results": []})["results"]:
+            out.setdefault(_base_name(name), []).append(name)
+    return out
+
+
+def _base_name(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def _load_outcome(ctx: RunContext, names: list[str]) -> dict[tuple[str, str], tuple[bool, Any]]:
+    """(side, key) → (ok, GUID) of one plan file's writes, from the result files of both loads."""
+    out: dict[tuple[str, str], tuple[bool, Any]] = {}
+    for name in names:
+        side = name.split("/")[1]
+        for row in ctx.staging.read(name):
+            out[side, row["key"]] = (row["ok"], row["id"])
     return out
 
 

@@ -98,19 +98,27 @@ class _Pending:
     ids: dict[str, str] = field(default_factory=dict)  # key → Dataverse GUID from the payload
     seen: set[str] = field(default_factory=set)
 
+    letters: set[int] = field(default_factory=set)  # dead letters already added
+
     @classmethod
     def load(cls, ctx: RunContext, side: Side) -> _Pending:
+        """Due letters and parked children up front; the other letters of a key only when a fresh
+        row of it comes (:meth:`mark`), so a run's cost does not follow the queue's length."""
         pending = cls(ctx, side)
-        due = {letter.id for letter in ctx.store.due_dead_letters(ctx.entity)}
-        for letter in ctx.store.active_dead_letters(ctx.entity):
-            marker = ["dead_letter", letter.stage, letter.record_key]
-            pending.add(letter.record_key, letter.payload, marker, letter.id in due)
+        for letter in ctx.store.due_dead_letters(ctx.entity):
+            pending.add_letter(letter, due=True)
         ready = {child.id for child in ctx.store.ready_children(ctx.entity)}
         for child in ctx.store.parked_children(ctx.entity):
             pending.add(
                 child.record_key, child.payload, ["parked", child.id, child.record_key], child.id in ready
             )
         return pending
+
+    def add_letter(self, letter: Any, due: bool) -> None:
+        if letter.id not in self.letters:
+            self.letters.add(letter.id)
+            marker = ["dead_letter", letter.stage, letter.record_key]
+            self.add(letter.record_key, letter.payload, marker, due)
 
     def add(self, key: str, payload: Any, marker: list[Any], due: bool) -> None:
         payload = payload if isinstance(payload, dict) else {}
@@ -126,13 +134,17 @@ class _Pending:
     def mark(self, entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Fresh entries of pending keys carry their markers (matched by GUID too: a Dataverse row
         queued before it had a key is the same record once it has one)."""
-        by_guid = {guid: key for key, guid in self.ids.items()}
-        for entry in entries:
-            key = entry["key"] if entry["key"] in self.markers else by_guid.get(entry["id"] or "")
-            if key is not None:
-                self.seen.add(key)
-                entry["replay"] = self.markers[key]
-            yield entry
+        for batch in chunked(entries, self.ctx.chunk_size):
+            names = {name for e in batch for name in (e["key"], e["id"]) if name}
+            for letter in self.ctx.store.active_dead_letters(self.ctx.entity, keys=sorted(names)):
+                self.add_letter(letter, due=False)
+            by_guid = {guid: key for key, guid in self.ids.items()}
+            for entry in batch:
+                key = entry["key"] if entry["key"] in self.markers else by_guid.get(entry["id"] or "")
+                if key is not None:
+                    self.seen.add(key)
+                    entry["replay"] = self.markers[key]
+                yield entry
 
     def reread(self) -> Iterator[dict[str, Any]]:
         """Due keys that did not change: their current source rows (a delete when gone)."""
@@ -262,7 +274,7 @@ def _overlap(spec: Any) -> Any:
 
 def _erp_snapshot(ctx: RunContext) -> tuple[Iterator[dict[str, Any]], Any]:
     """Whole table in key order; stored keys that are gone become deletes (unless ignored)."""
-    table, key_column = ctx.erp_table, ctx.spec.fields[ctx.spec.key].erp
+    table, key_column = ctx.spec.erp_table_spec(), ctx.spec.fields[ctx.spec.key].erp
     seen = _Seen()
     started = now()
 
