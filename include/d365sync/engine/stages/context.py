@@ -61,6 +61,8 @@ class RunContext:
     _tctx: Any = None
     _erp_table: Any = None
     _select: list[str] | None = None
+    _columns: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    _plan: Any = None
 
     def __post_init__(self) -> None:
         """The store encrypts the spec's ``pii`` fields; with no key for them the run refuses to start."""
@@ -88,6 +90,19 @@ class RunContext:
         if self._select is None:
             self._select = self.spec.dynamics_select
         return self._select
+
+    @property
+    def plan(self) -> Any:
+        """The spec's compiled mapping (a pydantic property: read once per run, not per record)."""
+        if self._plan is None:
+            self._plan = self.spec.plan
+        return self._plan
+
+    def write_columns(self, side: str) -> dict[str, str | None]:
+        """Canonical field → the column it is written to on ``side`` (None: not written there)."""
+        if side not in self._columns:
+            self._columns[side] = {f.name: f.write.get(side) for f in self.plan.fields}
+        return self._columns[side]
 
     @property
     def entity(self) -> str:

@@ -192,7 +192,7 @@ def _write(
     fields = sorted(write.fields) if write.op == "update" else sorted(record)
     payload: dict[str, Any] = {}
     if write.op in ("create", "update"):
-        payload = spec.plan.from_canonical(
+        payload = ctx.plan.from_canonical(
             side, record, ctx.transform_context, fields=fields, override=decided
         )
         fields = _representable(ctx, side, record, fields, payload)
@@ -213,7 +213,7 @@ def _representable(
 ) -> list[str]:
     """Drop (from ``payload`` too) fields whose non-null canonical value became null, and fields
     with no column in ``payload`` (not writable on ``side``): they would be counted, not written."""
-    columns = {f.name: f.write.get(side) for f in ctx.spec.plan.fields}  # type: ignore[call-overload]
+    columns = ctx.write_columns(side)
     kept = []
     for name in fields:
         column = columns.get(name)
