@@ -59,8 +59,11 @@ def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
     """Apply this side's writes; returns counts and the per-record results commit needs.
 
     Writes and book-keeping overlap: while the state store takes chunk N's bases and audit rows
-    (here), a worker thread already sends chunk N+1, so neither system waits for the other.
-    Each chunk is still written before its base is saved, which is all the crash contract asks.
+    (here), a worker thread already sends chunk N+1, so neither system waits for the other. The
+    state store is written from this thread only (key reservations before a chunk is handed
+    over, bases after it came back), so SQLite never makes the two wait on each other's locks.
+    Each chunk is still written after its keys were reserved and before its base is saved,
+    which is all the crash contract asks.
     """
     if ctx.dry_run:
         raise RuntimeError("load must not run in a dry run")
@@ -72,7 +75,7 @@ def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
     try:
         written: Future[_Written] | None = None
         for name in resolved["files"]:
-            following = pool.submit(_write_file, ctx, side, fresh, name)
+            following = pool.submit(_write_file, ctx, side, fresh, _prepare_file(ctx, side, name))
             if written is not None:
                 tally.book(ctx, written.result())
             written = following
@@ -99,16 +102,27 @@ class _Written:
     known: set[str]
 
 
-def _write_file(ctx: RunContext, side: Side, fresh: Freshness | None, name: str) -> _Written:
+def _prepare_file(ctx: RunContext, side: Side, name: str) -> _Written:
+    """This side's entries of one plan file, with the keys of its creates reserved."""
     mine = [e for e in ctx.staging.read(name, tag=side[0].upper()) if side in e["writes"]]
-    if not mine:
-        return _Written(name, [], {}, 0, set())
     known = _known_creates(ctx, side, mine)
+    creates = [e for e in mine if e["writes"][side]["op"] == "create"]
+    if creates:
+        pairs = [KeyPair(None if side == "dynamics" else e["dynamics_id"], e["key"]) for e in creates]
+        ctx.store.reserve_keys(ctx.entity, pairs, ctx.run_id)
+    return _Written(name, mine, {}, 0, known)
+
+
+def _write_file(ctx: RunContext, side: Side, fresh: Freshness | None, todo: _Written) -> _Written:
+    mine, known = todo.entries, todo.known
+    if not mine:
+        return todo
+    assert isinstance(known, _Known)
     waiting = _defer_moved(ctx, fresh, mine, known) if fresh is not None else set()
     outcome = _load_chunk(ctx, side, [e for e in mine if e["key"] not in waiting], known)
     moved = {k for k in outcome if k in known.moved}
     outcome |= {key: (False, None) for key in waiting}
-    return _Written(name, mine, outcome, len(waiting) + len(moved), set(known))
+    return _Written(todo.name, mine, outcome, len(waiting) + len(moved), known)
 
 
 @dataclass
@@ -186,10 +200,6 @@ def _load_chunk(
 ) -> dict[str, tuple[bool, str | None]]:
     if not entries:
         return {}
-    creates = [e for e in entries if e["writes"][side]["op"] == "create"]
-    if creates:
-        pairs = [KeyPair(None if side == "dynamics" else e["dynamics_id"], e["key"]) for e in creates]
-        ctx.store.reserve_keys(ctx.entity, pairs, ctx.run_id)
     errors: dict[str, str] = {}
     ids: dict[str, str] = {}
     if side == "dynamics":
