@@ -75,6 +75,11 @@ def _numbers_with_prefix(client: DynamicsClient, prefix: str) -> list[str]:
     return [row["accountnumber"] for row in rows]
 
 
+def _rows_with_prefix(client: DynamicsClient, prefix: str) -> list[dict[str, Any]]:
+    where = f"startswith(accountnumber,'{prefix}')"
+    return list(client.iter_rows("accounts", ["accountid", "accountnumber"], filter=where))
+
+
 @pytest.fixture
 def client(dataverse_sandbox: Any) -> Iterator[DynamicsClient]:
     with client_for(dataverse_sandbox) as dynamics:
@@ -226,6 +231,36 @@ def test_upsert_multiple_fast_path_falls_back_to_isolation(client: DynamicsClien
     assert {o.status for o in outcomes if o.ok} == {"updated"}  # learned from the isolating $batch
     assert client.get("accounts", {"accountnumber": f"{prefix}00008"}, ["name"])["name"].startswith("v2 ")
     print(f"\nUpsertMultiple of 1000: {fast:.2f}s")
+
+
+def test_create_strategy_returns_guids_and_never_overwrites_an_existing_key(client: DynamicsClient) -> None:
+    prefix = _prefix("cm")
+    records = _accounts(prefix, 300)
+    outcomes = client.upsert_many("accounts", "accountnumber", records, strategy="create")
+    assert {o.status for o in outcomes} == {"created"}
+    rows = {r["accountnumber"]: r["accountid"] for r in _rows_with_prefix(client, prefix)}
+    assert [o.id for o in outcomes] == [rows[r["accountnumber"]].lower() for r in records]
+
+    again = [dict(r, name=f"v2 {r['name']}") for r in records[:3]] + _accounts(prefix + "n", 2)
+    again[3]["name"] = "z" * 200  # a bad row among new ones
+    outcomes = client.upsert_many("accounts", "accountnumber", again, strategy="create")
+    by_index = {o.index: o for o in outcomes}
+    # existing keys fail alone (duplicate), the bad row fails alone, the good new row is created
+    assert [i for i, o in by_index.items() if not o.ok] == [0, 1, 2, 3]
+    assert {by_index[i].http_status for i in (0, 1, 2)} == {412}
+    assert by_index[4].status == "created" and by_index[4].id
+    existing = client.get("accounts", {"accountnumber": records[0]["accountnumber"]}, ["name"])
+    assert existing is not None and not existing["name"].startswith("v2 ")  # not overwritten
+
+
+def test_batch_upsert_returns_guids_when_asked(client: DynamicsClient) -> None:
+    prefix = _prefix("ub")
+    records = _accounts(prefix, 5)
+    outcomes = client.upsert_many(
+        "accounts", "accountnumber", records, strategy="batch", id_attribute="accountid"
+    )
+    rows = {r["accountnumber"]: r["accountid"] for r in _rows_with_prefix(client, prefix)}
+    assert [o.id for o in outcomes] == [rows[r["accountnumber"]].lower() for r in records]
 
 
 SPECIAL_KEYS = ("O'B", "a/b#?", "50% &")

@@ -188,7 +188,7 @@ class Upserter:
                     retry.append((pos, part))
                 else:
                     chunk.outcomes[chunk.indices[pos]] = _part_outcome(
-                        chunk.indices[pos], chunk.keys[pos], part, chunk.id_attribute
+                        chunk.indices[pos], chunk.keys[pos], part, chunk.id_attribute, create
                     )
             if not retry:
                 break
@@ -268,11 +268,16 @@ def _chunk_failed(chunk: _Chunk, exc: DynamicsApiError) -> dict[int, UpsertOutco
 
 
 def _part_outcome(
-    index: int, key: dict[str, KeyValue], part: multipart.BatchPart, id_attribute: str | None = None
+    index: int,
+    key: dict[str, KeyValue],
+    part: multipart.BatchPart,
+    id_attribute: str | None = None,
+    create: bool = False,
 ) -> UpsertOutcome:
     status = part.status or 0
     if status in _PART_STATUS:
-        return UpsertOutcome(index, key, _PART_STATUS[status], status, id=_part_id(part, id_attribute))
+        done = "created" if create else _PART_STATUS[status]  # a POST only ever creates
+        return UpsertOutcome(index, key, done, status, id=_part_id(part, id_attribute))
     code, message = parse_error_body(_loads(part.body))
     return UpsertOutcome(index, key, "failed", status, code, message or f"HTTP {status}")
 
