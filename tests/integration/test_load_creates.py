@@ -80,7 +80,7 @@ def test_initial_sync_reads_nothing_back_and_the_next_run_starts_after_its_own_c
         key: row["accountid"].lower() for key, row in accounts.items()
     }
     done = first.manifests["load"]["dynamics"]
-    assert (done["token_advanced"], done["failed"], done["deferred"]) == (True, 0, 0)
+    assert (first.manifests["commit"]["token_advanced"], done["failed"], done["deferred"]) == (True, 0, 0)
     creates = sum(n for route, n in routes.items() if "CreateMultiple" in route)
     reads = {r: n for r, n in routes.items() if r.upper().startswith("GET") and "accounts" in r}
     assert creates == 1, routes  # 30 rows: one CreateMultiple, no UpsertMultiple, no $batch
@@ -107,7 +107,7 @@ def test_a_person_editing_during_the_load_keeps_the_token_so_the_edit_is_synced(
     first = env.run("customers")
     monkeypatch.undo()
 
-    assert first.manifests["load"]["dynamics"]["token_advanced"] is False
+    assert first.manifests["commit"]["token_advanced"] is False
     second = env.run("customers")
 
     assert second.plan.extracted["dynamics"] >= first.plan.writes["dynamics"]["create"]  # read again

@@ -5,7 +5,9 @@ records with nothing to write whose base still changed (new versions of echoes, 
 close what this run finished (released parked children, resolved dead letters, applied review
 decisions); then ``commit_watermarks``; then the run report. A crash anywhere before the
 watermarks leaves them where they were, so the rerun extracts the same changes again and the
-already-loaded ones come back as echoes: nothing is lost and nothing is written twice.
+already-loaded ones come back as echoes: nothing is lost and nothing is written twice. Just
+before the watermarks, a load that created many Dataverse records (in however many parts)
+may move the staged delta token past them (``load.advance_token``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from d365sync.engine.stages.context import SIDES, Manifest, RunContext, base_from_dict
+from d365sync.engine.stages.load import advance_token
 from d365sync.engine.state import BaseRow
 
 
@@ -34,8 +37,10 @@ def commit(ctx: RunContext, resolved: Manifest, loads: Mapping[str, Manifest]) -
         finished += [m for e in done for m in e["replay"]]
         reviews += [i for e in done for i in e["review_ids"]]
     closed = _close(ctx, finished, reviews, loads)
+    advanced = advance_token(ctx, loads.get("dynamics"))
     marks = ctx.store.commit_watermarks(ctx.entity, ctx.run_id)
-    return {"saved": saved, **closed, "watermarks": {s: _plain(m.value) for s, m in marks.items()}}
+    watermarks = {s: _plain(m.value) for s, m in marks.items()}
+    return {"saved": saved, **closed, "token_advanced": advanced, "watermarks": watermarks}
 
 
 def _results_by_file(loads: Mapping[str, Manifest]) -> dict[str, list[str]]:

@@ -55,8 +55,12 @@ from d365sync.engine.state import AuditEntry, BaseRow, Failure, KeyPair
 ADVANCE_AFTER_CREATES = 1000
 
 
-def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
+def load(ctx: RunContext, resolved: Manifest, side: Side, part: int = 0, parts: int = 1) -> Manifest:
     """Apply this side's writes; returns counts and the per-record results commit needs.
+
+    ``part``/``parts`` split one large load between workers: part ``i`` takes every ``parts``-th
+    plan file (each a bucket of key hashes) from the ``i``-th, so no two workers ever write the
+    same record; :func:`merge_loads` gives commit one manifest per side again.
 
     Writes and book-keeping overlap: while the state store takes chunk N's bases and audit rows
     (here), a worker thread already sends chunk N+1, so neither system waits for the other. The
@@ -74,7 +78,9 @@ def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"load-{side}")
     try:
         written: Future[_Written] | None = None
-        for name in resolved["files"]:
+        if not 0 <= part < parts:
+            raise ValueError(f"load part {part} of {parts} does not exist")
+        for name in resolved["files"][part::parts]:
             following = pool.submit(_write_file, ctx, side, fresh, _prepare_file(ctx, side, name))
             if written is not None:
                 tally.book(ctx, written.result())
@@ -85,10 +91,41 @@ def load(ctx: RunContext, resolved: Manifest, side: Side) -> Manifest:
         pool.shutdown(wait=True, cancel_futures=True)
     manifest = {"side": side, "results": tally.results, "counts": tally.counts, "failed": tally.failed}
     if fresh is not None:
-        created = tally.created
-        advanced = len(created) >= ADVANCE_AFTER_CREATES and fresh.advance_past(created)
-        manifest |= {"deferred": tally.deferred, "freshness_checks": fresh.checks, "token_advanced": advanced}
+        manifest |= {"deferred": tally.deferred, "freshness_checks": fresh.checks}
     return manifest
+
+
+def merge_loads(manifests: list[Manifest]) -> Manifest:
+    """One side's manifest from the manifests of its parts (or the single one)."""
+    if len(manifests) == 1:
+        return manifests[0]
+    merged: Manifest = {"side": manifests[0]["side"], "results": [], "counts": {}, "failed": 0}
+    for m in manifests:
+        merged["results"] += m["results"]
+        merged["failed"] += m["failed"]
+        for op, n in m["counts"].items():
+            merged["counts"][op] = merged["counts"].get(op, 0) + n
+        for name in ("deferred", "freshness_checks", "requests", "token_requests", "throttles", "retries"):
+            if name in m:
+                merged[name] = merged.get(name, 0) + m[name]
+        if "seconds" in m:
+            merged["seconds"] = max(merged.get("seconds", 0.0), m["seconds"])
+    merged["parts"] = len(manifests)
+    return merged
+
+
+def advance_token(ctx: RunContext, dynamics: Manifest | None) -> bool:
+    """After a load that created many records in Dataverse (every part of it): move the staged
+    delta token past them (:meth:`Freshness.advance_past`); the rest is read by the next run."""
+    if dynamics is None or not dynamics.get("results") or ctx.backfill:
+        return False
+    created = {
+        row["id"]
+        for chunk in ctx.staging.iter(dynamics["results"])
+        for row in chunk
+        if row["ok"] and row["id"]
+    }
+    return len(created) >= ADVANCE_AFTER_CREATES and Freshness.start(ctx).advance_past(created)
 
 
 @dataclass
@@ -132,7 +169,6 @@ class _Tally:
     results: list[str] = field(default_factory=list)
     failed: int = 0
     deferred: int = 0
-    created: set[str] = field(default_factory=set)  # GUIDs of records this load created
 
     def book(self, ctx: RunContext, done: _Written) -> None:
         """Bases, audit rows and the results file of one written plan file."""
@@ -141,8 +177,6 @@ class _Tally:
         self.deferred += done.deferred
         self.failed += sum(1 for ok, _ in done.outcome.values() if not ok) - done.deferred
         _after_chunk(ctx, self.side, done.entries, done.outcome, self.counts)
-        fresh = (g for k, (ok, g) in done.outcome.items() if ok and g and k not in done.known)
-        self.created.update(fresh)
         rows = [{"key": k, "ok": ok, "id": guid} for k, (ok, guid) in done.outcome.items()]
         self.results.append(ctx.staging.write(f"load/{self.side}/{done.name.rsplit('/', 1)[-1]}", rows))
 
