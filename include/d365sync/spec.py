@@ -571,6 +571,16 @@ class EntitySpec(Model):
         default_factory=lambda: Examples(),
         description="Sample rows; the generated entity suite round-trips them.",
     )
+    load_parts: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description=(
+            "Parallel Dataverse load tasks (dynamic task mapping, each under the dynamics_api pool): "
+            "part i writes every n-th bucket of keys. Worth it for large initial loads with "
+            "workers to spare; every run pays one more task start per part."
+        ),
+    )
     events: Events = Field(
         default_factory=lambda: Events(), description="Event-driven runs (webhooks, ERP polling)."
     )

@@ -48,8 +48,14 @@ def lane_of(tasks: Mapping[str, str]) -> str:
     * no ``route`` (an entity without ``events``): every task of the chain ``success``;
     * ``route`` ``success`` and every task of one lane ``success``, every task of the lane it did
       not take ``skipped`` (the chain for the fast lane, ``sync_events`` for the chain).
+
+    A mapped task's instances (``load_dynamics[0]``, ``[1]``…) count as the task when they all
+    share one state.
     """
-    states = dict(tasks)
+    states: dict[str, str] = {}
+    for name, state in tasks.items():
+        task_id = name.split("[", 1)[0]
+        states[task_id] = state if states.get(task_id, state) == state else f"mixed: {dict(tasks)}"
     if "route" not in states:
         assert states == dict.fromkeys(ENTITY_TASKS, "success"), states
         return "staged"

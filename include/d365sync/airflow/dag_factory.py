@@ -290,15 +290,13 @@ def build_entity_dag(spec: EntitySpec) -> DAG:
             return tasks.load(entity, "erp", resolved)
 
         @task(**pooled("load_dynamics"))
-        def load_dynamics(resolved: dict[str, Any]) -> dict[str, Any]:
+        def load_dynamics(resolved: dict[str, Any], part: int = 0) -> dict[str, Any]:
             from d365sync.airflow import tasks
 
-            return tasks.load(entity, "dynamics", resolved)
+            return tasks.load(entity, "dynamics", resolved, part, spec.load_parts)
 
         @task(**pooled("commit_state"), outlets=[entity_asset(entity)])
-        def commit_state(
-            resolved: dict[str, Any], erp: dict[str, Any], dynamics: dict[str, Any]
-        ) -> dict[str, Any]:
+        def commit_state(resolved: dict[str, Any], erp: dict[str, Any], dynamics: Any) -> dict[str, Any]:
             from d365sync.airflow import tasks
 
             return tasks.commit(entity, resolved, {"erp": erp, "dynamics": dynamics})
@@ -311,7 +309,12 @@ def build_entity_dag(spec: EntitySpec) -> DAG:
 
         extracts = (extract_dynamics(), extract_erp())
         resolved = resolve(transform(validate(*extracts)))
-        report(commit_state(resolved, load_erp(resolved), load_dynamics(resolved)))
+        if spec.load_parts > 1:  # one mapped task instance per part; commit joins their manifests
+            parts = list(range(spec.load_parts))
+            dynamics_loads = load_dynamics.partial(resolved=resolved).expand(part=parts)
+        else:
+            dynamics_loads = load_dynamics(resolved)
+        report(commit_state(resolved, load_erp(resolved), dynamics_loads))
         if spec.events.enabled:
             _event_lanes(entity, pooled, extracts)
     return dag

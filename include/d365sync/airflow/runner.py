@@ -100,11 +100,17 @@ def load_dags() -> dict[str, Any]:
     return bag.dags
 
 
+def _task_name(ti: Any) -> str:
+    """``task`` or, for a mapped task's instance, ``task[i]``."""
+    index = getattr(ti, "map_index", -1)
+    return ti.task_id if index is None or index < 0 else f"{ti.task_id}[{index}]"
+
+
 def run_one(dag: Any, logical_date: datetime | None, conf: dict[str, Any] | None) -> dict[str, Any]:
     started = time.perf_counter()
     dr = dag.test(logical_date=logical_date, run_conf=conf)
     seconds = round(time.perf_counter() - started, 3)
-    tasks = {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
+    tasks = {_task_name(ti): str(ti.state) for ti in dr.get_task_instances()}
     return {
         "dag_id": dag.dag_id,
         "run_id": dr.run_id,

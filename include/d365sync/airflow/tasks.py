@@ -273,7 +273,7 @@ def resolve(entity: str, transformed: dict[str, Any]) -> dict[str, Any]:
         return _with_requests(stage(ctx, transformed), ctx, started)
 
 
-def load(entity: str, side: str, resolved: dict[str, Any]) -> dict[str, Any]:
+def load(entity: str, side: str, resolved: dict[str, Any], part: int = 0, parts: int = 1) -> dict[str, Any]:
     from d365sync.engine.stages import load as stage
 
     with run_context(entity) as ctx:
@@ -281,17 +281,27 @@ def load(entity: str, side: str, resolved: dict[str, Any]) -> dict[str, Any]:
             return {"side": side, "dry_run": True, "results": [], "counts": {}, "failed": 0}
         _arm_fault(ctx, side)
         started = time.perf_counter()
-        return _with_requests(stage(ctx, resolved, side), ctx, started)
+        return _with_requests(stage(ctx, resolved, side, part, parts), ctx, started)
 
 
-def commit(entity: str, resolved: dict[str, Any], loads: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+def joined(manifest: Any) -> dict[str, Any]:
+    """A task's manifest: the one task's, or the parts of a mapped load joined."""
+    from d365sync.engine.stages.load import merge_loads
+
+    if isinstance(manifest, dict):
+        return manifest
+    parts = [m for m in manifest if m]
+    return merge_loads(parts) if parts else {}
+
+
+def commit(entity: str, resolved: dict[str, Any], loads: Mapping[str, Any]) -> dict[str, Any]:
     from d365sync.engine.stages import commit as stage
 
     with run_context(entity) as ctx:
         if ctx.dry_run:
             return {"dry_run": True}
         started = time.perf_counter()
-        manifest = stage(ctx, resolved, loads)
+        manifest = stage(ctx, resolved, {side: joined(m) for side, m in loads.items()})
         manifest["events"] = ctx.store.inbox_done(entity, ctx.run_id)
         return _with_requests(manifest, ctx, started)
 
@@ -411,7 +421,7 @@ def report(entity: str, committed: dict[str, Any]) -> dict[str, Any]:
     """The run summary (one row of ``make sync``'s table) into the run report, then staging cleanup."""
     context = airflow_context()
     ti, run = context["ti"], context["dag_run"]
-    manifests = {t: ti.xcom_pull(task_ids=t) or {} for t in STAGE_TASKS}
+    manifests = {t: joined(ti.xcom_pull(task_ids=t) or {}) for t in STAGE_TASKS}
     manifests["commit_state"] = committed
     dry_run = bool((context.get("params") or {}).get("dry_run"))
     summary = summarize(entity, manifests, dry_run)
@@ -461,7 +471,7 @@ def summarize(entity: str, by_task: Mapping[str, Mapping[str, Any]], dry_run: bo
         "resolve": by_task["resolve"],
     }
     if not dry_run:
-        m["load"] = {"erp": by_task["load_erp"], "dynamics": by_task["load_dynamics"]}
+        m["load"] = {"erp": by_task["load_erp"], "dynamics": joined(by_task["load_dynamics"])}
         m["commit"] = by_task.get("commit_state") or {}
     plan = Plan.of(SimpleNamespace(entity=entity, dry_run=dry_run), m)  # type: ignore[arg-type]
     counts = dict(RunResult("", plan, m, {}).counts)

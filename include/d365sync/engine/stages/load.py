@@ -105,9 +105,11 @@ def merge_loads(manifests: list[Manifest]) -> Manifest:
         merged["failed"] += m["failed"]
         for op, n in m["counts"].items():
             merged["counts"][op] = merged["counts"].get(op, 0) + n
-        for name in ("deferred", "freshness_checks", "requests", "token_requests", "throttles", "retries"):
+        for name in ("deferred", "freshness_checks"):
             if name in m:
                 merged[name] = merged.get(name, 0) + m[name]
+        for name, value in (m.get("dataverse") or {}).items():  # the Airflow task's counters
+            merged.setdefault("dataverse", {})[name] = merged.get("dataverse", {}).get(name, 0) + value
         if "seconds" in m:
             merged["seconds"] = max(merged.get("seconds", 0.0), m["seconds"])
     merged["parts"] = len(manifests)
