@@ -4,8 +4,9 @@ Per plan file (one bucket, so memory is bounded by the chunk size):
 
 1. ``reserve_keys`` for the records about to be created, *before* writing them, so a rerun after
    a crash pairs the same keys and never creates a duplicate;
-2. write set-based and idempotently: Dataverse ``UpsertMultiple`` by alternate key (falls back to
-   a continue-on-error ``$batch`` that isolates bad rows), ERP staging table + ``ON CONFLICT`` /
+2. write set-based and idempotently: Dataverse ``CreateMultiple`` for new records and
+   ``UpsertMultiple`` by alternate key for the rest (both fall back to a continue-on-error
+   ``$batch`` that isolates bad rows), ERP staging table + ``ON CONFLICT`` /
    ``MERGE`` per chunk, optimistic ``ROW_VER`` updates where the table has a version;
 3. per-record failures (and ERP version conflicts) go to the dead-letter queue with the raw rows
    of both sides, so the record is replayed whole by a later run;
@@ -21,17 +22,18 @@ that row fails alone (duplicate key) and is deferred to the next run like a move
 record the key map already reserved (a rerun after a crash, an erased subject coming back)
 may exist already: it is upserted instead.
 
-After a load that created many records, one read of the change feed positions the Dynamics
-delta token after them, when everything the feed holds is one of this run's creates, untouched
-since (created and last modified by the sync's own user, at the same instant). The next run then
-starts after its own writes instead of reading every created record back as an echo. Anything
-else in the feed (an edit by a person, a delete) leaves the token where the extract put it, so
-nothing is ever skipped.
+After a load that created many records (in however many parts), commit calls
+:func:`advance_token`: one read of the change feed positions the Dynamics delta token after
+them, when everything the feed holds is one of this run's creates, untouched since (created and
+last modified by the sync's own user, at the same instant). The next run then starts after its
+own writes instead of reading every created record back as an echo. Anything else in the feed
+(an edit by a person, a delete) leaves the token where the extract put it, so nothing is ever
+skipped.
 
 Results per plan file (``load/<side>/bNNNNN.parquet``): ``{"key", "ok", "id"}`` — ``id`` is the
 Dataverse GUID of a record this load created there. Manifest: ``{"side", "results", "counts",
-"failed"}``, plus ``"deferred"``, ``"freshness_checks"`` and ``"token_advanced"`` on the
-Dynamics side.
+"failed"}``, plus ``"deferred"`` and ``"freshness_checks"`` on the Dynamics side. A load split in
+parts (``part`` of ``parts``) gives one manifest per part; :func:`merge_loads` joins them.
 """
 
 from __future__ import annotations
