@@ -126,3 +126,27 @@ def running_env(
     finally:
         environment.close()
         sandbox.stop()
+
+
+#: A person editing in Dynamics: an application user of their own, not the sync's.
+PERSON = {
+    "client_id": "6d1b8e2a-9c1f-4a57-8a41-3f0e6b2c9d10",
+    "client_secret": "person-secret",
+    "name": "A person",
+}
+
+
+@contextmanager
+def env_with_person(
+    sandboxes: Callable[..., DataverseSandbox], folder: Path, *, seed: int, rows: int
+) -> Iterator[Env]:
+    """:func:`running_env` whose sandbox also knows :data:`PERSON`."""
+    with running_env(lambda **o: sandboxes(extra_users=[PERSON], **o), folder, seed=seed, rows=rows) as env:
+        yield env
+
+
+@contextmanager
+def person_client(env: Env) -> Iterator[DynamicsClient]:
+    """A client acting as :data:`PERSON` (their edits are not the sync's own)."""
+    with env.sandbox.client(client_id=PERSON["client_id"], client_secret=PERSON["client_secret"]) as client:
+        yield client

@@ -18,7 +18,7 @@ import pytest
 
 from d365sync.engine import pipeline
 from d365sync.engine.stages import Window
-from tests.integration.pipeline_env import Env, running_env
+from tests.integration.pipeline_env import Env, env_with_person
 from tests.sandbox_fixtures import SandboxFactory
 
 # GX 1.24.1 imports the deprecated sre_constants/sre_parse modules on Python 3.11 (as in
@@ -29,27 +29,12 @@ pytestmark = pytest.mark.filterwarnings(
 
 KEY = "ACC-000003"
 SELECT = ["accountnumber", "address1_city", "telephone1", "creditlimit", "versionnumber"]
-# The person editing in Dynamics: an application user of their own, not the sync's.
-PERSON = {
-    "client_id": "6d1b8e2a-9c1f-4a57-8a41-3f0e6b2c9d10",
-    "client_secret": "person-secret",
-    "name": "A person",
-}
 
 
 @pytest.fixture
 def env(dataverse_sandbox_factory: SandboxFactory, tmp_path: Path) -> Iterator[Env]:
-    def factory(**options: Any) -> Any:
-        return dataverse_sandbox_factory(extra_users=[PERSON], **options)
-
-    with running_env(factory, tmp_path, seed=10, rows=10) as environment:
+    with env_with_person(dataverse_sandbox_factory, tmp_path, seed=10, rows=10) as environment:
         yield environment
-
-
-@pytest.fixture
-def person(env: Env) -> Iterator[Any]:
-    with env.sandbox.client(client_id=PERSON["client_id"], client_secret=PERSON["client_secret"]) as client:
-        yield client
 
 
 def _account(env: Env) -> dict[str, Any]:

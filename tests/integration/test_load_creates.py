@@ -17,7 +17,7 @@ import pytest
 
 from d365sync.engine import pipeline
 from d365sync.engine.stages import freshness
-from tests.integration.pipeline_env import Env, running_env
+from tests.integration.pipeline_env import Env, env_with_person
 from tests.sandbox_fixtures import SandboxFactory
 
 pytestmark = pytest.mark.filterwarnings(
@@ -26,30 +26,14 @@ pytestmark = pytest.mark.filterwarnings(
 
 load = importlib.import_module("d365sync.engine.stages.load")  # the package exports the function
 
-PERSON = {
-    "client_id": "0b8f0f7e-3d43-4c41-9f55-2f1a7c1e6a21",
-    "client_secret": "person-secret",
-    "name": "A person",
-}
-
 
 @pytest.fixture
 def env(
     dataverse_sandbox_factory: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Env]:
     monkeypatch.setattr(load, "ADVANCE_AFTER_CREATES", 1)
-
-    def factory(**options: Any) -> Any:
-        return dataverse_sandbox_factory(extra_users=[PERSON], **options)
-
-    with running_env(factory, tmp_path, seed=0, rows=30) as environment:
+    with env_with_person(dataverse_sandbox_factory, tmp_path, seed=0, rows=30) as environment:
         yield environment
-
-
-@pytest.fixture
-def person(env: Env) -> Iterator[Any]:
-    with env.sandbox.client(client_id=PERSON["client_id"], client_secret=PERSON["client_secret"]) as client:
-        yield client
 
 
 def _accounts(env: Env) -> dict[str, dict[str, Any]]:
