@@ -54,7 +54,7 @@ from d365sync.engine.stages.freshness import Freshness
 from d365sync.engine.state import AuditEntry, BaseRow, Failure, KeyPair
 
 #: creates from which a load positions the delta token after its own writes (one feed read)
-ADVANCE_AFTER_CREATES = 1000
+ADVANCE_AFTER_CREATES = 100
 
 
 def load(ctx: RunContext, resolved: Manifest, side: Side, part: int = 0, parts: int = 1) -> Manifest:
