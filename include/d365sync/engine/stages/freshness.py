@@ -91,7 +91,9 @@ class Freshness:
             return False
         client, entity_set = self.ctx.dynamics, self.ctx.spec.dynamics.entity_set
         ours = str(client.whoami().get("UserId") or "").lower()
-        select = list(dict.fromkeys([*self.ctx.dynamics_select, *audit]))
+        # the id and the audit columns only: a delta token is a position in the table's change
+        # history, not bound to the columns read with it (the next run reads with its own)
+        select = [self.ctx.dynamics_select[0], *audit]
         feed = client.iter_changes(entity_set, select, self.token, id_attribute=select[0])
         self.checks += 1
         for change in feed:
