@@ -207,7 +207,8 @@ def _sync_row(name: str, result: Any, seconds: float, counters: dict[str, Any]) 
     written = writes.get("create", 0) + writes.get("update", 0)
     load = result.manifests["load"]["dynamics"]
     requests = int(counters["requests"])
-    bulk = sum(n for route, n in counters.get("routes", {}).items() if "UpsertMultiple" in route)
+    routes = counters.get("routes", {}).items()
+    bulk = sum(n for route, n in routes if "UpsertMultiple" in route or "CreateMultiple" in route)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     print(f"\n{name} stage timings: {stages}")
     return [
@@ -257,7 +258,7 @@ def main() -> None:
                 "seconds",
                 "records/s",
                 "API requests",
-                "UpsertMultiple",
+                "Create/UpsertMultiple",
                 "freshness checks",
                 "deferred",
                 "requests / 1000",
