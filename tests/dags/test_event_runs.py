@@ -280,11 +280,20 @@ def test_a_component_killed_mid_stream_loses_no_acknowledged_notification_and_sy
     )
     _quiesce(stack, 180)
 
-    # the sandbox delivered every notification of the person's edits (retrying while the receiver was down)
+    # the sandbox delivers every notification of the person's edits, retrying (with doubling
+    # backoff) while the receiver was down: the last retry may come after the edits were synced
+    # by a run that read the delta token, so wait for it
     ours = {ids[n] for n in numbers}
-    log = env.sandbox.webhooks(limit=1000)["deliveries"]
-    mine = [d for d in log if d["id"] > deliveries_after and d["record_id"] in ours]
+
+    def deliveries() -> list[dict[str, Any]]:
+        log = env.sandbox.webhooks(limit=1000)["deliveries"]
+        return [d for d in log if d["id"] > deliveries_after and d["record_id"] in ours]
+
+    delivered = lambda: all(d["status"] == "delivered" for d in deliveries())  # noqa: E731
+    _until("every notification delivered", delivered, stack)
+    mine = deliveries()
     assert mine and {d["status"] for d in mine} == {"delivered"}, mine
+    _quiesce(stack, 180)  # runs the late deliveries started
     if component == "api-server":
         assert any(d["attempts"] > 1 for d in mine), mine
     # the inbox holds each acknowledged notification once, done by one run
