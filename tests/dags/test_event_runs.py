@@ -83,6 +83,11 @@ def stack(
             "D365SYNC_RETRY_DELAY_SECONDS": "10",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
+            # a task the killed scheduler's executor had just started is an orphan of that
+            # scheduler's job: the restarted scheduler resets it once the old job is seen dead,
+            # which it checks every 300 s by default (longer than the test's window)
+            "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
             # a restarted triggerer takes over the dead one's triggers this long after its last beat
             "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
         }
