@@ -15,6 +15,7 @@ parse. Every setting has a default that makes the embedded demo work with nothin
 ``D365SYNC_STAGING_CONN_ID``           connection for the staging store (e.g. ``wasb_default``)
 ``D365SYNC_STAGING_RETENTION_HOURS``   keep a committed run's staging files this long (0)
 ``D365SYNC_CHUNK_SIZE``                rows per staging file and write batch (5000)
+``D365SYNC_RETRIES_PER_RUN``           due dead letters one run retries, replays first (2000)
 ``D365SYNC_TASK_RETRIES``              task retries (3), exponential backoff from
 ``D365SYNC_RETRY_DELAY_SECONDS``       (30) up to ``D365SYNC_MAX_RETRY_DELAY_SECONDS`` (900)
 ``D365SYNC_EVENT_DRAIN_SECONDS``       a fast-lane task syncs notifications that arrived while it
@@ -158,6 +159,11 @@ def event_drain_seconds() -> float:
 def chunk_size() -> int:
     """Rows per staging file / write batch (``D365SYNC_CHUNK_SIZE``, default 5000)."""
     return max(1, int(_number("D365SYNC_CHUNK_SIZE", 5000)))
+
+
+def retries_per_run() -> int:
+    """Due dead letters one run retries (``D365SYNC_RETRIES_PER_RUN``, default 2000)."""
+    return max(1, int(_number("D365SYNC_RETRIES_PER_RUN", 2000)))
 
 
 def deadline_alerts() -> bool:

@@ -157,6 +157,7 @@ def run_context(entity: str) -> Iterator[Any]:
             window=window_of(context),
             actor=f"airflow:{run.dag_id}",
             chunk_size=settings.chunk_size(),
+            retries_per_run=settings.retries_per_run(),
         )
         yield ctx
         _log_requests(ctx)
@@ -370,6 +371,7 @@ def sync_events(entity: str) -> dict[str, Any]:
                 staging=staging_root(run.dag_id),
                 run_id=engine_run,
                 chunk_size=settings.chunk_size(),
+                retries_per_run=settings.retries_per_run(),
                 actor=f"airflow:{run.dag_id}",
                 keep_staging=True,  # cleaned below as the staged chain's report does (a remote root too)
             )

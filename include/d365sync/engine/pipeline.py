@@ -172,6 +172,7 @@ def run_entity(
     validator: Any = None,
     keep_staging: bool = False,
     actor: str = "d365sync",
+    retries_per_run: int = 2_000,
 ) -> RunResult:
     """Run every stage for one entity; a dry run stops after resolve and writes nothing."""
     ctx = RunContext(
@@ -184,6 +185,7 @@ def run_entity(
         window=window,
         chunk_size=chunk_size,
         actor=actor,
+        retries_per_run=retries_per_run,
     )
     ctx.validator = validator
     if run_id:

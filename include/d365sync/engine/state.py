@@ -30,7 +30,7 @@ from decimal import Decimal
 from itertools import islice
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, event, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, case, create_engine, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -674,12 +674,18 @@ class StateStore(InboxQueries):
         return found
 
     def due_dead_letters(
-        self, entity: str, now: datetime | None = None, limit: int = 10_000
+        self, entity: str, now: datetime | None = None, limit: int = 2_000
     ) -> list[DeadLetter]:
-        """Dead letters to retry on this run: due by backoff, or asked for by a replay."""
+        """Dead letters to retry on this run: asked for by a replay, then due by backoff.
+
+        At most ``limit``: operator replays first, then the longest overdue. A letter that fails
+        again backs off, so the next run takes the next ones and a large backlog is worked off
+        over a few runs without any run paying for all of it.
+        """
         d = t.dead_letter
         due = or_(d.c.status == "replay", and_(d.c.status == "pending", d.c.next_retry_at <= _now(now)))
-        query = select(d).where(d.c.entity == entity, due).order_by(d.c.id).limit(limit)
+        order = (case((d.c.status == "replay", 0), else_=1), d.c.next_retry_at, d.c.id)
+        query = select(d).where(d.c.entity == entity, due).order_by(*order).limit(limit)
         with self.engine.connect() as conn:
             return [_dead(row, self.privacy) for row in conn.execute(query).mappings()]
 

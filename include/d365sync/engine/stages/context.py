@@ -56,6 +56,9 @@ class RunContext:
     # GX has a fixed cost of ~0.1 s per suite run, so validation groups extract chunks into
     # batches of about this many rows (memory stays bounded by this, not by the entity).
     validation_batch: int = 25_000
+    # Due dead letters retried per run, operator replays first, then the longest overdue: a
+    # backlog of bad rows is worked off over several runs instead of making each run follow it.
+    retries_per_run: int = 2_000
     actor: str = "d365sync"
     validator: Any = None  # validate(spec, side, rows, key_column=...); default: GX (engine.validation)
     _tctx: Any = None

@@ -105,7 +105,7 @@ class _Pending:
         """Due letters and parked children up front; the other letters of a key only when a fresh
         row of it comes (:meth:`mark`), so a run's cost does not follow the queue's length."""
         pending = cls(ctx, side)
-        for letter in ctx.store.due_dead_letters(ctx.entity):
+        for letter in ctx.store.due_dead_letters(ctx.entity, limit=ctx.retries_per_run):
             pending.add_letter(letter, due=True)
         ready = {child.id for child in ctx.store.ready_children(ctx.entity)}
         for child in ctx.store.parked_children(ctx.entity):
