@@ -324,6 +324,7 @@ def test_dead_letter_backoff_replay_and_skip(store: StateStore) -> None:
     assert store.resolve_dead_letters("orders", "load_erp", ["SO1", "SO2"]) == 1
     assert store.dead_letters("orders") == [] and len(store.dead_letters("orders", "skipped")) == 1
 
+
 def test_a_run_retries_a_bounded_share_of_the_backlog_replays_first(store: StateStore) -> None:
     keys = [f"SO{i}" for i in range(6)]
     for i, key in enumerate(keys):  # failed a minute apart: SO0 is the longest overdue
@@ -336,8 +337,11 @@ def test_a_run_retries_a_bounded_share_of_the_backlog_replays_first(store: State
     assert taken == ["SO5", "SO0", "SO1"], "an operator's replay goes ahead of the backlog"
     # the first three fail again and back off: the next run takes the rest
     store.dead_letter("orders", "validate", "r2", [Failure(k, "bad") for k in taken], now=later)
-    assert [d.record_key for d in store.due_dead_letters("orders", now=later, limit=3)] == ["SO2", "SO3", "SO4"]
-
+    assert [d.record_key for d in store.due_dead_letters("orders", now=later, limit=3)] == [
+        "SO2",
+        "SO3",
+        "SO4",
+    ]
 
 
 def test_dead_letter_backoff_is_capped(store: StateStore) -> None:

@@ -30,7 +30,19 @@ from decimal import Decimal
 from itertools import islice
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, bindparam, case, create_engine, event, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    case,
+    create_engine,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import ConnectionPoolEntry
 
