@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 from fastapi.routing import APIRoute
 
+from d365sync.engine.causes import cause_of
 from d365sync.ui.app import create_app, guard
 from d365sync.ui.auth import MACHINE_AUTH
+from d365sync.ui.queries import LetterGroup
 from d365sync.ui.settings import UiSettings
 from tests.ui.conftest import PREFIX, Env
 
@@ -30,12 +32,16 @@ PARAMS = {
     "path": "customers/index.html",
     "dag_id": "sync_customers",
     "entity": "customers",
+    # the group of the seeded letter C011 (customers, load, "HTTP 400 invalid option set value 7")
+    "token": LetterGroup("customers", "load", cause_of("HTTP 400 invalid option set value 7").text).token,
 }
 FORMS: dict[str, dict[str, Any]] = {
     "/reviews/{review_id}/decide": {"choice": "erp", "comment": "ERP is right"},
     "/reviews/bulk": {"choice": "dynamics", "scope": "selected", "ids": ["4"], "comment": "bulk"},
     "/dead-letters/{dead_letter_id}/replay": {},
     "/dead-letters/{dead_letter_id}/skip": {"reason": "fixed by hand"},
+    "/dead-letters/groups/{token}/replay": {},
+    "/dead-letters/groups/{token}/skip": {"reason": "fixed by hand"},
 }
 
 

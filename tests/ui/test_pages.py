@@ -58,9 +58,10 @@ def test_a_viewer_sees_quoted_addresses_phones_and_secrets_in_free_text_masked(u
     ui.store.dead_letter("customers", "transform", "run-2", [Failure("C020", error, {"note": error})])
     ui.store.open_reviews("customers", "run-2", [ReviewItem("C021", "name", "a", "b", "c", error)])
     client = ui.as_role("viewer")
-    for url in (f"{PREFIX}/dead-letters?entity=customers", f"{PREFIX}/reviews?entity=customers"):
+    urls = [f"{PREFIX}/dead-letters?entity=customers{view}" for view in ("", "&view=rows")]
+    for url in [*urls, f"{PREFIX}/reviews?entity=customers"]:
         body = html.unescape(client.get(url).text)
-        assert "C020" in body or "C021" in body
+        assert "C020" in body or "C021" in body or "not a valid e-mail address" in body
         for leak in ("john doe", "a.b'@x.org", "1234 5678", "hunter2"):
             assert leak not in body, f"{leak!r} shown to a viewer on {url}"
 
@@ -189,6 +190,89 @@ def test_replay_note_speaks_to_operators_only(ui: Env) -> None:
     assert "until an operator replays or skips them" in viewer
     operator = ui.as_role("op").get(f"{PREFIX}/dead-letters").text
     assert "DAG as you" in operator
+
+
+def _quarantine_emails(ui: Env, count: int) -> None:
+    """``count`` customers failing the same e-mail rule, each with its own (masked) value, as the
+    validate stage writes them, plus one credit limit out of range."""
+    from d365sync.engine.validation import Failure as RuleFailure
+
+    rule = "expect_column_values_to_match_regex(column=CUST_EMAIL_ID, regex='^[^@]+@[^@]+$')"
+    failures = [
+        Failure(f"C1{i:02d}", "validation: " + RuleFailure(rule, "x", "CUST_EMAIL_ID", f"n***{i}").describe())
+        for i in range(count)
+    ]
+    limit = "expect_column_values_to_be_between(column=CREDIT_LIMIT, min_value=0)"
+    failures.append(
+        Failure("C200", "validation: " + RuleFailure(limit, "x", "CREDIT_LIMIT", "-500").describe())
+    )
+    ui.store.dead_letter("customers", "validate", "run-2", failures)
+
+
+def _groups(page: str) -> dict[str, int]:
+    """Group row id → count, from the groups table."""
+    return {g: int(n) for g, n in re.findall(r'<tr id="group-([0-9a-f]+)" data-count="(\d+)">', page)}
+
+
+def test_pending_letters_are_grouped_by_entity_stage_and_cause(ui: Env) -> None:
+    _quarantine_emails(ui, 12)
+    page = ui.as_role("viewer").get(f"{PREFIX}/dead-letters").text
+    assert sorted(_groups(page).values()) == [1, 1, 1, 12], "12 e-mails, 1 credit limit, 2 load errors"
+    assert "15 pending letter(s) in 4 group(s)" in page
+    emails = page[page.index("CUST_EMAIL_ID=…") - 400 :]
+    assert "n***0" in emails, "a sample value is shown beside the group"
+    assert '<table class="grid" id="dead-letters">' not in page, "the groups come first, not the rows"
+    rows = ui.as_role("viewer").get(f"{PREFIX}/dead-letters?view=rows").text
+    assert rows.count('<tr id="dead-letter-') == 15
+
+
+def test_a_group_opens_as_its_rows(ui: Env) -> None:
+    _quarantine_emails(ui, 3)
+    page = ui.as_role("viewer").get(f"{PREFIX}/dead-letters").text
+    (token,) = [g for g, n in _groups(page).items() if n == 3]
+    rows = ui.as_role("viewer").get(f"{PREFIX}/dead-letters?group={token}").text
+    assert sorted(re.findall(r'<td class="mono">(C1\d\d)</td>', rows)) == ["C100", "C101", "C102"]
+    assert "3 letter(s) of customers · validate" in rows
+
+
+def test_replaying_a_group_replays_each_of_its_letters_in_one_dag_run(ui: Env) -> None:
+    _quarantine_emails(ui, 4)
+    (token,) = [g for g, n in _groups(ui.as_role("op").get(f"{PREFIX}/dead-letters").text).items() if n == 4]
+    response = _post(ui, "op", f"/dead-letters/groups/{token}/replay", {})
+    assert _shown(ui, response) == "Replay of 4 dead letter(s) queued."
+    (call,) = ui.api.calls
+    assert call["body"]["conf"] == {"entity": "customers", "keys": ["C100", "C101", "C102", "C103"]}
+    assert call["auth"] == f"Bearer {ui.tokens['op']}"
+    replayed = {d.record_key for d in ui.store.dead_letters("customers", status="replay")}
+    assert replayed == {"C100", "C101", "C102", "C103"}
+    assert {d.record_key for d in ui.store.dead_letters("customers")} == {"C010", "C011", "C200"}
+    again = _post(ui, "op", f"/dead-letters/groups/{token}/replay", {})
+    assert _shown(ui, again) == "No pending dead letters are left in that group."
+    assert len(ui.api.calls) == 1
+
+
+def test_skipping_a_group_needs_a_reason_and_skips_only_that_group(ui: Env) -> None:
+    _quarantine_emails(ui, 5)
+    (token,) = [g for g, n in _groups(ui.as_role("op").get(f"{PREFIX}/dead-letters").text).items() if n == 5]
+    empty = _post(ui, "op", f"/dead-letters/groups/{token}/skip", {"reason": " "})
+    assert "reason is required" in _shown(ui, empty)
+    done = _post(
+        ui, "op", f"/dead-letters/groups/{token}/skip", {"reason": "test e-mails, not real customers"}
+    )
+    assert _shown(ui, done) == "5 dead letter(s) skipped."
+    skipped = ui.store.dead_letters("customers", status="skipped")
+    assert {d.record_key for d in skipped} == {f"C10{i}" for i in range(5)}
+    assert {d.record_key for d in ui.store.dead_letters("customers")} == {"C010", "C011", "C200"}
+
+
+def test_a_viewer_gets_no_group_actions(ui: Env) -> None:
+    _quarantine_emails(ui, 2)
+    page = ui.as_role("viewer").get(f"{PREFIX}/dead-letters").text
+    assert "/replay" not in page and "/skip" not in page and "Open rows" in page
+    (token,) = [g for g, n in _groups(page).items() if n == 2]
+    refused = _post(ui, "viewer", f"/dead-letters/groups/{token}/skip", {"reason": "x"})
+    assert refused.status_code == 403  # type: ignore[attr-defined]
+    assert ui.store.dead_letters("customers", status="skipped") == []
 
 
 # --- audit, health, docs, entity pages ------------------------------------------------------

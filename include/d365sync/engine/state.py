@@ -711,14 +711,22 @@ class StateStore(InboxQueries):
 
     def replay_dead_letter(self, dead_letter_id: int, by: str) -> None:
         """Operator action: retry on the next run regardless of backoff."""
-        if not self._set_status(t.dead_letter, [dead_letter_id], "pending", "replay", handled_by=by):
+        if not self.replay_dead_letters([dead_letter_id], by):
             raise StateError(f"dead letter {dead_letter_id} is not pending")
+
+    def replay_dead_letters(self, ids: Iterable[int], by: str) -> int:
+        """:meth:`replay_dead_letter` for many (a group); returns how many were pending."""
+        return self._set_status(t.dead_letter, ids, "pending", "replay", handled_by=by)
 
     def skip_dead_letter(self, dead_letter_id: int, reason: str, by: str) -> None:
         """Operator action: give up on a record, saying why (kept for the audit)."""
-        values = {"skip_reason": reason, "handled_by": by, "resolved_at": _now()}
-        if not self._set_status(t.dead_letter, [dead_letter_id], ("pending", "replay"), "skipped", **values):
+        if not self.skip_dead_letters([dead_letter_id], reason, by):
             raise StateError(f"dead letter {dead_letter_id} is not pending")
+
+    def skip_dead_letters(self, ids: Iterable[int], reason: str, by: str) -> int:
+        """:meth:`skip_dead_letter` for many (a group); returns how many were pending."""
+        values = {"skip_reason": reason, "handled_by": by, "resolved_at": _now()}
+        return self._set_status(t.dead_letter, ids, ("pending", "replay"), "skipped", **values)
 
     def resolve_dead_letters(self, entity: str, stage: str, record_keys: Iterable[str]) -> int:
         """Close the dead letters of records that went through on a retry."""

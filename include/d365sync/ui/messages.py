@@ -45,6 +45,12 @@ MESSAGES: dict[str, Message] = {
         "error", "Airflow did not confirm a replay run; dead letter {id} stays pending."
     ),
     "skipped": Message("msg", "Dead letter {id} skipped."),
+    "group_replay_queued": Message("msg", "Replay of {n} dead letter(s) queued."),
+    "group_replay_partial": Message(
+        "msg", "Replay of {n} dead letter(s) queued; {rest} more in the group: replay it again for them."
+    ),
+    "group_skipped": Message("msg", "{n} dead letter(s) skipped."),
+    "group_gone": Message("error", "No pending dead letters are left in that group."),
     "reason_required": Message("error", "A reason is required to skip a record."),
 }
 
@@ -52,6 +58,7 @@ ARGS: dict[str, tuple[str, ...] | None] = {
     "id": None,  # None: a non-negative integer
     "n": None,
     "failed": None,
+    "rest": None,
     "http": None,
     "choice": CHOICES,
     "type": TYPES,

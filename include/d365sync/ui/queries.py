@@ -7,13 +7,15 @@ the same tables; rows become the store's own value objects, so pages and runs ag
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine, Select, func, select
 
+from d365sync.engine.causes import cause_of
 from d365sync.engine.migrations import schema as t
 from d365sync.engine.privacy import Privacy
 from d365sync.engine.state import DeadLetter, Review, _audit, _dead, _review
@@ -166,6 +168,82 @@ def dead_letter_page(
     if entity:
         query = query.where(d.c.entity == entity)
     return _page(engine, query, [d.c.id], page, size, lambda r: _dead(r, privacy, display=True))
+
+
+@dataclass(slots=True)
+class LetterGroup:
+    """Letters of one entity and stage failing for the same cause (:mod:`d365sync.engine.causes`)."""
+
+    entity: str
+    stage: str
+    cause: str
+    sample: str | None = None
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+    ids: list[int] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    @property
+    def token(self) -> str:
+        """A short stable name for links and forms (the cause text can be long)."""
+        name = f"{self.entity}\x1f{self.stage}\x1f{self.cause}".encode()
+        return hashlib.sha256(name).hexdigest()[:16]
+
+
+def dead_letter_groups(
+    engine: Engine, entity: str | None = None, status: str = "pending"
+) -> list[LetterGroup]:
+    """Letters in ``status`` grouped by entity, stage and cause, the largest group first.
+
+    Reads ids, keys, stages, errors and times only: no payload is decrypted, so grouping a queue
+    of 10,000 letters stays cheap.
+    """
+    d = t.dead_letter
+    cols = (d.c.id, d.c.entity, d.c.record_key, d.c.stage, d.c.error, d.c.first_failed_at, d.c.last_failed_at)
+    query = select(*cols).where(d.c.status == status).order_by(d.c.id)
+    if entity:
+        query = query.where(d.c.entity == entity)
+    groups: dict[tuple[str, str, str], LetterGroup] = {}
+    with engine.connect() as conn:
+        for row in conn.execute(query):
+            cause = cause_of(row.error, row.record_key)
+            group = groups.setdefault(
+                (row.entity, row.stage, cause.text), LetterGroup(row.entity, row.stage, cause.text)
+            )
+            group.ids.append(row.id)
+            group.keys.append(row.record_key)
+            group.sample = group.sample or cause.sample
+            group.first_seen = _earliest(group.first_seen, row.first_failed_at)
+            group.last_seen = _latest(group.last_seen, row.last_failed_at)
+    return sorted(groups.values(), key=lambda g: (-g.count, g.entity, g.stage, g.cause))
+
+
+def dead_letter_group(engine: Engine, token: str, status: str = "pending") -> LetterGroup | None:
+    """The group a link or form names by :attr:`LetterGroup.token` (None: it is gone)."""
+    return next((g for g in dead_letter_groups(engine, status=status) if g.token == token), None)
+
+
+def dead_letters_by_id(
+    engine: Engine, ids: Sequence[int], page: int = 1, size: int = 50, privacy: Privacy | None = None
+) -> Page[DeadLetter]:
+    """One page of the given letters (a group's row view), in id order."""
+    chosen = sorted(ids)[(page - 1) * size : page * size]
+    query = select(t.dead_letter).where(t.dead_letter.c.id.in_(chosen)).order_by(t.dead_letter.c.id)
+    with engine.connect() as conn:
+        items = [_dead(row, privacy, display=True) for row in conn.execute(query).mappings()]
+    return Page(items, len(ids), page, size)
+
+
+def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def dead_letter_extra(engine: Engine, ids: Sequence[int]) -> dict[int, dict[str, Any]]:

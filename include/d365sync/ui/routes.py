@@ -243,25 +243,101 @@ def dead_letters(
     user: User,
     entity: str = "",
     status: str = "pending",
+    view: str = "",
+    group: Annotated[str, Query(max_length=64)] = "",
     page: PageNo = 1,
 ) -> Response:
+    """Pending letters grouped by cause first; ``view=rows`` (or another status) lists rows, and
+    ``group`` lists one group's rows."""
     ctx = ctx_of(request)
     engine = ctx.store.engine
-    rows = queries.dead_letter_page(
-        engine, entity or None, status, page, ctx.settings.page_size, ctx.store.privacy
-    )
+    size, privacy = ctx.settings.page_size, ctx.store.privacy
+    chosen = queries.dead_letter_group(engine, group) if group else None
+    grouped = status == "pending" and view != "rows" and not group
+    if chosen is not None:
+        rows = queries.dead_letters_by_id(engine, chosen.ids, page, size, privacy)
+    elif grouped:
+        rows = queries.Page([], 0, 1, size)
+    else:
+        rows = queries.dead_letter_page(engine, entity or None, status, page, size, privacy)
     return _page(
         request,
         user,
         "dead_letters.html",
         rows=rows,
+        groups=queries.dead_letter_groups(engine, entity or None) if grouped else [],
+        grouped=grouped,
+        chosen=chosen,
         extra=queries.dead_letter_extra(engine, [d.id for d in rows.items]),
         counts=queries.dead_letter_counts(engine),
         entities=queries.entities(engine),
-        filters={"entity": entity, "status": status},
+        filters={"entity": entity, "status": status, "view": "" if grouped else "rows", "group": group},
         replay_dag=ctx.settings.replay_dag_id,
         dag_prefix=ctx.settings.dag_prefix,
     )
+
+
+@router.post("/dead-letters/groups/{token}/replay")
+def replay_group(
+    request: Request,
+    token: Annotated[str, Path(max_length=64)],
+    user: User,
+    entity: Annotated[str, Form()] = "",
+) -> RedirectResponse:
+    """Replay every pending letter of one cause (up to the bulk limit) with one replay DAG run."""
+    ctx = ctx_of(request)
+    back = {"entity": entity}
+    group = queries.dead_letter_group(ctx.store.engine, token)
+    if group is None:
+        return _back(request, "/dead-letters", back, "group_gone")
+    limit = ctx.settings.bulk_limit
+    ids, keys = group.ids[:limit], sorted({k for k in group.keys[:limit]})
+    conf = {"entity": group.entity, "keys": keys}
+    note = (
+        f"Replay of {len(ids)} dead letter(s) ({group.stage}) requested by {user.name} from the d365sync UI"
+    )
+    try:
+        run = ctx.airflow.trigger(ctx.settings.replay_dag_id, conf, user.token, note)
+    except TriggerUnconfirmed as exc:
+        log.warning("group replay by %s not confirmed: %s", user.name, exc)
+        return _back(request, "/dead-letters", back, "replay_unconfirmed", id=ids[0])
+    except TriggerError as exc:
+        log.warning("group replay by %s failed: %s", user.name, exc)
+        if not exc.status:
+            return _back(request, "/dead-letters", back, "replay_unreachable")
+        return _back(request, "/dead-letters", back, "replay_refused", http=exc.status)
+    ctx.store.replay_dead_letters(ids, by=user.name)  # those the replay run took meanwhile are due anyway
+    log.info(
+        "replay of %d dead letter(s) of %s queued by %s: run %s",
+        len(ids),
+        group.entity,
+        user.name,
+        run.dag_run_id,
+    )
+    rest = group.count - len(ids)
+    if rest:
+        return _back(request, "/dead-letters", back, "group_replay_partial", n=len(ids), rest=rest)
+    return _back(request, "/dead-letters", back, "group_replay_queued", n=len(ids))
+
+
+@router.post("/dead-letters/groups/{token}/skip")
+def skip_group(
+    request: Request,
+    token: Annotated[str, Path(max_length=64)],
+    user: User,
+    reason: Annotated[str, Form()] = "",
+    entity: Annotated[str, Form()] = "",
+) -> RedirectResponse:
+    """Skip every pending letter of one cause (up to the bulk limit), with the reason given."""
+    ctx = ctx_of(request)
+    back = {"entity": entity}
+    if not reason.strip():
+        return _back(request, "/dead-letters", back, "reason_required")
+    group = queries.dead_letter_group(ctx.store.engine, token)
+    if group is None:
+        return _back(request, "/dead-letters", back, "group_gone")
+    done = ctx.store.skip_dead_letters(group.ids[: ctx.settings.bulk_limit], reason.strip(), by=user.name)
+    return _back(request, "/dead-letters", back, "group_skipped", n=done)
 
 
 @router.post("/dead-letters/{dead_letter_id}/replay")
