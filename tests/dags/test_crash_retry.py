@@ -27,7 +27,6 @@ def env(
     airflow = airflow_env.with_env(
         **connections_env(sandbox, backend),
         D365SYNC_STAGING_ROOT=f"file://{staging}",
-        D365SYNC_CHUNK_SIZE="4",
     )
     yield SyncEnv(airflow, sandbox, backend)
     sandbox.stop()
@@ -47,7 +46,10 @@ def test_load_killed_mid_way_then_retried(env: SyncEnv) -> None:
     for i, key in enumerate(dv_edits):  # Dynamics-owned: flows to the ERP
         env.dv("PATCH", f"accounts(accountnumber='{key}')", {"telephone1": f"+44 20 7946 {i:04d}"})
 
-    crashed = env.airflow.runner("sync_customers", env={"D365SYNC_FAULT": "load_dynamics:1"})
+    # write batches of 4 in the crashed run only, so the kill after the first leaves a partial load
+    crashed = env.airflow.runner(
+        "sync_customers", env={"D365SYNC_FAULT": "load_dynamics:1", "D365SYNC_CHUNK_SIZE": "4"}
+    )
     crashed.communicate(timeout=600)
     assert crashed.returncode == -9, "the fault hook must kill the run mid-load"
     limits = {
