@@ -6,7 +6,9 @@ first request, and nothing here touches pandas, Great Expectations or pyarrow.
 
 * ``/d365sync`` — the app (review queue, dead letters, health dashboard, audit log); every route
   checks the Airflow user itself (plugins get no authentication from Airflow).
-* Navigation: a "D365 Sync" menu with the four pages, shown inside the Airflow UI (``url_route``).
+* Navigation: "D365 Sync", a top-level entry of Airflow's navigation bar (``nav_top_level``,
+  Airflow 3.1+), opening the app inside the Airflow UI (``url_route``); the app's own tabs lead to
+  the health dashboard, dead letters, review queue and audit log.
 * Per DAG: a "D365 Sync entity" tab on every DAG; on a ``sync_<entity>`` DAG it opens that
   entity's page.
 """
@@ -21,26 +23,21 @@ PREFIX = "/d365sync"
 CATEGORY = "D365 Sync"
 
 
-def _nav(name: str, path: str, route: str) -> dict[str, str]:
-    return {
-        "name": name,
-        "href": f"{PREFIX}/{path}",
-        "url_route": route,
-        "destination": "nav",
-        "category": CATEGORY,
-    }
-
-
 class D365SyncPlugin(AirflowPlugin):
     """The operations UI of the Dynamics 365 <-> ERP sync."""
 
     name = "d365sync"
     fastapi_apps = [{"app": create_app(), "url_prefix": PREFIX, "name": "D365 Sync operations"}]
     external_views = [
-        _nav("Review queue", "reviews", "d365sync-reviews"),
-        _nav("Dead letters", "dead-letters", "d365sync-dead-letters"),
-        _nav("Sync health", "health", "d365sync-health"),
-        _nav("Sync audit log", "audit", "d365sync-audit"),
+        {
+            "name": CATEGORY,
+            "href": f"{PREFIX}/",
+            "url_route": "d365sync",
+            "destination": "nav",
+            "nav_top_level": True,
+            "icon": f"{PREFIX}/static/icon.svg",
+            "icon_dark_mode": f"{PREFIX}/static/icon-dark.svg",
+        },
         {
             "name": "D365 Sync entity",
             "href": PREFIX + "/dag/{DAG_ID}",

@@ -4,12 +4,13 @@ Against ``airflow standalone`` started by the fixture (see ``conftest.py``), wit
 Chromium:
 
 * the operator ``alice`` logs in through Airflow's login page, opens the review queue from the
-  Airflow navigation (Plugins → D365 Sync → Review queue, the plugin's ``external_views`` entry,
-  embedded in an iframe), resolves one conflict with a typed value and one by taking the ERP
-  value, each with a comment, and the state store holds both decisions with her name;
-* she replays a dead letter: the UI calls Airflow's REST API as her, and the REST API then lists
-  a ``replay_dead_letters`` run with that record in its conf, triggered by ``alice`` (it stays
-  queued: DAGs are paused at creation);
+  Airflow navigation ("D365 Sync", a top-level entry of Airflow's navigation bar from the
+  plugin's ``external_views``, embedded in an iframe, then the app's own "Review queue" tab),
+  resolves one conflict with a typed value and one by taking the ERP value, each with a comment,
+  and the state store holds both decisions with her name;
+* the dead letters open grouped by cause; from the rows she replays a dead letter: the UI calls
+  Airflow's REST API as her, and the REST API then lists a ``replay_dead_letters`` run with that
+  record in its conf, triggered by ``alice`` (it stays queued: DAGs are paused at creation);
 * the health dashboard's server-side SVG charts render (present, visible, non-empty);
 * the viewer ``victor`` sees no unmasked e-mail or phone on any page and no action controls.
 
@@ -34,7 +35,7 @@ from tests.ui.conftest import EMAIL, PHONE, PII
 
 pytestmark = pytest.mark.browser
 
-PAGES = {  # nav entry -> path of the embedded page
+PAGES = {  # the app's tab -> path of the embedded page (the tab's id is nav-<path>)
     "Review queue": "reviews",
     "Dead letters": "dead-letters",
     "Sync health": "health",
@@ -53,23 +54,22 @@ def login(driver: WebDriver, server: AirflowServer, user: str) -> None:
     wait(driver).until(ec.visibility_of_element_located((By.NAME, "username"))).send_keys(user)
     driver.find_element(By.NAME, "password").send_keys(server.passwords[user])
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait(driver, 60).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "[aria-label='Plugins']")))
+    wait(driver, 60).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "[aria-label='D365 Sync']")))
     assert "/auth/login" not in driver.current_url
     assert driver.get_cookie("_token") is not None, "Airflow set no _token cookie at login"
 
 
 def open_from_nav(driver: WebDriver, entry: str) -> None:
-    """Plugins → D365 Sync → ``entry`` in the Airflow navigation; then into the embedded page."""
+    """ "D365 Sync" in the Airflow navigation bar (top level), then the app's ``entry`` tab."""
     driver.switch_to.default_content()
-    wait(driver).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "[aria-label='Plugins']"))).click()
-    category = (By.XPATH, "//*[@role='menuitem'][normalize-space()='D365 Sync']")
-    wait(driver).until(ec.element_to_be_clickable(category)).click()
-    item = (By.XPATH, f"//a[@role='menuitem'][normalize-space()='{entry}']")
-    wait(driver).until(ec.element_to_be_clickable(item)).click()
-    path = PAGES[entry]
-    wait(driver).until(ec.url_contains(f"/plugin/d365sync-{path}"))
-    frame = (By.CSS_SELECTOR, f"iframe[src*='/d365sync/{path}']")
+    top = (By.CSS_SELECTOR, "[aria-label='D365 Sync']")
+    wait(driver).until(ec.element_to_be_clickable(top)).click()
+    wait(driver).until(ec.url_contains("/plugin/d365sync"))
+    frame = (By.CSS_SELECTOR, "iframe[src*='/d365sync/']")
     wait(driver).until(ec.frame_to_be_available_and_switch_to_it(frame))
+    path = PAGES[entry]
+    wait(driver).until(ec.element_to_be_clickable((By.ID, f"nav-{path}"))).click()
+    wait(driver).until(lambda d: f"/d365sync/{path}" in d.execute_script("return location.pathname"))
     wait(driver).until(ec.presence_of_element_located((By.CSS_SELECTOR, "main h1")))
 
 
@@ -128,6 +128,10 @@ def test_operator_resolves_conflicts_replays_and_sees_charts(
     # Replay a dead letter: the UI triggers the replay DAG through the REST API as alice.
     open_from_nav(driver, "Dead letters")
     dead = {d.record_key: d.id for d in server.store.dead_letters()}
+    groups = wait(driver).until(ec.presence_of_element_located((By.ID, "dead-letter-groups")))
+    assert len(groups.find_elements(By.CSS_SELECTOR, "tbody tr[id^=group-]")) == len(dead), "one cause each"
+    browser.shot("04-dead-letter-groups")
+    driver.find_element(By.LINK_TEXT, "Show every row").click()
     row = wait(driver).until(ec.presence_of_element_located((By.ID, f"dead-letter-{dead['C011']}")))
     browser.shot("04-dead-letters")
     row.find_element(By.XPATH, ".//button[normalize-space()='Replay now']").click()

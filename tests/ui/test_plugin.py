@@ -81,10 +81,13 @@ def test_plugins_manager_loads_the_app_and_views_without_heavy_imports(tmp_path:
     found = _child(LOAD, _env(tmp_path))
     assert found["errors"] == {}
     assert found["apps"] == [{"prefix": "/d365sync", "name": "D365 Sync operations", "type": "FastAPI"}]
-    nav = {v["name"]: v for v in found["views"] if v["destination"] == "nav"}
-    assert set(nav) == {"Review queue", "Dead letters", "Sync health", "Sync audit log"}
-    assert nav["Review queue"]["href"] == "/d365sync/reviews"
-    assert all(v["url_route"] and v["category"] == "D365 Sync" for v in nav.values())
+    (nav,) = [v for v in found["views"] if v["destination"] == "nav"]
+    assert nav["name"] == "D365 Sync" and nav["nav_top_level"] is True, "a top-level entry, not under Plugins"
+    assert nav["href"] == "/d365sync/" and nav["url_route"] == "d365sync"
+    assert (
+        nav["icon"] == "/d365sync/static/icon.svg"
+        and nav["icon_dark_mode"] == "/d365sync/static/icon-dark.svg"
+    )
     (per_dag,) = [v for v in found["views"] if v["destination"] == "dag"]
     assert per_dag["href"] == "/d365sync/dag/{DAG_ID}" and per_dag["url_route"] == "d365sync-entity"
     assert found["heavy_after"] == found["heavy_before"] == []

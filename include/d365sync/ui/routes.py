@@ -28,7 +28,7 @@ from d365sync.ui.queries import AuditFilter, ReviewFilter
 log = logging.getLogger(__name__)
 router = APIRouter()
 User = Annotated[Principal, Depends(guard)]
-STATIC = {"style.css": HERE / "static" / "style.css"}
+STATIC = {name: HERE / "static" / name for name in ("style.css", "icon.svg", "icon-dark.svg")}
 # Ids and page numbers past what a database integer holds are a 422, not an OverflowError (500).
 MAX_ID = 2**63 - 1
 MAX_PAGE = 10**9
@@ -70,7 +70,8 @@ def index(request: Request, user: User) -> RedirectResponse:
 def static(name: str, user: User) -> FileResponse:
     if name not in STATIC:
         raise HTTPException(404)
-    return FileResponse(STATIC[name], media_type="text/css", headers={"Cache-Control": "max-age=3600"})
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return FileResponse(STATIC[name], media_type=media, headers={"Cache-Control": "max-age=3600"})
 
 
 @router.get("/dag/{dag_id}")
