@@ -232,3 +232,21 @@ def test_a_failed_run_leaves_watermarks_where_they_were(env: Env) -> None:
     quarantined = [d for d in env.store.dead_letters("customers") if d.stage == "validate"]
     assert len(quarantined) == 40  # quarantined with the reason, not lost
     assert all("CUST_EMAIL_ID" in d.error and "broken" not in d.error for d in quarantined)  # masked
+
+
+def test_a_run_builds_data_docs_per_entity_and_side_with_masked_values(env: Env, tmp_path: Path) -> None:
+    (key,) = env.erp_rows("SELECT MIN(CUST_NO) FROM CUST_MASTER")[0]
+    env.erp.execute([f"UPDATE CUST_MASTER SET CUST_EMAIL_ID = 'ann.smith@@mail' WHERE CUST_NO = '{key}'"])
+    docs = tmp_path / "data-docs"
+    _no_failures({"customers": env.run("customers", data_docs_dir=str(docs))})
+    assert [
+        d.record_key.strip() for d in env.store.dead_letters("customers") if "CUST_EMAIL_ID" in d.error
+    ] == [key.strip()]
+    sites = sorted(p.relative_to(docs).as_posix() for p in docs.rglob("index.html"))
+    assert sites == ["customers/dynamics/index.html", "customers/erp/index.html"]
+    pages = [p.read_text(encoding="utf-8") for p in (docs / "customers" / "erp").rglob("*.html")]
+    assert any("CUST_EMAIL_ID" in page for page in pages), "the failing rule is in the docs"
+    assert not any("ann.smith" in page for page in pages), "its value is masked"
+    assert not list((tmp_path / "dry").glob("*"))
+    env.run("customers", dry_run=True, data_docs_dir=str(tmp_path / "dry"))
+    assert not (tmp_path / "dry").exists(), "a dry run writes nothing, Data Docs included"

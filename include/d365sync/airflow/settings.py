@@ -16,6 +16,9 @@ parse. Every setting has a default that makes the embedded demo work with nothin
 ``D365SYNC_STAGING_RETENTION_HOURS``   keep a committed run's staging files this long (0)
 ``D365SYNC_CHUNK_SIZE``                rows per staging file and write batch (5000)
 ``D365SYNC_RETRIES_PER_RUN``           due dead letters one run retries, replays first (2000)
+``D365SYNC_DATA_DOCS_DIR``             GX Data Docs of each validation batch, under
+                                       ``<dir>/<entity>/<side>/`` (unset: none are built);
+                                       the UI serves them from ``D365SYNC_UI_DATA_DOCS_DIR``
 ``D365SYNC_TASK_RETRIES``              task retries (3), exponential backoff from
 ``D365SYNC_RETRY_DELAY_SECONDS``       (30) up to ``D365SYNC_MAX_RETRY_DELAY_SECONDS`` (900)
 ``D365SYNC_EVENT_DRAIN_SECONDS``       a fast-lane task syncs notifications that arrived while it
@@ -164,6 +167,11 @@ def chunk_size() -> int:
 def retries_per_run() -> int:
     """Due dead letters one run retries (``D365SYNC_RETRIES_PER_RUN``, default 2000)."""
     return max(1, int(_number("D365SYNC_RETRIES_PER_RUN", 2000)))
+
+
+def data_docs_dir() -> str | None:
+    """Where the validate task builds GX Data Docs (``D365SYNC_DATA_DOCS_DIR``; unset: nowhere)."""
+    return _env("D365SYNC_DATA_DOCS_DIR") or None
 
 
 def deadline_alerts() -> bool:

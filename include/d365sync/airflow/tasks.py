@@ -158,6 +158,7 @@ def run_context(entity: str) -> Iterator[Any]:
             actor=f"airflow:{run.dag_id}",
             chunk_size=settings.chunk_size(),
             retries_per_run=settings.retries_per_run(),
+            data_docs_dir=settings.data_docs_dir(),
         )
         yield ctx
         _log_requests(ctx)

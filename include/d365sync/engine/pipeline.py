@@ -173,6 +173,7 @@ def run_entity(
     keep_staging: bool = False,
     actor: str = "d365sync",
     retries_per_run: int = 2_000,
+    data_docs_dir: str | None = None,
 ) -> RunResult:
     """Run every stage for one entity; a dry run stops after resolve and writes nothing."""
     ctx = RunContext(
@@ -186,6 +187,7 @@ def run_entity(
         chunk_size=chunk_size,
         actor=actor,
         retries_per_run=retries_per_run,
+        data_docs_dir=data_docs_dir,
     )
     ctx.validator = validator
     if run_id:

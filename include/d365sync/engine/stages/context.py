@@ -59,6 +59,8 @@ class RunContext:
     # Due dead letters retried per run, operator replays first, then the longest overdue: a
     # backlog of bad rows is worked off over several runs instead of making each run follow it.
     retries_per_run: int = 2_000
+    # GX Data Docs of every validation batch go to <data_docs_dir>/<entity>/<side>/ (None: none)
+    data_docs_dir: str | None = None
     actor: str = "d365sync"
     validator: Any = None  # validate(spec, side, rows, key_column=...); default: GX (engine.validation)
     _tctx: Any = None

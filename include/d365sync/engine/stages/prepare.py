@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from d365sync.engine.pii import mask_any, mask_text
@@ -34,6 +35,7 @@ from d365sync.engine.stages.context import (
     norm_key,
     replay_payload,
 )
+from d365sync.engine.staging import _safe
 from d365sync.engine.state import Failure, ParkedChild, ReviewItem
 from d365sync.engine.transforms import MissingParent, TransformError
 from d365sync.spec import EntityLookup, personal_names
@@ -140,8 +142,11 @@ def _run_validator(ctx: RunContext, side: Side, rows: list[dict[str, Any]]) -> A
     from d365sync.engine.validation import validate as gx_validate
 
     key = ctx.spec.dynamics.key if side == "dynamics" else list(ctx.erp_table.key)
+    docs: dict[str, Any] = {}
+    if ctx.validator is None and ctx.data_docs_dir and not ctx.dry_run:
+        docs = {"docs_dir": Path(ctx.data_docs_dir) / ctx.entity / side, "run_name": _safe(ctx.run_id)}
     try:
-        return (ctx.validator or gx_validate)(ctx.spec, side, rows, key_column=key)
+        return (ctx.validator or gx_validate)(ctx.spec, side, rows, key_column=key, **docs)
     except ValidationFailed as exc:  # the run-level threshold is decided over all chunks
         return exc.result
 
