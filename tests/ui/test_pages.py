@@ -312,6 +312,26 @@ def test_data_docs_cannot_escape_their_directory(ui: Env) -> None:
 def test_dag_link_opens_the_entity_page(ui: Env) -> None:
     client = ui.as_role("viewer")
     body = client.get(f"{PREFIX}/dag/sync_customers").text
-    assert "Entity customers" in body and f'href="{PREFIX}/reviews?entity=customers">3<' in body
+    assert "Entity customers" in body
+    assert f'href="{PREFIX}/reviews?entity=customers"><span>Open review items</span><strong>3<' in body
     other = client.get(f"{PREFIX}/dag/reconcile").text
     assert "does not sync an entity" in other
+
+
+def test_entity_page_shows_the_mapping_the_last_runs_and_links(ui: Env) -> None:
+    from d365sync.spec import entities_dir, load_entities
+
+    spec = load_entities(entities_dir())["customers"]
+    body = html.unescape(ui.as_role("viewer").get(f"{PREFIX}/entities/customers").text)
+    fields = re.findall(r'<tr id="field-(\w+)">', body)
+    assert fields == list(spec.fields), "one row per field of the spec, in its order"
+    email = spec.fields["email"]
+    row = body[body.index('<tr id="field-email">') :].split("</tr>", 1)[0]
+    assert f"<td>{email.owner}</td>" in row and email.erp in row and email.dynamics in row
+    assert email.conflict.policy in row
+    runs = body[body.index('id="entity-runs"') :].split("</table>", 1)[0]
+    assert "run-1" in runs and '<span class="state success">success</span>' in runs
+    assert re.search(r'<td class="num">(59|60) min</td>', runs), "the seeded run took an hour"
+    assert '<td class="num">6</td><td class="num">4</td>' in runs, "rows read per side"
+    assert 'href="/dags/sync_customers" target="_top"' in body
+    assert f'href="{PREFIX}/dead-letters?entity=customers"' in body

@@ -39,26 +39,43 @@ def _policy(f: FieldSpec) -> str:
     return c.policy + (f" ({', '.join(detail)})" if detail else "")
 
 
+def field_rows(spec: EntitySpec) -> list[dict[str, Any]]:
+    """One row per field: name, key, owner, both columns, both transform chains, conflict policy
+    and what a non-owner change does (the DAG docs' tables and the UI's entity page)."""
+    return [
+        {
+            "field": f.name,
+            "key": f.name == spec.key,
+            "owner": f.owner,
+            "dynamics": f.dynamics,
+            "erp": f.erp,
+            "to_dynamics": _chain(f.to_dynamics) if f.dynamics else None,
+            "to_erp": _chain(f.to_erp) if f.erp else None,
+            "policy": _policy(f),
+            "non_owner_change": f.on_non_owner_change,
+        }
+        for f in spec.fields.values()
+    ]
+
+
 def ownership_table(spec: EntitySpec) -> list[str]:
     rows = [
         "| field | owner | Dynamics | ERP | conflict policy | non-owner change |",
         "|---|---|---|---|---|---|",
     ]
-    for f in spec.fields.values():
-        key = " 🔑" if f.name == spec.key else ""
+    for r in field_rows(spec):
+        key = " 🔑" if r["key"] else ""
         rows.append(
-            f"| `{f.name}`{key} | {f.owner} | {_cell(f.dynamics)} | {_cell(f.erp)} "
-            f"| {_policy(f)} | {f.on_non_owner_change} |"
+            f"| `{r['field']}`{key} | {r['owner']} | {_cell(r['dynamics'])} | {_cell(r['erp'])} "
+            f"| {r['policy']} | {r['non_owner_change']} |"
         )
     return rows
 
 
 def mapping_table(spec: EntitySpec) -> list[str]:
     rows = ["| field | canonical → Dynamics | canonical → ERP |", "|---|---|---|"]
-    for f in spec.fields.values():
-        to_dv = _chain(f.to_dynamics) if f.dynamics else "—"
-        to_erp = _chain(f.to_erp) if f.erp else "—"
-        rows.append(f"| `{f.name}` | {_cell(to_dv)} | {_cell(to_erp)} |")
+    for r in field_rows(spec):
+        rows.append(f"| `{r['field']}` | {_cell(r['to_dynamics'] or '—')} | {_cell(r['to_erp'] or '—')} |")
     return rows
 
 

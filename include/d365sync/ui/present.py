@@ -90,3 +90,27 @@ def _coerce(raw: str, like: Any) -> Any:
     if isinstance(like, (dict, list)):
         return json.loads(raw)
     return raw
+
+
+def run_row(report: Any) -> dict[str, Any]:
+    """A run report as one row of the entity page: outcome, start, duration, reads, writes."""
+    counts = report.counts or {}
+    writes = {
+        side: sum(n for k, n in counts.items() if k.startswith(f"{side}_") and k.split("_", 1)[1] in _WRITES)
+        for side in ("dynamics", "erp")
+    }
+    seconds = (report.finished_at - report.started_at).total_seconds() if report.finished_at else None
+    return {
+        "run_id": report.run_id,
+        "status": report.status,
+        "started_at": report.started_at,
+        "seconds": seconds,
+        "read": {side: counts.get(f"extracted_{side}", 0) for side in ("dynamics", "erp")},
+        "writes": writes,
+        "failed": sum(counts.get(f"{side}_failed", 0) for side in ("dynamics", "erp")),
+        "stage": max(report.timings, key=report.timings.get) if report.timings else None,
+        "error": report.error,
+    }
+
+
+_WRITES: Final = ("create", "update", "delete", "deactivate")

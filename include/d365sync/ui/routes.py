@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, HTTPException, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
+from d365sync.airflow import docs
 from d365sync.engine import health
 from d365sync.engine.state import StateError
 from d365sync.ui import present, queries
@@ -34,6 +35,7 @@ MAX_ID = 2**63 - 1
 MAX_PAGE = 10**9
 RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
 PageNo = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+PREFIX = "/d365sync"
 
 
 def _page(request: Request, user: Principal, name: str, **context: Any) -> Response:
@@ -84,22 +86,41 @@ def dag_page(request: Request, dag_id: str, user: User) -> Response:
 
 @router.get("/entities/{entity}")
 def entity_page(request: Request, entity: str, user: User, dag_id: str | None = None) -> Response:
+    """One entity: its figures, last runs, field mapping, and links to its letters, reviews, DAG."""
     ctx = ctx_of(request)
     engine = ctx.store.engine
     known = entity in queries.entities(engine)
     report = health.build_health(ctx.store, days=14, stale_after_days=ctx.settings.stale_review_days)
+    spec = _spec(entity)
     return _page(
         request,
         user,
         "entity.html",
         entity=entity,
-        dag_id=dag_id,
+        dag_id=dag_id or (f"{ctx.settings.dag_prefix}{entity}" if spec is not None else None),
         known=known,
+        spec=spec,
+        fields=docs.field_rows(spec) if spec is not None else [],
+        runs=[present.run_row(r) for r in ctx.store.run_reports(entity, limit=10)] if entity else [],
         figures=report.entities.get(entity),
         reviews=queries.review_counts(engine).get(entity, 0),
         dead=queries.dead_letter_counts(engine).get("pending", {}).get(entity, 0),
+        airflow=root(request).removesuffix(PREFIX),
         fmt=health.fmt_duration,
     )
+
+
+def _spec(entity: str) -> Any:
+    """The entity's spec from the entity files the DAGs use (None: no such entity, or unreadable)."""
+    from d365sync.spec import SpecError, entities_dir, load_entities
+
+    if not entity:
+        return None
+    try:
+        return load_entities(entities_dir()).get(entity)
+    except (SpecError, OSError) as exc:
+        log.warning("entity files not readable for the entity page: %s", exc)
+        return None
 
 
 # --- review queue ---------------------------------------------------------------------------
