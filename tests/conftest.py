@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -27,6 +28,32 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 # Entities with `pii: true` fields refuse to run without an encryption key (d365sync.engine.privacy):
 # every test, and every Airflow or CLI child process a test starts, gets one generated for the session.
 os.environ.setdefault("D365SYNC_PII_KEYS", Fernet.generate_key().decode())
+
+
+# ``make test`` runs pytest-xdist on two workers (``-n 2 --dist loadgroup``). Each test file is one
+# unit of work, so a module's fixtures (sandboxes, dag.test() homes) are built once. The files that
+# drive a real Airflow stack (scheduler, api-server, triggerer, Celery workers, a browser) form one
+# group that a single worker runs one after another: two stacks at once on two cores would starve
+# each other's scheduler loops, while in-process tests beside one stack only slow it down.
+ROOT = Path(__file__).resolve().parents[1]
+STACK_FILES = (
+    "tests/browser/",
+    "tests/soak/",
+    "tests/deploy/test_celery_topology.py",
+    "tests/deploy/test_celery_worker_kill.py",
+    "tests/dags/test_backfill.py",
+    "tests/dags/test_event_runs.py",
+    "tests/dags/test_operations_access.py",
+    "tests/integration/test_demo_ops.py",
+)
+STACK_GROUP = "airflow-stack"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.path.relative_to(ROOT).as_posix()
+        group = STACK_GROUP if path.startswith(STACK_FILES) else path
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:

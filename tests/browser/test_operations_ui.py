@@ -108,7 +108,8 @@ def test_operator_resolves_conflicts_replays_and_sees_charts(
     # The review queue, from the Airflow navigation, embedded in the Airflow UI.
     open_from_nav(driver, "Review queue")
     assert driver.find_element(By.CSS_SELECTOR, "span.who").text.startswith("alice · op")
-    assert EMAIL in driver.page_source, "an operator sees the real values to decide between"
+    shown = driver.find_element(By.TAG_NAME, "body").text  # as rendered: the changed characters are marked
+    assert EMAIL in shown, "an operator sees the real values to decide between"
     browser.shot("02-review-queue")
 
     decide(driver, ids["C003"], "value", "agreed with finance", value="160")

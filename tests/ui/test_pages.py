@@ -71,7 +71,8 @@ def ui_phone() -> str:
 
 
 def test_operator_sees_real_values_to_decide(ui: Env) -> None:
-    body = ui.as_role("op").get(f"{PREFIX}/reviews?entity=customers").text
+    page = ui.as_role("op").get(f"{PREFIX}/reviews?entity=customers").text
+    body = re.sub(r"</?mark>", "", page)  # the text as shown: what changed is highlighted
     assert "jane.doe@example.com" in body and "j.doe@contoso.org" in body and ui_phone() in body
 
 
@@ -335,3 +336,20 @@ def test_entity_page_shows_the_mapping_the_last_runs_and_links(ui: Env) -> None:
     assert '<td class="num">6</td><td class="num">4</td>' in runs, "rows read per side"
     assert 'href="/dags/sync_customers" target="_top"' in body
     assert f'href="{PREFIX}/dead-letters?entity=customers"' in body
+
+
+def test_review_queue_marks_what_each_side_changed_since_the_last_sync(ui: Env) -> None:
+    ui.store.open_reviews(
+        "customers", "run-2", [ReviewItem("C030", "name", "Acme", "<b>Acme</b>", "Acme Ltd")]
+    )
+    body = ui.as_role("op").get(f"{PREFIX}/reviews?entity=customers").text
+    credit = body[body.index(f'<tr id="review-{_review_id(ui, "C003")}">') :].split("</tr>", 1)[0]
+    assert '<td class="val dyn">1<mark>5</mark>0</td>' in credit, "100 → 150"
+    assert '<td class="val erp">1<mark>75</mark></td>' in credit, "100 → 175"
+    name = body[body.index(f'<tr id="review-{_review_id(ui, "C030")}">') :].split("</tr>", 1)[0]
+    assert "<mark>&lt;b&gt;</mark>Acme<mark>&lt;/b&gt;</mark>" in name, "escaped, never markup"
+    assert '<td class="val erp">Acme<mark> Ltd</mark></td>' in name
+
+
+def _review_id(ui: Env, key: str) -> int:
+    return next(r.id for r in ui.store.reviews("customers", limit=100) if r.record_key == key)

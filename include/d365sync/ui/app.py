@@ -123,7 +123,8 @@ def _templates(settings: UiSettings) -> Jinja2Templates:
     if personal is None:
         personal = present.personal_fields()
     show = functools.partial(present.show, personal=personal)
-    templates.env.globals.update(show=show, text=present.text, key=present.key)
+    diff = functools.partial(present.diff, personal=personal)
+    templates.env.globals.update(show=show, diff=diff, text=present.text, key=present.key)
     return templates
 
 

@@ -13,9 +13,12 @@ import logging
 from collections.abc import Collection
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from d365sync.engine.pii import mask_any, mask_key, mask_text
+
+if TYPE_CHECKING:
+    from markupsafe import Markup
 
 EMPTY: Final = "(empty)"
 log = logging.getLogger(__name__)
@@ -114,3 +117,20 @@ def run_row(report: Any) -> dict[str, Any]:
 
 
 _WRITES: Final = ("create", "update", "delete", "deactivate")
+
+
+def diff(field: str, base: Any, value: Any, reveal: bool, personal: Collection[str] = ()) -> Markup:
+    """``value`` as the reader may see it (:func:`show`), HTML-escaped, with the characters that
+    differ from ``base`` (shown the same way) in ``<mark>``: what this side changed."""
+    import difflib
+
+    from markupsafe import Markup, escape
+
+    old, new = show(field, base, reveal, personal), show(field, value, reveal, personal)
+    if base is None or old == new:
+        return Markup(escape(new))
+    out = []
+    for op, _, _, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+        part = escape(new[j1:j2])
+        out.append(part if op == "equal" or not part else Markup("<mark>") + part + Markup("</mark>"))
+    return Markup("").join(out)
