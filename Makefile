@@ -17,6 +17,9 @@ AIRFLOW_PORT ?= 8080
 DEMO_ROWS ?= 5000
 DEMO_ENV = DEMO_PORT=$(DEMO_PORT) AIRFLOW_PORT=$(AIRFLOW_PORT) DEMO_ROWS=$(DEMO_ROWS)
 DURATION ?= 30m
+# pytest-xdist workers for `make test` (tests/conftest.py keeps the Airflow-stack files on one of
+# them); PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON := $(PYTHON)
@@ -48,7 +51,7 @@ lint: venv
 	$(VENV)/bin/ruff check include tests dags plugins benchmarks
 
 test: system-deps venv venv-airbyte lint
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The full stack (scripts/demo.sh): Dataverse sandbox, SQLite ERP via ODBC, connections, the
 # dynamics_api pool, `airflow standalone` with AIRFLOW_HOME=var/airflow, entity DAGs unpaused,

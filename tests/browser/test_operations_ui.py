@@ -167,7 +167,7 @@ def _page_controls(driver: WebDriver) -> list[WebElement]:
 
 
 def _assert_no_pii(driver: WebDriver, page: str) -> None:
-    source: Any = driver.page_source
+    source: Any = driver.page_source + driver.find_element(By.TAG_NAME, "body").text  # markup and text
     leaked = [p for p in (*PII, PHONE) if p in source]
     assert not leaked, f"{page}: unmasked {leaked} shown to a viewer"
 
