@@ -10,6 +10,7 @@ a failed run.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -250,3 +251,19 @@ def test_a_run_builds_data_docs_per_entity_and_side_with_masked_values(env: Env,
     assert not list((tmp_path / "dry").glob("*"))
     env.run("customers", dry_run=True, data_docs_dir=str(tmp_path / "dry"))
     assert not (tmp_path / "dry").exists(), "a dry run writes nothing, Data Docs included"
+
+
+def test_long_stages_log_and_store_their_progress(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, "d365sync.progress")
+    result = env.run("customers", run_id="progress", chunk_size=7, progress_every=0)
+    _no_failures({"customers": result})
+    lines = caplog.messages
+    assert any(re.fullmatch(r"extract_erp: \d[\d,]* rows, [\d,]+ rows/s", m) for m in lines), lines
+    load = [m for m in lines if m.startswith("load_dynamics: ")]
+    assert load and re.fullmatch(
+        r"load_dynamics: [\d,]+/[\d,]+ \(100%\) rows, [\d,]+ rows/s, ETA 0 s \(done\)", load[-1]
+    )
+    report = env.store.run_report("progress", "customers")
+    assert report is not None and report.progress is not None and report.progress["final"] is True

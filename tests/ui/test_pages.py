@@ -354,3 +354,15 @@ def test_review_queue_marks_what_each_side_changed_since_the_last_sync(ui: Env) 
 
 def _review_id(ui: Env, key: str) -> int:
     return next(r.id for r in ui.store.reviews("customers", limit=100) if r.record_key == key)
+
+
+def test_entity_page_shows_where_a_running_run_is(ui: Env) -> None:
+    ui.store.start_run("run-9", "customers")
+    figures = {"stage": "load_dynamics", "done": 45000, "total": 87000, "rate": 1500.0, "eta_s": 28.0}
+    ui.store.note_progress("run-9", "customers", figures)
+    body = ui.as_role("viewer").get(f"{PREFIX}/entities/customers").text
+    row = body[body.index("run-9") :].split("</tr>", 1)[0]
+    assert "running" in row
+    assert (
+        '<span class="running">load_dynamics: 45,000/87,000 (52%) rows, 1,500 rows/s, ETA 28 s</span>' in row
+    )

@@ -477,3 +477,12 @@ def test_crash_after_save_base_replays_as_echo(store: StateStore) -> None:
 def _schema(store: StateStore) -> str | None:
     options = store.engine.get_execution_options().get("schema_translate_map") or {}
     return options.get(None)
+
+
+def test_a_running_run_stores_its_progress(store: StateStore) -> None:
+    store.start_run("r1", "customers", T0)
+    assert store.run_report("r1", "customers").progress is None  # type: ignore[union-attr]
+    figures = {"stage": "load_dynamics", "done": 500, "total": 1000, "rate": 25.0, "eta_s": 20.0}
+    store.note_progress("r1", "customers", figures)
+    (report,) = store.run_reports("customers")
+    assert report.status == "running" and report.progress == figures

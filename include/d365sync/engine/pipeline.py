@@ -174,6 +174,7 @@ def run_entity(
     actor: str = "d365sync",
     retries_per_run: int = 2_000,
     data_docs_dir: str | None = None,
+    progress_every: float = 30.0,
 ) -> RunResult:
     """Run every stage for one entity; a dry run stops after resolve and writes nothing."""
     ctx = RunContext(
@@ -188,6 +189,7 @@ def run_entity(
         actor=actor,
         retries_per_run=retries_per_run,
         data_docs_dir=data_docs_dir,
+        progress_every=progress_every,
     )
     ctx.validator = validator
     if run_id:

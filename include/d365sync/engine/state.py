@@ -206,6 +206,7 @@ class RunReport:
     counts: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    progress: dict[str, Any] | None = None  # the last progress a long stage stored
 
 
 def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -894,6 +895,12 @@ class StateStore(InboxQueries):
             if conn.execute(update(t.run).where(where).values(values)).rowcount != 1:
                 raise StateError(f"run {run_id} of {entity} was never started")
 
+    def note_progress(self, run_id: str, entity: str, progress: Mapping[str, Any]) -> None:
+        """Store where a running stage is (:class:`d365sync.engine.progress.Progress`)."""
+        where = and_(t.run.c.run_id == run_id, t.run.c.entity == entity)
+        with self.engine.begin() as conn:
+            conn.execute(update(t.run).where(where).values(progress_json=encode(dict(progress))))
+
     def run_report(self, run_id: str, entity: str) -> RunReport | None:
         """One run's report."""
         where = and_(t.run.c.run_id == run_id, t.run.c.entity == entity)
@@ -1147,4 +1154,5 @@ def _run(row: Mapping[str, Any]) -> RunReport:
         decode(row["counts_json"]) or {},
         decode(row["timings_json"]) or {},
         row["error"],
+        decode(row.get("progress_json")),
     )

@@ -16,6 +16,7 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Final
 
 from d365sync.engine.pii import mask_any, mask_key, mask_text
+from d365sync.engine.progress import describe
 
 if TYPE_CHECKING:
     from markupsafe import Markup
@@ -112,6 +113,7 @@ def run_row(report: Any) -> dict[str, Any]:
         "writes": writes,
         "failed": sum(counts.get(f"{side}_failed", 0) for side in ("dynamics", "erp")),
         "stage": max(report.timings, key=report.timings.get) if report.timings else None,
+        "progress": describe(report.progress) if report.status == "running" and report.progress else None,
         "error": report.error,
     }
 

@@ -26,6 +26,7 @@ from d365sync.engine.migrations import (
     v002_dead_letter_payload,
     v003_record_first_seen,
     v004_event_inbox,
+    v005_run_progress,
 )
 from d365sync.engine.migrations.types import UtcDateTime
 
@@ -41,6 +42,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, v002_dead_letter_payload.NAME, v002_dead_letter_payload.upgrade),
     Migration(3, v003_record_first_seen.NAME, v003_record_first_seen.upgrade),
     Migration(4, v004_event_inbox.NAME, v004_event_inbox.upgrade),
+    Migration(5, v005_run_progress.NAME, v005_run_progress.upgrade),
 )
 HEAD = MIGRATIONS[-1].version
 

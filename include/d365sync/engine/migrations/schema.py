@@ -179,6 +179,7 @@ run = Table(
     Column("counts_json", Text),
     Column("timings_json", Text),
     Column("error", Text),
+    Column("progress_json", Text),  # a running run's stage, rows done/total, rate, ETA (v005)
 )
 
 #: Change notifications waiting for a run (webhooks, Service Bus, ERP polling); ids and changed

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from d365sync.engine.merge import Base
 from d365sync.engine.pii import mask_text
+from d365sync.engine.progress import Progress
 from d365sync.engine.staging import PathLike, Staging
 from d365sync.engine.state import Failure, StateStore
 
@@ -61,6 +62,7 @@ class RunContext:
     retries_per_run: int = 2_000
     # GX Data Docs of every validation batch go to <data_docs_dir>/<entity>/<side>/ (None: none)
     data_docs_dir: str | None = None
+    progress_every: float = 30.0  # seconds between progress lines of a long extract or load
     actor: str = "d365sync"
     validator: Any = None  # validate(spec, side, rows, key_column=...); default: GX (engine.validation)
     _tctx: Any = None
@@ -120,6 +122,15 @@ class RunContext:
     @property
     def backfill(self) -> bool:
         return self.window is not None
+
+    def progress(self, stage: str, total: int | None = None) -> Progress:
+        """A :class:`Progress` for a long stage: logged, and stored on the run for the entity page
+        (not in a dry run, which leaves the store untouched)."""
+
+        def note(figures: Mapping[str, Any]) -> None:
+            self.store.note_progress(self.run_id, self.entity, figures)
+
+        return Progress(stage, total, report=None if self.dry_run else note, every=self.progress_every)
 
     def dead_letter(self, stage: str, failures: Iterable[Failure], *, retry_now: bool = False) -> int:
         """Queue failures, unless this is a dry run (which must leave the store untouched).

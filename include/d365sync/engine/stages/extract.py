@@ -58,12 +58,15 @@ def extract(ctx: RunContext, side: Side) -> Manifest:
 def _write(ctx: RunContext, side: Side, streams: list[Iterable[dict[str, Any]]]) -> Manifest:
     files: list[str] = []
     counts = {"rows": 0, "deletes": 0, "replayed": 0}
+    progress = ctx.progress(f"extract_{side}")
     for stream in streams:
         for chunk in chunked(stream, ctx.chunk_size):
             files.append(ctx.staging.write(f"extract/{side}/{len(files):05d}.parquet", chunk))
             counts["rows"] += len(chunk)
             counts["deletes"] += sum(1 for e in chunk if e["deleted"])
             counts["replayed"] += sum(1 for e in chunk if e["retry"])
+            progress.add(len(chunk))
+    progress.finish()
     return {"side": side, "files": files, **counts}
 
 

@@ -77,6 +77,8 @@ def load(ctx: RunContext, resolved: Manifest, side: Side, part: int = 0, parts: 
 
     fresh = Freshness.start(ctx) if side == "dynamics" else None
     tally = _Tally(side)
+    total = sum((resolved.get("counts") or {}).get(side, {}).values())
+    progress = ctx.progress(f"load_{side}" + (f"[{part}]" if parts > 1 else ""), -(-total // parts) or None)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"load-{side}")
     try:
         written: Future[_Written] | None = None
@@ -85,12 +87,13 @@ def load(ctx: RunContext, resolved: Manifest, side: Side, part: int = 0, parts: 
         for name in resolved["files"][part::parts]:
             following = pool.submit(_write_file, ctx, side, fresh, _prepare_file(ctx, side, name))
             if written is not None:
-                tally.book(ctx, written.result())
+                progress.add(tally.book(ctx, written.result()))
             written = following
         if written is not None:
-            tally.book(ctx, written.result())
+            progress.add(tally.book(ctx, written.result()))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    progress.finish()
     manifest = {"side": side, "results": tally.results, "counts": tally.counts, "failed": tally.failed}
     if fresh is not None:
         manifest |= {"deferred": tally.deferred, "freshness_checks": fresh.checks}
@@ -174,15 +177,16 @@ class _Tally:
     failed: int = 0
     deferred: int = 0
 
-    def book(self, ctx: RunContext, done: _Written) -> None:
-        """Bases, audit rows and the results file of one written plan file."""
+    def book(self, ctx: RunContext, done: _Written) -> int:
+        """Bases, audit rows and the results file of one written plan file; its entry count."""
         if not done.entries:
-            return
+            return 0
         self.deferred += done.deferred
         self.failed += sum(1 for ok, _ in done.outcome.values() if not ok) - done.deferred
         _after_chunk(ctx, self.side, done.entries, done.outcome, self.counts)
         rows = [{"key": k, "ok": ok, "id": guid} for k, (ok, guid) in done.outcome.items()]
         self.results.append(ctx.staging.write(f"load/{self.side}/{done.name.rsplit('/', 1)[-1]}", rows))
+        return len(done.entries)
 
 
 class _Known(set[str]):
