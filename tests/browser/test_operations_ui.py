@@ -193,3 +193,81 @@ def test_viewer_sees_masked_values_and_no_actions(airflow_server: AirflowServer,
     c001 = driver.find_element(By.ID, f"review-{review_ids(server)['C001']}")
     shown = c001.find_element(By.CSS_SELECTOR, "td.dyn").text
     assert shown and shown != EMAIL and "@" in shown, f"masked e-mail expected, got {shown!r}"
+
+
+# --- issue 15: look and place ---------------------------------------------------------------
+WIDTHS = (1280, 1920)
+SCHEMES = ("light", "dark")
+
+
+def _scheme(driver: WebDriver, scheme: str) -> None:
+    """The system colour scheme the pages (and Airflow's default "system" theme) follow."""
+    features = [{"name": "prefers-color-scheme", "value": scheme}]
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": features})
+
+
+def _fits(driver: WebDriver) -> tuple[int, int]:
+    """(content width, viewport width) of the embedded page: nothing may stick out sideways."""
+    size = "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    wide, view = driver.execute_script(size)
+    return int(wide), int(view)
+
+
+def test_every_page_at_two_widths_light_and_dark_from_a_top_level_entry(
+    airflow_server: AirflowServer, browser: Browser
+) -> None:
+    server, driver = airflow_server, browser.driver
+    login(driver, server, "alice")
+    top = driver.find_element(By.CSS_SELECTOR, "[aria-label='D365 Sync']")
+    assert not driver.find_elements(By.CSS_SELECTOR, "[aria-label='Plugins']"), "no Plugins menu is needed"
+    assert top.is_displayed(), "D365 Sync is an entry of the navigation bar itself"
+    backgrounds = {}
+    for width in WIDTHS:
+        driver.set_window_size(width, 1000)
+        for scheme in SCHEMES:
+            _scheme(driver, scheme)
+            for entry, path in PAGES.items():
+                open_from_nav(driver, entry)
+                wide, view = _fits(driver)
+                assert wide <= view, f"{entry} at {width}px ({scheme}): {wide}px of content in {view}px"
+                table = driver.find_elements(By.CSS_SELECTOR, "table.grid")
+                if table:
+                    used = table[0].size["width"] / view
+                    assert used > 0.9, f"{entry} at {width}px: the table uses {used:.0%} of the width"
+                backgrounds[scheme] = driver.execute_script(
+                    "return getComputedStyle(document.body).backgroundColor"
+                )
+                browser.shot(f"{width}-{scheme}-{path}")
+    assert backgrounds["light"] != backgrounds["dark"], backgrounds
+    _scheme(driver, "light")
+
+
+def test_operator_skips_a_whole_group_of_dead_letters(
+    airflow_server: AirflowServer, browser: Browser
+) -> None:
+    server, driver = airflow_server, browser.driver
+    from d365sync.engine.state import Failure
+
+    keys = [f"C9{i:02d}" for i in range(6)]
+    error = "transform: record '{}': field 'country': rule 'lookup': no such country (value 'Atlantis')"
+    server.store.dead_letter("customers", "transform", "ui-run", [Failure(k, error.format(k)) for k in keys])
+    login(driver, server, "alice")
+    open_from_nav(driver, "Dead letters")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#dead-letter-groups tbody tr[id^=group-]")
+    counts = {r.get_attribute("id"): int(r.get_attribute("data-count") or 0) for r in rows}
+    assert 6 in counts.values(), counts
+    (group,) = [r for r in rows if r.get_attribute("data-count") == "6"]
+    assert "no such country" in group.text and "Atlantis" in group.text
+    group_id = group.get_attribute("id")
+    assert group_id
+    browser.shot("01-groups")
+    group.find_element(By.NAME, "reason").send_keys("country retired, customers moved by hand")
+    group.find_element(By.XPATH, ".//button[normalize-space()='Skip 6']").click()
+    flash(driver, "6 dead letter(s) skipped.")
+    browser.shot("02-group-skipped")
+    skipped = server.store.dead_letters("customers", status="skipped")
+    assert sorted(d.record_key for d in skipped) == keys
+    assert {queries.dead_letter_extra(server.store.engine, [d.id])[d.id]["handled_by"] for d in skipped} == {
+        "alice"
+    }
+    assert not driver.find_elements(By.ID, group.get_attribute("id") or "x"), "the group is gone"
