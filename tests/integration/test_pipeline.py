@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,11 @@ def test_five_entities_then_edits_on_both_sides_then_a_run_that_writes_nothing(e
     )
     reviews = env.store.reviews("invoices")
     assert [(r.record_key, r.field) for r in reviews] == [(invoice, "total")]
+    changed = reviews[0].changed or {}
+    assert set(changed) == {"dynamics", "erp"}, "the queue says when each side changed the total"
+    (row,) = env.dynamics_rows("invoices", ["modifiedon"], f"invoicenumber eq '{invoice}'")
+    dv_modified = row["modifiedon"]
+    assert changed["dynamics"] == datetime.fromisoformat(dv_modified.replace("Z", "+00:00"))
     assert env.erp_rows("SELECT STATUS FROM CUST_MASTER WHERE CUST_NO = 'ACC-000005'") == [("I",)]
     assert [c.record_key for c in env.store.parked_children("orders")] == ["ORD-LATE01"]
     assert env.erp_rows("SELECT COUNT(*) FROM SO_HEADER WHERE SO_NO = 'ORD-LATE01'") == [(0,)]

@@ -352,8 +352,8 @@ def test_review_queue_marks_what_each_side_changed_since_the_last_sync(ui: Env) 
     assert '<td class="val erp">Acme<mark> Ltd</mark></td>' in name
 
 
-def _review_id(ui: Env, key: str) -> int:
-    return next(r.id for r in ui.store.reviews("customers", limit=100) if r.record_key == key)
+def _review_id(ui: Env, key: str, entity: str = "customers") -> int:
+    return next(r.id for r in ui.store.reviews(entity, limit=100) if r.record_key == key)
 
 
 def test_entity_page_shows_where_a_running_run_is(ui: Env) -> None:
@@ -366,3 +366,14 @@ def test_entity_page_shows_where_a_running_run_is(ui: Env) -> None:
     assert (
         '<span class="running">load_dynamics: 45,000/87,000 (52%) rows, 1,500 rows/s, ETA 28 s</span>' in row
     )
+
+
+def test_review_queue_says_when_each_side_changed(ui: Env) -> None:
+    day = datetime(2026, 11, 30, tzinfo=UTC)
+    changed = {"dynamics": day.replace(hour=9, minute=15), "erp": day.replace(hour=10, minute=5)}
+    item = ReviewItem("O050", "total", 10, 11, 12, "both changed", (), changed)
+    ui.store.open_reviews("orders", "run-2", [item])
+    body = ui.as_role("viewer").get(f"{PREFIX}/reviews?entity=orders").text
+    row = body[body.index(f'<tr id="review-{_review_id(ui, "O050", "orders")}">') :].split("</tr>", 1)[0]
+    assert '1<mark>1</mark><span class="when">changed 2026-11-30 09:15</span>' in row
+    assert '<span class="when">changed 2026-11-30 10:05</span>' in row

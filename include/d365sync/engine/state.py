@@ -124,6 +124,7 @@ class ReviewItem:
     erp: Any
     reason: str = ""
     unseen: Sequence[str] = ()
+    changed: Mapping[str, datetime] | None = None  # side -> when it last changed (where it says)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,7 @@ class Review:
     decided_at: datetime | None = None
     chosen: Any = None
     comment: str | None = None
+    changed: dict[str, datetime] | None = None  # side -> when it last changed the value
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,7 +536,8 @@ class StateStore(InboxQueries):
         """
         stmt = self._insert(t.review)
         set_: dict[str, Any] = {k: stmt.excluded[k] for k in ("base_json", "reason", "updated_at")}
-        set_ |= {k: func.coalesce(stmt.excluded[k], t.review.c[k]) for k in ("dynamics_json", "erp_json")}
+        kept = ("dynamics_json", "erp_json", "changes_json")
+        set_ |= {k: func.coalesce(stmt.excluded[k], t.review.c[k]) for k in kept}
         stmt = stmt.on_conflict_do_update(
             index_elements=["entity", "record_key", "field"], index_where=t.ACTIVE_REVIEW, set_=set_
         )
@@ -1033,6 +1036,7 @@ def _review_row(
         "erp_json": None if "erp" in item.unseen else sealed(item.erp),
     }
     row |= {"status": "open", "opened_run_id": run_id, "opened_at": now, "updated_at": now}
+    row |= {"changes_json": encode(dict(item.changed)) if item.changed else None}
     return row
 
 
@@ -1053,6 +1057,7 @@ def _review(row: Mapping[str, Any], privacy: Privacy | None = None, *, display: 
         row["decided_at"],
         value(row["chosen_json"]),
         row["comment"],
+        decode(row.get("changes_json")),
     )
 
 

@@ -27,6 +27,7 @@ from d365sync.engine.migrations import (
     v003_record_first_seen,
     v004_event_inbox,
     v005_run_progress,
+    v006_review_changes,
 )
 from d365sync.engine.migrations.types import UtcDateTime
 
@@ -43,6 +44,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, v003_record_first_seen.NAME, v003_record_first_seen.upgrade),
     Migration(4, v004_event_inbox.NAME, v004_event_inbox.upgrade),
     Migration(5, v005_run_progress.NAME, v005_run_progress.upgrade),
+    Migration(6, v006_review_changes.NAME, v006_review_changes.upgrade),
 )
 HEAD = MIGRATIONS[-1].version
 

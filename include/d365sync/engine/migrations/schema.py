@@ -79,6 +79,7 @@ review = Table(
     Column("comment", Text),
     Column("applied_run_id", String(250)),
     Column("applied_at", UtcDateTime),
+    Column("changes_json", Text),  # when each side last changed the value (v006)
 )
 ACTIVE_REVIEW = text("status IN ('open', 'decided')")
 Index(

@@ -107,7 +107,7 @@ def _resolve_bucket(
         sides, reviews = records.get(key, {}), decided.get(key, [])
         record = _input(key, sides, stored.get(key), reviews, under.get(key, set()))
         decision = merge_record(rules, record)
-        summary.count(key, decision)
+        summary.count(key, decision, record)
         entry = _entry(ctx, key, sides, stored.get(key), decision, reviews, summary)
         if entry is not None:
             entries.append(entry)
@@ -245,16 +245,18 @@ class _Summary:
         self.replays_done: list[Any] = []
         self.parked_items: list[dict[str, Any]] = []
 
-    def count(self, key: str, decision: MergeDecision) -> None:
+    def count(self, key: str, decision: MergeDecision, record: RecordInput) -> None:
         """Decisions of every merged record (writes are counted once their payloads are built)."""
         t = self.totals
+        changed = {s: side.modified for s in SIDES if (side := getattr(record, s)) and side.modified}
         t["records"] += 1
         t["stale"] += len(decision.stale)
         t["reports"] += len(decision.reports)
         t["echoes"] += any(d.reason.startswith("echo") for d in decision.decisions)
         for c in decision.conflicts:
             t["conflicts"] += 1
-            self.reviews.append(ReviewItem(key, c.field, c.base, c.dynamics, c.erp, c.reason, c.unseen))
+            item = ReviewItem(key, c.field, c.base, c.dynamics, c.erp, c.reason, c.unseen, changed or None)
+            self.reviews.append(item)
             self._sample("conflicts", {"key": key, "field": c.field, "reason": c.reason})
         for d in decision.decisions:
             if d.winner in ("dynamics", "erp", "review") and d.reason.startswith(("both changed", "review")):
