@@ -43,6 +43,15 @@ def api_requests(instance: DataverseSandbox) -> int:
     return int(counters["requests"])
 
 
+def append_ratio(rows: list[list[Any]], column: int, *, speed_up: bool = False) -> None:
+    """Append to each row its ``column`` against the first row's: time / baseline time, or with
+    ``speed_up`` baseline time / time (ratios measured in the same run)."""
+    base = float(rows[0][column])
+    for row in rows:
+        value = float(row[column])
+        row.append(f"{(base / value if speed_up else value / base):.2f}")
+
+
 def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")

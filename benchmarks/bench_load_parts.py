@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from _dataverse import ensure_pii_key, print_table, sandbox
+from _dataverse import append_ratio, ensure_pii_key, print_table, sandbox
 from _erp_targets import target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,8 +156,7 @@ def main() -> None:
             table.append(trial(workers, odbc, args.rows, args.chunk_size))
             print(f"{workers} worker(s): done", file=sys.stderr)
     one, two = float(table[0][2]), float(table[1][2])
-    for row in table:
-        row.append(f"{one / float(row[2]):.2f}")
+    append_ratio(table, 2, speed_up=True)
     print_table(
         f"Partitioned Dynamics load of an initial sync of {args.rows:,} customers (PostgreSQL ERP + state)",
         ["workers", "written", "load s (wall)", "records/s", "slowest part s", "API requests", "speed-up"],

@@ -45,7 +45,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from _dataverse import client_for, ensure_pii_key, print_table, sandbox
+from _dataverse import append_ratio, client_for, ensure_pii_key, print_table, sandbox
 from bench_engine import add_currencies
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -442,9 +442,7 @@ def backlog(env: Env, keys: list[str], changes: int) -> None:
         check_data(env, [edited])
         validate = result.timings.get("validate", 0.0)
         rows.append([label, f"{due:,}", f"{retried(result):,}", f"{seconds:.2f}", f"{validate:.2f}", queries])
-    base = float(rows[0][3])
-    for row in rows:
-        row.append(f"{float(row[3]) / base:.2f}")
+    append_ratio(rows, 3)
     print_table(
         f"{changes} edits on top of a due dead-letter backlog",
         ["retries", "letters due", "rows re-read", "engine s", "validate s", "state-store queries", "ratio"],

@@ -33,6 +33,7 @@ PARAMS = {
     "dag_id": "sync_customers",
     "entity": "customers",
     # the group of the seeded letter C011 (customers, load, "HTTP 400 invalid option set value 7")
+    "action": "skip",
     "token": LetterGroup("customers", "load", cause_of("HTTP 400 invalid option set value 7").text).token,
 }
 FORMS: dict[str, dict[str, Any]] = {
@@ -40,8 +41,7 @@ FORMS: dict[str, dict[str, Any]] = {
     "/reviews/bulk": {"choice": "dynamics", "scope": "selected", "ids": ["4"], "comment": "bulk"},
     "/dead-letters/{dead_letter_id}/replay": {},
     "/dead-letters/{dead_letter_id}/skip": {"reason": "fixed by hand"},
-    "/dead-letters/groups/{token}/replay": {},
-    "/dead-letters/groups/{token}/skip": {"reason": "fixed by hand"},
+    "/dead-letters/groups/{token}/{action}": {"reason": "fixed by hand"},
 }
 
 

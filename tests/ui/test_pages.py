@@ -377,3 +377,11 @@ def test_review_queue_says_when_each_side_changed(ui: Env) -> None:
     row = body[body.index(f'<tr id="review-{_review_id(ui, "O050", "orders")}">') :].split("</tr>", 1)[0]
     assert '1<mark>1</mark><span class="when">changed 2026-11-30 09:15</span>' in row
     assert '<span class="when">changed 2026-11-30 10:05</span>' in row
+
+
+def test_a_group_action_other_than_replay_or_skip_is_refused(ui: Env) -> None:
+    _quarantine_emails(ui, 2)
+    (token,) = [g for g, n in _groups(ui.as_role("op").get(f"{PREFIX}/dead-letters").text).items() if n == 2]
+    refused = _post(ui, "op", f"/dead-letters/groups/{token}/delete", {"reason": "x"})
+    assert refused.status_code == 422  # type: ignore[attr-defined]
+    assert len(ui.store.dead_letters("customers")) == 5

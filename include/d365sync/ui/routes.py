@@ -10,7 +10,7 @@ import contextlib
 import logging
 import mimetypes
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Path, Query, Request
@@ -299,67 +299,63 @@ def dead_letters(
     )
 
 
-@router.post("/dead-letters/groups/{token}/replay")
-def replay_group(
+@router.post("/dead-letters/groups/{token}/{action}")
+def group_action(
     request: Request,
     token: Annotated[str, Path(max_length=64)],
+    action: Literal["replay", "skip"],
     user: User,
+    reason: Annotated[str, Form()] = "",
     entity: Annotated[str, Form()] = "",
 ) -> RedirectResponse:
-    """Replay every pending letter of one cause (up to the bulk limit) with one replay DAG run."""
+    """Replay (one replay DAG run, as the caller) or skip (with the reason given) every pending
+    letter of one cause, up to the bulk limit."""
     ctx = ctx_of(request)
     back = {"entity": entity}
+    if action == "skip" and not reason.strip():
+        return _back(request, "/dead-letters", back, "reason_required")
     group = queries.dead_letter_group(ctx.store.engine, token)
     if group is None:
         return _back(request, "/dead-letters", back, "group_gone")
-    limit = ctx.settings.bulk_limit
-    ids, keys = group.ids[:limit], sorted({k for k in group.keys[:limit]})
-    conf = {"entity": group.entity, "keys": keys}
+    ids = group.ids[: ctx.settings.bulk_limit]
+    if action == "skip":
+        done = ctx.store.skip_dead_letters(ids, reason.strip(), by=user.name)
+        return _back(request, "/dead-letters", back, "group_skipped", n=done)
+    keys = sorted({k for k in group.keys[: len(ids)]})
     note = (
         f"Replay of {len(ids)} dead letter(s) ({group.stage}) requested by {user.name} from the d365sync UI"
     )
-    try:
-        run = ctx.airflow.trigger(ctx.settings.replay_dag_id, conf, user.token, note)
-    except TriggerUnconfirmed as exc:
-        log.warning("group replay by %s not confirmed: %s", user.name, exc)
-        return _back(request, "/dead-letters", back, "replay_unconfirmed", id=ids[0])
-    except TriggerError as exc:
-        log.warning("group replay by %s failed: %s", user.name, exc)
-        if not exc.status:
-            return _back(request, "/dead-letters", back, "replay_unreachable")
-        return _back(request, "/dead-letters", back, "replay_refused", http=exc.status)
+    failed = _trigger_replay(request, user, {"entity": group.entity, "keys": keys}, note, back, ids[0])
+    if failed is not None:
+        return failed
     ctx.store.replay_dead_letters(ids, by=user.name)  # those the replay run took meanwhile are due anyway
-    log.info(
-        "replay of %d dead letter(s) of %s queued by %s: run %s",
-        len(ids),
-        group.entity,
-        user.name,
-        run.dag_run_id,
-    )
     rest = group.count - len(ids)
     if rest:
         return _back(request, "/dead-letters", back, "group_replay_partial", n=len(ids), rest=rest)
     return _back(request, "/dead-letters", back, "group_replay_queued", n=len(ids))
 
 
-@router.post("/dead-letters/groups/{token}/skip")
-def skip_group(
-    request: Request,
-    token: Annotated[str, Path(max_length=64)],
-    user: User,
-    reason: Annotated[str, Form()] = "",
-    entity: Annotated[str, Form()] = "",
-) -> RedirectResponse:
-    """Skip every pending letter of one cause (up to the bulk limit), with the reason given."""
+def _trigger_replay(
+    request: Request, user: Principal, conf: dict[str, Any], note: str, back: dict[str, Any], first: int
+) -> RedirectResponse | None:
+    """Trigger the replay DAG as ``user``: None once Airflow's answer shows the run, else the page
+    to go back to, saying why (the letters then stay pending)."""
     ctx = ctx_of(request)
-    back = {"entity": entity}
-    if not reason.strip():
-        return _back(request, "/dead-letters", back, "reason_required")
-    group = queries.dead_letter_group(ctx.store.engine, token)
-    if group is None:
-        return _back(request, "/dead-letters", back, "group_gone")
-    done = ctx.store.skip_dead_letters(group.ids[: ctx.settings.bulk_limit], reason.strip(), by=user.name)
-    return _back(request, "/dead-letters", back, "group_skipped", n=done)
+    try:
+        run = ctx.airflow.trigger(ctx.settings.replay_dag_id, conf, user.token, note)
+    except TriggerUnconfirmed as exc:
+        log.warning("replay by %s not confirmed: %s", user.name, exc)
+        return _back(request, "/dead-letters", back, "replay_unconfirmed", id=first)
+    except TriggerError as exc:
+        log.warning("replay by %s failed: %s", user.name, exc)
+        if not exc.status:
+            return _back(request, "/dead-letters", back, "replay_unreachable")
+        return _back(request, "/dead-letters", back, "replay_refused", http=exc.status)
+    keys = conf["keys"]
+    log.info(
+        "replay of %d %s record(s) queued by %s: run %s", len(keys), conf["entity"], user.name, run.dag_run_id
+    )
+    return None
 
 
 @router.post("/dead-letters/{dead_letter_id}/replay")
@@ -382,25 +378,11 @@ def replay(
         return _back(request, "/dead-letters", back, "not_pending", id=dead_letter_id)
     conf = {"entity": dead.entity, "keys": [dead.record_key]}
     note = f"Replay of dead letter {dead_letter_id} requested by {user.name} from the d365sync UI"
-    try:
-        run = ctx.airflow.trigger(ctx.settings.replay_dag_id, conf, user.token, note)
-    except TriggerUnconfirmed as exc:
-        log.warning("replay of dead letter %s by %s not confirmed: %s", dead_letter_id, user.name, exc)
-        return _back(request, "/dead-letters", back, "replay_unconfirmed", id=dead_letter_id)
-    except TriggerError as exc:
-        log.warning("replay of dead letter %s by %s failed: %s", dead_letter_id, user.name, exc)
-        if not exc.status:
-            return _back(request, "/dead-letters", back, "replay_unreachable")
-        return _back(request, "/dead-letters", back, "replay_refused", http=exc.status)
+    failed = _trigger_replay(request, user, conf, note, back, dead_letter_id)
+    if failed is not None:
+        return failed
     with contextlib.suppress(StateError):  # the replay run got there first: it is due either way
         ctx.store.replay_dead_letter(dead_letter_id, by=user.name)
-    log.info(
-        "replay of dead letter %s queued by %s: %s run %s",
-        dead_letter_id,
-        user.name,
-        run.dag_id,
-        run.dag_run_id,
-    )
     return _back(request, "/dead-letters", back, "replay_queued", id=dead_letter_id)
 
 

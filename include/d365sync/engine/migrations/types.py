@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Dialect, Integer, TypeDecorator
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    DateTime,
+    Dialect,
+    Integer,
+    MetaData,
+    Table,
+    TypeDecorator,
+    text,
+)
 
 #: An autoincrement primary key: BIGINT on PostgreSQL, INTEGER (rowid alias) on SQLite.
 IdType = BigInteger().with_variant(Integer(), "sqlite")
@@ -31,3 +41,11 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def add_column(conn: Connection, table: str, column: str, ddl_type: str) -> None:
+    """``ALTER TABLE <table> ADD COLUMN <column> <ddl_type>`` in the connection's schema (the
+    store's ``schema_translate_map``), quoted for its dialect: how a migration adds a column."""
+    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
+    target = conn.dialect.identifier_preparer.format_table(Table(table, MetaData(), schema=schema))
+    conn.execute(text(f"ALTER TABLE {target} ADD COLUMN {column} {ddl_type}"))

@@ -10,14 +10,13 @@ Frozen: never edit; change the table with a new migration and update ``schema.py
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, MetaData, Table, text
+from sqlalchemy import Connection
+
+from d365sync.engine.migrations.types import add_column
 
 NAME = "run progress"
 
 
 def upgrade(conn: Connection) -> None:
     """Add the nullable ``progress_json`` text column to ``sync_run``."""
-    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
-    target = Table("sync_run", MetaData(), schema=schema)
-    table = conn.dialect.identifier_preparer.format_table(target)
-    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN progress_json TEXT"))
+    add_column(conn, "sync_run", "progress_json", "TEXT")

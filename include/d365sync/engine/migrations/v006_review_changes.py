@@ -9,14 +9,13 @@ Frozen: never edit; change the table with a new migration and update ``schema.py
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, MetaData, Table, text
+from sqlalchemy import Connection
+
+from d365sync.engine.migrations.types import add_column
 
 NAME = "review changes"
 
 
 def upgrade(conn: Connection) -> None:
     """Add the nullable ``changes_json`` text column to ``sync_review``."""
-    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
-    target = Table("sync_review", MetaData(), schema=schema)
-    table = conn.dialect.identifier_preparer.format_table(target)
-    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN changes_json TEXT"))
+    add_column(conn, "sync_review", "changes_json", "TEXT")
