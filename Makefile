@@ -51,7 +51,7 @@ lint: venv
 	$(VENV)/bin/ruff check include tests dags plugins benchmarks
 
 test: system-deps venv venv-airbyte lint
-	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # The full stack (scripts/demo.sh): Dataverse sandbox, SQLite ERP via ODBC, connections, the
 # dynamics_api pool, `airflow standalone` with AIRFLOW_HOME=var/airflow, entity DAGs unpaused,

@@ -213,7 +213,7 @@ start() {
     logins
     echo "  passwords: $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
     echo "  viewer reads with e-mails and phones masked; operator and admin decide reviews and replay dead letters"
-    echo "Dirty ERP rows become dead letters: Plugins -> D365 Sync -> Dead letters"
+    echo "Dirty ERP rows become dead letters: D365 Sync (top of the navigation bar) -> Dead letters, grouped by cause"
     echo "Dataverse sandbox: http://127.0.0.1:$DV_PORT   ERP: $DEMO/erp.db   state: $DEMO/state.db"
     echo "CLI on the demo: source $DEMO/airflow.env      sync once: make sync      stop: make stop"
 }

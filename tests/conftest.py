@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -30,12 +29,13 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 os.environ.setdefault("D365SYNC_PII_KEYS", Fernet.generate_key().decode())
 
 
-# ``make test`` runs pytest-xdist on two workers (``-n 2 --dist loadgroup``). Each test file is one
-# unit of work, so a module's fixtures (sandboxes, dag.test() homes) are built once. The files that
-# drive a real Airflow stack (scheduler, api-server, triggerer, Celery workers, a browser) form one
-# group that a single worker runs one after another: two stacks at once on two cores would starve
-# each other's scheduler loops, while in-process tests beside one stack only slow it down.
-ROOT = Path(__file__).resolve().parents[1]
+# ``make test`` runs pytest-xdist on two workers. Each test file is one unit of work, so a module's
+# fixtures (sandboxes, dag.test() homes) are built once. The files that drive a real Airflow stack
+# (scheduler, api-server, triggerer, Celery workers, a browser) form one unit that a single worker
+# runs one after another: two stacks at once on two cores would starve each other's scheduler
+# loops, while in-process tests beside one stack only slow it down. (``--dist loadgroup`` would say
+# this with marks, but its node-id suffix does not reach the scheduler under pytest 9, so the
+# scheduler is made here.)
 STACK_FILES = (
     "tests/browser/",
     "tests/soak/",
@@ -46,14 +46,25 @@ STACK_FILES = (
     "tests/dags/test_operations_access.py",
     "tests/integration/test_demo_ops.py",
 )
-STACK_GROUP = "airflow-stack"
+STACK_UNIT = "airflow-stack"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        path = item.path.relative_to(ROOT).as_posix()
-        group = STACK_GROUP if path.startswith(STACK_FILES) else path
-        item.add_marker(pytest.mark.xdist_group(group))
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its file, or the Airflow-stack unit."""
+    path = nodeid.split("::", 1)[0]
+    return STACK_UNIT if path.startswith(STACK_FILES) else path
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class StackScheduling(LoadScopeScheduling):
+        """Load-balanced work units of :func:`work_unit` (the Airflow-stack unit is sent first)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return StackScheduling(config, log)
 
 
 def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:
