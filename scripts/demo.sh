@@ -81,7 +81,7 @@ alive() {
     local pid args
     pid=$(cat "$PIDS/$1.pid")
     kill -0 "$pid" 2>/dev/null || return 1
-    args=$(ps -o args= -p "$pid" 2>/dev/null || true)
+    args=$(ps -ww -o args= -p "$pid" 2>/dev/null || true)
     [[ "$args" == *"$(expected "$1")"* ]]
 }
 

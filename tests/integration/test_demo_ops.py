@@ -115,7 +115,9 @@ def test_stop_ends_every_process_the_demo_started(tmp_path: Path) -> None:
             time.sleep(0.1)
         family = [airflow.pid, sandbox.pid, *map(int, children.read_text().split())]
 
-        done = demo_sh(demo, "stop", DEMO_STOP_GRACE="2")
+        # a narrow COLUMNS (a terminal, or xdist's longer temp paths) must not cut the command
+        # line that tells the demo's airflow from a reused pid
+        done = demo_sh(demo, "stop", DEMO_STOP_GRACE="2", COLUMNS="40")
 
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"stopped airflow (pid {airflow.pid}): 4 processes, 1 process killed after 2 s" in done.stdout
