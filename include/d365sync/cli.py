@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     importlib.import_module("d365sync.webhook_cli").add_parser(commands)
     importlib.import_module("d365sync.sandbox.soak").add_parser(commands)
     importlib.import_module("d365sync.deploy").add_parser(commands)
+    importlib.import_module("d365sync.onboard.cli").add_parser(commands)
     sandbox = commands.add_parser("sandbox", help="run or seed the local sandboxes")
     sandbox_kinds = sandbox.add_subparsers(dest="sandbox_kind", required=True)
     for module_name in _SANDBOX_AREAS:

@@ -915,7 +915,7 @@ def read_defaults(directory: Path | str) -> dict[str, Any]:
     path = Path(directory) / DEFAULTS_FILE
     if not path.exists():
         return {}
-    data = _read_yaml(path, "defaults")
+    data = read_yaml(path, "defaults")
     unknown = set(data) - {"entity", "field", "description", "privacy"}
     if unknown:
         raise SpecError(
@@ -954,7 +954,7 @@ def load_privacy_settings(directory: Path | str) -> PrivacySettings:
         raise SpecError([_issue(path, "defaults", f"privacy: {i}") for i in _pydantic_issues(exc)]) from None
 
 
-def _read_yaml(path: Path, entity: str) -> dict[str, Any]:
+def read_yaml(path: Path, entity: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
@@ -972,7 +972,7 @@ def load_entity(
     path = Path(path)
     name = path.stem
     merged = merge_defaults(
-        read_defaults(path.parent) if defaults is None else defaults, _read_yaml(path, name)
+        read_defaults(path.parent) if defaults is None else defaults, read_yaml(path, name)
     )
     if merged.setdefault("name", name) != name:
         raise SpecError([_issue(path, name, f"name: {merged['name']!r} must equal the file name {name!r}")])

@@ -96,8 +96,20 @@ def _open(
     dyn_conn: c.Conn | None, erp_conn: c.Conn | None, state_conn: c.Conn | None
 ) -> tuple[Any, Any, Any]:
     """Both clients and the store, each checked before use."""
-    from d365sync.dynamics import DynamicsClient
     from d365sync.engine.state import StateStore
+
+    dynamics, erp = open_systems(dyn_conn, erp_conn)
+    url, schema = c.state_url(state_conn)
+    if state_conn is None:
+        Path(c.SANDBOX_STATE_DB).parent.mkdir(parents=True, exist_ok=True)
+    store = _check("sync state store", state_conn, lambda: StateStore.open(url, schema=schema))
+    return dynamics, erp, store
+
+
+def open_systems(dyn_conn: c.Conn | None, erp_conn: c.Conn | None) -> tuple[Any, Any]:
+    """The Dynamics and ERP clients of the connections (sandbox defaults when unset), each checked
+    with one cheap call; :class:`Unreachable` names the one that does not answer."""
+    from d365sync.dynamics import DynamicsClient
 
     dynamics = DynamicsClient(c.dynamics_config(dyn_conn))
     _check("Dynamics 365", dyn_conn, dynamics.whoami)
@@ -109,11 +121,7 @@ def _open(
         )
     erp = c.erp_client(erp_conn)
     _check("ERP", erp_conn, erp.server_info)
-    url, schema = c.state_url(state_conn)
-    if state_conn is None:
-        Path(c.SANDBOX_STATE_DB).parent.mkdir(parents=True, exist_ok=True)
-    store = _check("sync state store", state_conn, lambda: StateStore.open(url, schema=schema))
-    return dynamics, erp, store
+    return dynamics, erp
 
 
 def _check(system: str, conn: c.Conn | None, probe: Any) -> Any:

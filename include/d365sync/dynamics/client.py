@@ -155,6 +155,12 @@ class DynamicsClient:
         """``UserId``, ``BusinessUnitId`` and ``OrganizationId`` of the application user."""
         return self._get_json("WhoAmI")
 
+    def metadata(self, path: str) -> dict[str, Any]:
+        """GET one metadata resource (``EntityDefinitions(…)/Attributes…``) as JSON, with retries."""
+        if not path.startswith("EntityDefinitions"):
+            raise ValueError(f"not a metadata path: {path!r}")
+        return self._get_json(path)
+
     def entity_set_name(self, logical_name: str) -> str:
         """Resolve ``account`` → ``accounts`` through EntityDefinitions (cached)."""
         if logical_name not in self._set_names:

@@ -106,6 +106,45 @@ class ErpClient:
                     f"table {spec.name}: unknown column {name!r} in spec (table has {found}){extra}"
                 )
 
+    def catalog(self, table: str) -> dict[str, Any]:
+        """What the driver's catalog says of ``table`` (``SQLColumns``, ``SQLPrimaryKeys``,
+        ``SQLStatistics``): ``name``, ``columns`` as (name, type name, ODBC type code, size,
+        decimal digits, nullable, has a default) in table order, ``primary_key`` and ``indexes``
+        (name → columns).
+        The name is tried as given, then upper and lower case; no columns is an :class:`ErpSpecError`."""
+
+        def read(cur: pyodbc.Cursor) -> dict[str, Any]:
+            for name in dict.fromkeys((table, table.upper(), table.lower())):
+                columns = [
+                    (
+                        c.column_name,
+                        c.type_name,
+                        c.data_type,
+                        c.column_size,
+                        c.decimal_digits,
+                        bool(c.nullable),
+                        c.column_def is not None,
+                    )
+                    for c in cur.columns(table=name).fetchall()
+                ]
+                if columns:
+                    break
+            else:
+                raise ErpSpecError(f"table {table}: not in the database's catalog (no columns found)")
+            keys = sorted(cur.primaryKeys(table=name).fetchall(), key=lambda r: r.key_seq)
+            indexes: dict[str, list[tuple[int, str]]] = {}
+            for row in cur.statistics(table=name).fetchall():
+                if row.index_name and row.column_name:
+                    indexes.setdefault(row.index_name, []).append((row.ordinal_position, row.column_name))
+            return {
+                "name": name,
+                "columns": columns,
+                "primary_key": [r.column_name for r in keys],
+                "indexes": {k: [c for _, c in sorted(v)] for k, v in indexes.items()},
+            }
+
+        return self._session.run(read)
+
     # -- reading -----------------------------------------------------------------------------
     def iter_rows(self, spec: TableSpec, chunk_size: int | None = None) -> Iterator[list[Row]]:
         """Whole table in key order, chunk by chunk."""

@@ -457,9 +457,14 @@ TABLES: dict[str, Table] = {
                 Column("fullname", S.STRING, 160, readonly=True),
                 Column("emailaddress1", S.STRING, 100),
                 Column("telephone1", S.STRING, 50),
+                Column("jobtitle", S.STRING, 100),
                 _customer("parentcustomerid", "contact_customer"),
                 _CURRENCY,
+                # a custom column with an alternate key, as an integration adds one to match the
+                # ERP's contact number (the README's "add an entity" walk-through)
+                Column("new_contactnumber", S.STRING, 20, custom=True),
             ),
+            keys=(AlternateKey("new_contactnumber_key", ("new_contactnumber",)),),
         ),
         _table(
             "product",

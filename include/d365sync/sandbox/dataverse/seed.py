@@ -181,6 +181,7 @@ def _contact(index: int, rng: random.Random, accounts: int) -> dict[str, Any]:
         "lastname": last,
         "fullname": f"{first} {last}",
         "emailaddress1": f"contact{index}@example.com",
+        "new_contactnumber": f"D{index:09d}",  # numbered by the integration, as the ERP numbers its own
         "parentcustomerid": record_id("account", index * 10 % max(accounts, 1)),
         type_column(TABLES["contact"].column("parentcustomerid")): "account",  # type: ignore[arg-type]
     }

@@ -153,6 +153,7 @@ class Seeder:
         streams = {
             "CURR_CODE_MAP": self.currencies,
             "CUST_MASTER": self.customer_rows,
+            "CUST_CONTACT": self.contact_rows,
             "ITEM_MASTER": self.item_rows,
             "ITEM_STOCK": self.stock_rows,
             "SO_HEADER": self.order_rows,
@@ -194,6 +195,26 @@ class Seeder:
                 row = self._duplicate(rng, rng.choice(recent), row)
             recent.append(row)
             yield row
+
+    def contact_rows(self, spec: TableSpec) -> Iterator[tuple[Any, ...]]:
+        """A contact person for every tenth customer (clean rows: no entity syncs them yet)."""
+        rng = self._rng(spec.name)
+        n = self.customers // 10
+        for i in range(1, n + 1):
+            first, last = rng.choice(_FIRST), rng.choice(_LAST)
+            phone = f"+44 20 7946 {rng.randrange(10_000):04d}" if rng.random() < 0.7 else None
+            title = rng.choice(("Buyer", "Accounts payable", "Owner", None))
+            yield (
+                f"P{i:09d}",
+                f"C{i * 10:09d}",
+                first,
+                last,
+                f"{first}.{last}.{i}@example.com".lower(),
+                phone,
+                title,
+                self._stamp(rng, i, n),
+                1,
+            )
 
     def _customer(self, rng: random.Random, i: int) -> tuple[Any, ...]:
         first, last = rng.choice(_FIRST), rng.choice(_LAST)

@@ -121,7 +121,33 @@ CURR_CODE_MAP = TableSpec(
     key=("LEGACY_CODE",),
 )
 
-TABLES: tuple[TableSpec, ...] = (CURR_CODE_MAP, CUST_MASTER, ITEM_MASTER, ITEM_STOCK, SO_HEADER, INV_HEADER)
+CUST_CONTACT = TableSpec(  # no entity syncs it: the table the README's "add an entity" onboards
+    name="CUST_CONTACT",
+    columns=(
+        _char("CONTACT_NO", 10, nullable=False),
+        _char("CUST_NO", 10),
+        _text("FIRST_NAME", 40),
+        _text("LAST_NAME", 50),
+        _text("EMAIL_ADDR", 80),
+        _text("PHONE_NO", 20),
+        _text("JOB_TITLE", 60),
+        LAST_UPD,
+        ROW_VER,
+    ),
+    key=("CONTACT_NO",),
+    cursor_column="LAST_UPD",
+    version_column="ROW_VER",
+)
+
+TABLES: tuple[TableSpec, ...] = (
+    CURR_CODE_MAP,
+    CUST_MASTER,
+    CUST_CONTACT,
+    ITEM_MASTER,
+    ITEM_STOCK,
+    SO_HEADER,
+    INV_HEADER,
+)
 
 # Legacy currency codes as the old system keyed them, mapped to ISO 4217.
 CURRENCIES: tuple[tuple[str, str, str], ...] = (
