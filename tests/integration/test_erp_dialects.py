@@ -493,3 +493,23 @@ def test_unreadable_cursor_value_is_a_row_error_outside_the_watermark(
         (stray, [("LAST_UPD", "TIMESTAMP", "the driver returned no value for it")])
     ]
     assert after.value == cursor.value  # it can be placed neither before nor after the watermark
+
+
+@pytest.mark.parametrize("conn_str", DIALECTS, indirect=True)
+def test_the_catalog_describes_a_table_alike_on_every_driver(client: ErpClient) -> None:
+    """What onboarding reads (``d365sync entity scaffold``, ``spec check --live``): the same kinds,
+    lengths, key, index and defaults whichever driver answers, and only the connection's schema."""
+    from d365sync.onboard.metadata import read_erp_table
+
+    table = read_erp_table(client, "CUST_MASTER")
+    kinds = {name: col.kind for name, col in table.columns.items()}
+    assert list(kinds) == [c.name for c in CUST_MASTER.columns]  # table order, no other schema's copy
+    assert (kinds["CUST_NO"], kinds["CUST_NAME"], kinds["CREDIT_LIMIT"]) == ("char", "varchar", "decimal")
+    assert (kinds["LAST_UPD"], kinds["ROW_VER"]) == ("timestamp", "integer")
+    assert table.columns["CUST_NAME"].size == 60 and table.columns["CREDIT_LIMIT"].digits == (15, 2)
+    assert table.primary_key == ("CUST_NO",)
+    assert table.leads_an_index("LAST_UPD") and not table.leads_an_index("CITY")
+    assert table.columns["LAST_UPD"].has_default and not table.columns["CITY"].has_default
+    assert not table.columns["CUST_NO"].nullable and table.columns["CITY"].nullable
+    with pytest.raises(ErpSpecError, match="table NO_SUCH_TABLE: not in the database's catalog"):
+        read_erp_table(client, "NO_SUCH_TABLE")

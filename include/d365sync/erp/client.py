@@ -113,7 +113,19 @@ class ErpClient:
         (name → columns).
         The name is tried as given, then upper and lower case; no columns is an :class:`ErpSpecError`."""
 
+        scope_sql = {
+            "postgresql": "SELECT current_schema()",
+            "mariadb": "SELECT DATABASE()",
+            "mssql": "SELECT SCHEMA_NAME()",
+        }.get(self.dialect.name)
+
         def read(cur: pyodbc.Cursor) -> dict[str, Any]:
+            # the connection's own schema (database on MariaDB) only: the same table name elsewhere
+            # on the server is another system's
+            scope: dict[str, str] = {}
+            if scope_sql is not None:
+                current = cur.execute(scope_sql).fetchone()[0]
+                scope = {"catalog": current} if self.dialect.name == "mariadb" else {"schema": current}
             for name in dict.fromkeys((table, table.upper(), table.lower())):
                 columns = [
                     (
@@ -123,17 +135,17 @@ class ErpClient:
                         c.column_size,
                         c.decimal_digits,
                         bool(c.nullable),
-                        c.column_def is not None,
+                        _has_default(c.column_def),
                     )
-                    for c in cur.columns(table=name).fetchall()
+                    for c in cur.columns(table=name, **scope).fetchall()
                 ]
                 if columns:
                     break
             else:
                 raise ErpSpecError(f"table {table}: not in the database's catalog (no columns found)")
-            keys = sorted(cur.primaryKeys(table=name).fetchall(), key=lambda r: r.key_seq)
+            keys = sorted(cur.primaryKeys(table=name, **scope).fetchall(), key=lambda r: r.key_seq)
             indexes: dict[str, list[tuple[int, str]]] = {}
-            for row in cur.statistics(table=name).fetchall():
+            for row in cur.statistics(table=name, **scope).fetchall():
                 if row.index_name and row.column_name:
                     indexes.setdefault(row.index_name, []).append((row.ordinal_position, row.column_name))
             return {
@@ -411,3 +423,8 @@ def _decimals_as_text(row: Sequence[Any], idx: Sequence[int]) -> tuple[Any, ...]
         if isinstance(values[i], Decimal):
             values[i] = str(values[i])
     return tuple(values)
+
+
+def _has_default(column_def: Any) -> bool:
+    """SQLColumns' COLUMN_DEF: SQLite's and MariaDB's drivers spell "no default" as NULL."""
+    return column_def is not None and str(column_def).strip().upper() not in ("", "NULL")
