@@ -74,7 +74,9 @@ ENV
 }
 
 # expected NAME: what the command line of a recorded pid must contain (guards against pid reuse).
-expected() { case $1 in airflow) echo "airflow" ;; dataverse) echo "sandbox dataverse" ;; esac; }
+expected() {
+    case $1 in airflow) echo "airflow" ;; dataverse) echo "sandbox dataverse" ;; conflicts) echo "sandbox conflicts" ;; esac
+}
 
 alive() {
     [[ -f "$PIDS/$1.pid" ]] || return 1
@@ -209,6 +211,12 @@ start() {
     else
         echo "webhook registration failed:"; tail -5 "$DEMO/webhook.log"
     fi
+    # after the first invoices run, a few invoices edited on both sides: the review queue's examples
+    if [[ "${DEMO_CONFLICTS:-3}" -gt 0 ]] && ! alive conflicts; then
+        setsid "$VENV/bin/d365sync" sandbox conflicts --invoices "${DEMO_CONFLICTS:-3}" > "$DEMO/conflicts.log" 2>&1 &
+        echo $! > "$PIDS/conflicts.pid"
+        echo "review queue: ${DEMO_CONFLICTS:-3} invoices get edited on both sides after their first sync ($DEMO/conflicts.log)"
+    fi
     echo "Airflow UI: http://127.0.0.1:$UI_PORT   logins (SimpleAuthManager):"
     logins
     echo "  passwords: $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
@@ -220,7 +228,7 @@ start() {
 
 stop() {
     local any=""
-    for name in airflow dataverse; do
+    for name in conflicts airflow dataverse; do
         [[ -f "$PIDS/$name.pid" ]] && any=1
         stop_one "$name"
     done

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 _SANDBOX_AREAS = (
     "d365sync.sandbox.dataverse.cli",
     "d365sync.sandbox.erp_cli",
+    "d365sync.sandbox.conflicts",
 )
 
 

@@ -8,14 +8,19 @@ update that changes no row is never counted as a success.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
+from d365sync.cli import main
 from d365sync.engine.stages.context import norm_key
-from tests.integration.pipeline_env import Env
+from d365sync.sandbox.dataverse.config import PERSON_USER
+from tests.integration.pipeline_env import Env, sync_cli_connections
 from tests.integration.test_pipeline import _no_failures, _synced_invoice, _upsert
 from tests.integration.test_pipeline import env as env
+from tests.sandbox_fixtures import SandboxFactory
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:module 'sre_(constants|parse)' is deprecated:DeprecationWarning"
@@ -72,3 +77,37 @@ def test_a_decided_total_reaches_dynamics_and_the_erp_then_nothing_more_is_writt
     assert env.write_requests() == 0
     assert env.erp_fingerprint() == before
     assert _erp_amounts(env, invoice)[0] == DECIDED
+
+
+@pytest.fixture
+def demo_env(dataverse_sandbox_factory: SandboxFactory, tmp_path: Path) -> Iterator[Env]:
+    """The pipeline env with the demo's second application user, the person who edits."""
+    environment = Env.create(dataverse_sandbox_factory(seed=30, extra_users=[PERSON_USER]), tmp_path)
+    yield environment
+    environment.close()
+
+
+def test_the_demo_conflict_seeder_fills_the_review_queue_after_the_first_sync(
+    demo_env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``d365sync sandbox conflicts`` (started by ``make demo``): it waits for a successful invoices
+    run, edits invoices on both sides as a person and as the ERP would, and the next run parks each
+    one for review with both sides' values and the time each side changed."""
+    env = demo_env
+    sync_cli_connections(env.sandbox, tmp_path, monkeypatch)  # the env's own files under tmp_path
+    assert main(["sandbox", "conflicts", "--invoices", "2", "--wait", "0"]) == 1  # no run yet
+    assert "no successful invoices run" in capsys.readouterr().err
+
+    _no_failures(env.run_all())
+    assert main(["sandbox", "conflicts", "--invoices", "2", "--wait", "5"]) == 0
+    out = capsys.readouterr().out
+    edited = [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("invoice ")]
+    assert len(edited) == 2 and "2 invoice(s) edited on both sides" in out
+
+    _no_failures({"invoices": env.run("invoices")})
+    reviews = {norm_key(r.record_key): r for r in env.store.reviews("invoices")}
+    assert set(edited) <= set(reviews)
+    for number in edited:
+        review = reviews[number]
+        assert review.field == "total" and review.dynamics != review.erp
+        assert set(review.changed) == {"dynamics", "erp"}
