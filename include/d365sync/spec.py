@@ -686,7 +686,8 @@ class EntitySpec(Model):
 
     @property
     def dynamics_select(self) -> list[str]:
-        """``$select`` for the Dynamics client: id, mapped columns as read, version and state."""
+        """``$select`` for the Dynamics client: id, mapped columns as read, version, state and the
+        last modifier."""
         assert self._catalog is not None, "load the spec with load_entity()"
         dv = self._catalog.dynamics[self.dynamics.table]
         names = [
@@ -694,6 +695,8 @@ class EntitySpec(Model):
             *(dv.columns[f.dynamics].read_name for f in self.fields.values() if f.dynamics),
         ]
         names += [c for c in ("modifiedon", "versionnumber", "statecode", "statuscode") if c in dv.columns]
+        if "modifiedby" in dv.columns:  # who changed it: the review queue names the person
+            names.append("_modifiedby_value")
         return list(dict.fromkeys(names))
 
     def dynamics_has(self, *columns: str) -> bool:

@@ -111,3 +111,5 @@ def test_the_demo_conflict_seeder_fills_the_review_queue_after_the_first_sync(
         review = reviews[number]
         assert review.field == "total" and review.dynamics != review.erp
         assert set(review.changed) == {"dynamics", "erp"}
+        # who: Dataverse names the person's user; a legacy ERP keeps no user on the row
+        assert review.changed_by == {"dynamics": f"# {PERSON_USER['name']}"}  # an application user

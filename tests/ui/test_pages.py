@@ -368,15 +368,15 @@ def test_entity_page_shows_where_a_running_run_is(ui: Env) -> None:
     )
 
 
-def test_review_queue_says_when_each_side_changed(ui: Env) -> None:
+def test_review_queue_says_when_and_by_whom_each_side_changed(ui: Env) -> None:
     day = datetime(2026, 11, 30, tzinfo=UTC)
     changed = {"dynamics": day.replace(hour=9, minute=15), "erp": day.replace(hour=10, minute=5)}
-    item = ReviewItem("O050", "total", 10, 11, 12, "both changed", (), changed)
+    item = ReviewItem("O050", "total", 10, 11, 12, "both changed", (), changed, {"dynamics": "Ana <Sales>"})
     ui.store.open_reviews("orders", "run-2", [item])
     body = ui.as_role("viewer").get(f"{PREFIX}/reviews?entity=orders").text
     row = body[body.index(f'<tr id="review-{_review_id(ui, "O050", "orders")}">') :].split("</tr>", 1)[0]
-    assert '1<mark>1</mark><span class="when">changed 2026-11-30 09:15</span>' in row
-    assert '<span class="when">changed 2026-11-30 10:05</span>' in row
+    assert '1<mark>1</mark><span class="when">changed 2026-11-30 09:15 by Ana &lt;Sales&gt;</span>' in row
+    assert '<span class="when">changed 2026-11-30 10:05</span>' in row  # the ERP does not say who
 
 
 def test_a_group_action_other_than_replay_or_skip_is_refused(ui: Env) -> None:

@@ -165,6 +165,7 @@ class SideRecord:
     modified: datetime | None = None
     version: str | None = None
     deleted: bool = False
+    by: str | None = None  # who changed it last, where the side tells (a Dataverse systemuser id)
 
     @classmethod
     def tombstone(cls, modified: datetime | None = None, version: str | None = None) -> SideRecord:

@@ -125,6 +125,7 @@ class ReviewItem:
     reason: str = ""
     unseen: Sequence[str] = ()
     changed: Mapping[str, datetime] | None = None  # side -> when it last changed (where it says)
+    changed_by: Mapping[str, str] | None = None  # side -> who changed it last (where it says)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +146,7 @@ class Review:
     chosen: Any = None
     comment: str | None = None
     changed: dict[str, datetime] | None = None  # side -> when it last changed the value
+    changed_by: dict[str, str] | None = None  # side -> who changed it last (a Dataverse user's name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1036,13 +1038,18 @@ def _review_row(
         "erp_json": None if "erp" in item.unseen else sealed(item.erp),
     }
     row |= {"status": "open", "opened_run_id": run_id, "opened_at": now, "updated_at": now}
-    row |= {"changes_json": encode(dict(item.changed)) if item.changed else None}
+    changes: dict[str, Any] = dict(item.changed or {})
+    if item.changed_by:
+        changes["by"] = dict(item.changed_by)
+    row |= {"changes_json": encode(changes) if changes else None}
     return row
 
 
 def _review(row: Mapping[str, Any], privacy: Privacy | None = None, *, display: bool = False) -> Review:
     """A review row; sealed values decrypted (``display``: unreadable ones shown as ``[encrypted]``)."""
     value = _opener(privacy, display)
+    changes = decode(row.get("changes_json")) or {}
+    by = changes.pop("by", None)
     return Review(
         row["id"],
         row["entity"],
@@ -1057,7 +1064,8 @@ def _review(row: Mapping[str, Any], privacy: Privacy | None = None, *, display: 
         row["decided_at"],
         value(row["chosen_json"]),
         row["comment"],
-        decode(row.get("changes_json")),
+        changes or None,
+        by,
     )
 
 

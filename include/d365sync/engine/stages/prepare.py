@@ -275,17 +275,19 @@ def _record(
     if side == "dynamics":
         modified, version = row.get("modifiedon"), row.get("versionnumber")
         guid = entry["id"] or (str(row.get(ctx.dynamics_select[0]) or "").lower() or None)
+        by = row.get("_modifiedby_value")
     else:
         table = ctx.erp_table
         modified = row.get(table.cursor_column) if table.cursor_column else None
         version = row.get(table.version_column) if table.version_column else None
-        guid = None
+        guid = by = None  # a legacy ERP keeps no user on the row
     return {
         "key": key,
         "side": side,
         "values": values,
         "modified": aware(modified),
         "version": None if version is None else str(version),
+        "by": by,
         "deleted": deleted,
         "id": guid,
         "raw": row,

@@ -27,6 +27,7 @@ from d365sync.engine.stages.context import (
     bucket_of,
     replay_payload,
 )
+from d365sync.engine.stages.users import UserNames
 from d365sync.engine.state import Failure, ParkedChild, Review, ReviewItem, StoredRecord
 from d365sync.engine.transforms import MissingParent, TransformError
 from d365sync.spec import EntityLookup
@@ -129,7 +130,7 @@ def _input(
             return None
         if rec["deleted"]:
             return SideRecord.tombstone(rec["modified"], rec["version"])
-        return SideRecord(rec["values"], rec["modified"], rec["version"])
+        return SideRecord(rec["values"], rec["modified"], rec["version"], by=rec.get("by"))
 
     decided = {r.field: r.chosen for r in reviews} or None
     base = stored.base if stored is not None else None
@@ -230,6 +231,7 @@ class _Summary:
     """Counts, samples for the plan, and the review items / parked children / failures to store."""
 
     def __init__(self) -> None:
+        self.users = UserNames()
         self.counts: dict[str, dict[str, int]] = {s: {} for s in SIDES}
         self.totals = {"records": 0, "conflicts": 0, "echoes": 0, "stale": 0, "reports": 0, "resolved": 0}
         self.totals |= {"parked": 0, "refused": 0}
@@ -249,13 +251,16 @@ class _Summary:
         """Decisions of every merged record (writes are counted once their payloads are built)."""
         t = self.totals
         changed = {s: side.modified for s in SIDES if (side := getattr(record, s)) and side.modified}
+        by = {s: side.by for s in SIDES if (side := getattr(record, s)) and side.by}
         t["records"] += 1
         t["stale"] += len(decision.stale)
         t["reports"] += len(decision.reports)
         t["echoes"] += any(d.reason.startswith("echo") for d in decision.decisions)
         for c in decision.conflicts:
             t["conflicts"] += 1
-            item = ReviewItem(key, c.field, c.base, c.dynamics, c.erp, c.reason, c.unseen, changed or None)
+            item = ReviewItem(
+                key, c.field, c.base, c.dynamics, c.erp, c.reason, c.unseen, changed or None, by or None
+            )
             self.reviews.append(item)
             self._sample("conflicts", {"key": key, "field": c.field, "reason": c.reason})
         for d in decision.decisions:
@@ -294,6 +299,7 @@ class _Summary:
         ]
         if not ctx.dry_run:
             if self.reviews:
+                self.reviews = self.users.name(ctx, self.reviews)
                 ctx.store.open_reviews(ctx.entity, ctx.run_id, self.reviews)
             if self.parked:
                 ctx.store.park_children(ctx.entity, ctx.run_id, self.parked)
