@@ -30,23 +30,35 @@ os.environ.setdefault("D365SYNC_PII_KEYS", Fernet.generate_key().decode())
 
 
 # ``make test`` runs pytest-xdist on two workers. Each test file is one unit of work, so a module's
-# fixtures (sandboxes, dag.test() homes) are built once. The files that drive a real Airflow stack
-# (scheduler, api-server, triggerer, Celery workers, a browser) form one unit that a single worker
-# runs one after another: two stacks at once on two cores would starve each other's scheduler
-# loops, while in-process tests beside one stack only slow it down. (``--dist loadgroup`` would say
-# this with marks, but its node-id suffix does not reach the scheduler under pytest 9, so the
-# scheduler is made here.)
+# fixtures (sandboxes, dag.test() homes) are built once. The files whose checks depend on a real
+# Airflow stack keeping time (a scheduler's cycles, a triggerer's polls, Celery heartbeats, kill and
+# restart windows) form one unit that a single worker runs one after another: two such stacks at
+# once on two cores would starve each other's scheduler loops, while in-process tests beside one
+# only slow it down. Stacks that merely have to finish (browser pages, a backfill, the operations
+# DAGs' access checks) are ordinary units. (``--dist loadgroup`` would say this with marks, but its
+# node-id suffix does not reach the scheduler under pytest 9, so the scheduler is made here.)
 STACK_FILES = (
-    "tests/browser/",
     "tests/soak/",
     "tests/deploy/test_celery_topology.py",
     "tests/deploy/test_celery_worker_kill.py",
-    "tests/dags/test_backfill.py",
     "tests/dags/test_event_runs.py",
-    "tests/dags/test_operations_access.py",
-    "tests/integration/test_demo_ops.py",
 )
 STACK_UNIT = "airflow-stack"
+# Sent first, longest first (their module fixtures take minutes), so that the short files fill the
+# end of the run on both workers instead of one long file finishing alone.
+LONG_FIRST = (
+    STACK_UNIT,
+    "tests/dags/test_entity_runs.py",
+    "tests/dags/test_backfill.py",
+    "tests/dags/test_operations_access.py",
+    "tests/dags/test_crash_retry.py",
+    "tests/browser/test_review_roundtrip.py",
+    "tests/dags/test_operations_runs.py",
+    "tests/browser/test_operations_ui.py",
+    "tests/dags/test_pii_scan.py",
+    "tests/dags/test_load_parts.py",
+    "tests/dags/test_dags_test_cli.py",
+)
 
 
 def work_unit(nodeid: str) -> str:
@@ -59,10 +71,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     from xdist.scheduler import LoadScopeScheduling
 
     class StackScheduling(LoadScopeScheduling):
-        """Load-balanced work units of :func:`work_unit` (the Airflow-stack unit is sent first)."""
+        """Load-balanced work units of :func:`work_unit`, the ones in :data:`LONG_FIRST` first."""
 
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
+
+        def _assign_work_unit(self, node: object) -> None:
+            for unit in reversed(LONG_FIRST):
+                if unit in self.workqueue:
+                    self.workqueue.move_to_end(unit, last=False)
+            super()._assign_work_unit(node)
 
     return StackScheduling(config, log)
 
