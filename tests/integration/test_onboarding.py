@@ -198,3 +198,31 @@ def _replace(obj: object, **changes: object) -> object:
     from dataclasses import replace
 
     return replace(obj, **changes)  # type: ignore[type-var]
+
+
+def test_a_draft_of_accounts_pairs_the_currency_pads_char_and_loads_once_owned(
+    onboarding: tuple[Env, Path, list[str]],
+) -> None:
+    """The customers pair drafted from scratch: the currency code meets the transactioncurrency
+    lookup through the shared defaults, a CHAR column is padded on the way in, and with owners
+    decided the draft loads against the shipped catalog (its examples-free round trip included)."""
+    from d365sync.spec import load_entity
+
+    env, entities, _ = onboarding
+    found = draft(
+        read_dynamics_table(env.dynamics, "account"), read_erp_table(env.erp, "CUST_MASTER"), "accounts"
+    )
+    pairs = {p.erp.name: p.dv.name for p in found.pairs}
+    assert pairs["CURR_CODE"] == "transactioncurrencyid" and pairs["CREDIT_LIMIT"] == "creditlimit"
+    assert pairs["CUST_EMAIL_ID"] == "emailaddress1" and pairs["CITY"] == "address1_city"
+    text = render(found, "test")
+    body = yaml.safe_load(text)
+    assert body["fields"]["currency_code"]["to_dynamics"] == [
+        {"lookup": {"target": "currency", "to": "bind"}}
+    ]
+    assert body["fields"]["postcode"]["to_erp"] == ["trim", {"pad": {"width": 10}}]
+    assert body["fields"]["credit_limit"]["to_erp"] == [{"decimal": {"scale": 2}}]
+    owned = re.sub(r"owner: TODO .*", "owner: erp", text)
+    (entities / "accounts.yaml").write_text(owned)
+    spec = load_entity(entities / "accounts.yaml")
+    assert spec.fields["currency_code"].erp == "CURR_CODE" and spec.key == "customer_number"

@@ -18,6 +18,7 @@ import yaml
 from d365sync.onboard.match import (
     ERP_WORDS,
     PAIR_THRESHOLD,
+    erp_words,
     describe_dynamics,
     describe_erp,
     is_date8,
@@ -32,6 +33,7 @@ _VERSION_WORDS = ("ROW_VER", "VERSION", "ROWVERSION")
 _PII_WORDS = ("name", "email", "phone", "address", "street", "city", "postcode", "zip", "birth", "mobile")
 EMAIL_REGEX = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 OWNER_TODO = "TODO"
+CURRENCY_LOOKUP = "transactioncurrencyid"
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,11 @@ def draft(dv: DvTable, erp: ErpTable, name: str) -> Draft:
         pairs.append(pair)
         taken_erp.add(pair.erp.name)
         taken_dv.add(pair.dv.name)
+    currency = _currency_pair(dv, erp, taken_dv, taken_erp)
+    if currency is not None:
+        pairs.append(currency)
+        taken_erp.add(currency.erp.name)
+        taken_dv.add(currency.dv.name)
     order = list(erp.columns)
     pairs.sort(key=lambda p: order.index(p.erp.name))
     return Draft(
@@ -114,6 +121,22 @@ def draft(dv: DvTable, erp: ErpTable, name: str) -> Draft:
         unmatched_dv=[a for a in dv.attributes.values() if a.business and a.name not in taken_dv],
         notes=notes,
     )
+
+
+def _currency_pair(dv: DvTable, erp: ErpTable, taken_dv: set[Any], taken_erp: set[Any]) -> Pair | None:
+    """A legacy currency code column ↔ Dataverse's transactioncurrency lookup: the one lookup the
+    shared defaults already resolve (``lookups.currency``), so it can be paired without a human."""
+    lookup = dv.attributes.get(CURRENCY_LOOKUP)
+    if lookup is None or CURRENCY_LOOKUP in taken_dv:
+        return None
+    for col in erp.columns.values():
+        if (
+            col.name not in taken_erp
+            and col.kind in ("char", "varchar")
+            and "currency" in erp_words(col.name)
+        ):
+            return Pair(col, lookup, 1.0)
+    return None
 
 
 def _key_pair(dv: DvTable, erp: ErpTable, notes: list[str]) -> Pair:
@@ -169,8 +192,15 @@ def chains(pair: Pair, is_key: bool = False) -> dict[str, list[Any]]:
             "to_erp": [{"date": {"format": "yyyymmdd"}}],
             "to_dynamics": [{"date": {"format": "iso_datetime_utc"}}],
         }
-    if erp.kind == "char" or (is_key and erp.kind == "varchar"):
+    if dv.name == CURRENCY_LOOKUP:  # legacy code ↔ ISO code ↔ the currency record (shared defaults)
+        return {
+            "to_erp": [{"currency": {"to": "legacy"}}],
+            "to_dynamics": [{"lookup": {"target": "currency", "to": "bind"}}],
+        }
+    if is_key and erp.kind in ("char", "varchar"):
         return {"to_erp": ["trim"], "to_dynamics": ["trim"]}
+    if erp.kind == "char":  # the database pads CHAR: blanks in, blanks trimmed out
+        return {"to_erp": ["trim", {"pad": {"width": erp.size}}], "to_dynamics": ["trim"]}
     if erp.kind == "decimal" and dv.type in ("Decimal", "Money"):
         scale = erp.digits[1] or 0
         return {"to_erp": [{"decimal": {"scale": scale}}], "to_dynamics": [{"decimal": {"scale": scale}}]}
