@@ -18,9 +18,9 @@ import yaml
 from d365sync.onboard.match import (
     ERP_WORDS,
     PAIR_THRESHOLD,
-    erp_words,
     describe_dynamics,
     describe_erp,
+    erp_words,
     is_date8,
     is_email,
     name_score,
