@@ -1025,23 +1025,52 @@ def load_entities(directory: Path | str, catalog: Catalog | None = None) -> dict
     return specs
 
 
+def load_entities_apart(
+    directory: Path | str, catalog: Catalog | None = None
+) -> tuple[dict[str, EntitySpec], dict[str, list[str]]]:
+    """The entities that load, and the issues of those that do not, each on its own: a file being
+    written (a scaffold's ``owner: TODO``) or broken by an edit sets aside that entity and the ones
+    that look it up, never the others. What a running deployment (DAGs, UI, event intake) reads;
+    :func:`load_entities` stays strict for the CLI and the tests."""
+    directory = Path(directory)
+    defaults, specs, apart = read_defaults(directory), {}, {}
+    for path in sorted(directory.glob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
+        try:
+            specs[path.stem] = load_entity(path, catalog, defaults)
+        except SpecError as exc:
+            apart[path.stem] = exc.issues
+    while failing := {n: i for n, s in specs.items() if (i := list(_cross_issues(s, specs)))}:
+        for name, issues in failing.items():
+            apart[name] = issues
+            del specs[name]
+    if cycle := list(_cycle_issues(specs)):
+        apart |= dict.fromkeys(specs, cycle)
+        specs = {}
+    return specs, apart
+
+
 def _cross_check(specs: Mapping[str, EntitySpec]) -> Iterator[str]:
     for spec in specs.values():
-        for name, lk in spec.lookups.items():
-            if not isinstance(lk, EntityLookup):
-                continue
-            target = specs.get(lk.entity)
-            where = f"lookups.{name}"
-            if target is None:
-                yield _issue(
-                    spec.source, spec.name, f"{where}: no entity {lk.entity!r} (have {sorted(specs)})"
-                )
-            elif target.dynamics.table != lk.dynamics_table:
-                yield _issue(
-                    spec.source,
-                    spec.name,
-                    f"{where}: {lk.entity} syncs {target.dynamics.table}, not {lk.dynamics_table}",
-                )
+        yield from _cross_issues(spec, specs)
+
+
+def _cross_issues(spec: EntitySpec, specs: Mapping[str, EntitySpec]) -> Iterator[str]:
+    """The entity lookups of ``spec`` that ``specs`` cannot serve."""
+    for name, lk in spec.lookups.items():
+        if not isinstance(lk, EntityLookup):
+            continue
+        target = specs.get(lk.entity)
+        where = f"lookups.{name}"
+        if target is None:
+            yield _issue(spec.source, spec.name, f"{where}: no entity {lk.entity!r} (have {sorted(specs)})")
+        elif target.dynamics.table != lk.dynamics_table:
+            yield _issue(
+                spec.source,
+                spec.name,
+                f"{where}: {lk.entity} syncs {target.dynamics.table}, not {lk.dynamics_table}",
+            )
 
 
 # --------------------------------------------------------------------------- dependencies

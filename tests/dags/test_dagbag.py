@@ -311,3 +311,33 @@ def test_servicebus_dag_exists_only_when_a_queue_is_configured(monkeypatch: pyte
     monkeypatch.setenv("D365SYNC_SERVICEBUS_WAIT_SECONDS", "0")  # the provider would read 0 as 60 s
     refused = DagBag(dag_folder=path)
     assert "WAIT_SECONDS must be above 0" in str(refused.import_errors)
+
+
+def test_an_entity_file_that_does_not_load_stops_only_its_own_dag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scaffold written into the entity directory with ``owner: TODO`` still in it: no import error
+    that would take every entity DAG down, the other DAGs as before, and in its place a paused DAG
+    without a schedule whose docs list the problems."""
+    import shutil
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    entities = tmp_path / "entities"
+    shutil.copytree(DAGS_FOLDER.parent / "include" / "entities", entities)
+    draft = (entities / "customers.yaml").read_text().replace("owner: dynamics", "owner: TODO", 1)
+    (entities / "contacts.yaml").write_text(draft.replace("table: account", "table: contact", 1))
+    monkeypatch.setenv("D365SYNC_ENTITIES_DIR", str(entities))
+
+    bag = DagBag(dag_folder=str(DAGS_FOLDER / "d365sync_entities.py"))
+
+    assert bag.import_errors == {}
+    assert {"sync_customers", "sync_orders", "sync_contacts"} <= set(bag.dags)
+    from airflow.sdk import AssetOrTimeSchedule
+    from airflow.sdk.definitions.timetables.simple import NullTimetable
+
+    assert isinstance(bag.dags["sync_customers"].timetable, AssetOrTimeSchedule)  # scheduled as before
+    aside = bag.dags["sync_contacts"]
+    assert isinstance(aside.timetable, NullTimetable) and aside.is_paused_upon_creation is True
+    assert "spec-error" in aside.tags and [t.task_id for t in aside.tasks] == ["spec_error"]
+    assert "the entity file does not load" in aside.doc_md and "field 'name': owner" in aside.doc_md

@@ -409,3 +409,25 @@ def test_unreadable_entity_files_are_503(tmp_path: Path, monkeypatch: pytest.Mon
         answer = env.post(context())
         assert (answer.status_code, answer.json()) == (503, {"detail": "entity files unreadable; retry"})
         assert env.rows() == []
+
+
+def test_a_file_still_being_written_holds_back_only_tables_no_loaded_entity_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scaffold with ``owner: TODO`` beside the shipped files: account changes are still taken in
+    (customers loads), while a contact change, which that file may be about, gets 503 and is sent
+    again; once the file is gone (or loads), the receiver reads the files again."""
+    import shutil
+
+    entities = tmp_path / "entities"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "include" / "entities", entities)
+    draft = (entities / "customers.yaml").read_text().replace("table: account", "table: contact", 1)
+    (entities / "contacts.yaml").write_text(draft.replace("owner: dynamics", "owner: TODO", 1))
+    monkeypatch.setenv("D365SYNC_ENTITIES_DIR", str(entities))
+    with receiver(tmp_path, webhook_keys=(KEY,), app_user_ids=frozenset()) as env:
+        assert env.post(context(UserId=PERSON)).json()["added"] == 1
+        assert env.post(context(table="contact", UserId=PERSON)).status_code == 503
+        (entities / "contacts.yaml").unlink()  # the draft dropped: no entity syncs contact
+        answer = env.post(context(table="contact", UserId=PERSON))
+        assert answer.status_code == 202 and answer.json()["added"] == 0
+    assert [r.entity for r in env.rows()] == ["customers"]

@@ -55,7 +55,7 @@ from d365sync.spec import (
     dependencies,
     dependency_order,
     entities_dir,
-    load_entities,
+    load_entities_apart,
 )
 
 DAG_PREFIX = "sync_"
@@ -65,10 +65,21 @@ MIN_DEADLINE, MAX_DEADLINE = timedelta(minutes=5), timedelta(minutes=120)
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-@cache
 def load_specs(directory: str | None = None) -> dict[str, EntitySpec]:
-    """Every entity spec, validated together (cached per process: parse and tasks share it)."""
-    return load_entities(directory or entities_dir())
+    """Every entity spec that loads (:func:`~d365sync.spec.load_entities_apart`): a file being
+    written or broken by an edit stops only its own entity (and those that look it up). Cached per
+    process: parse and tasks share it."""
+    return _loaded(str(directory or entities_dir()))[0]
+
+
+def specs_set_aside(directory: str | None = None) -> dict[str, list[str]]:
+    """Entity name → the issues that keep its file from loading."""
+    return _loaded(str(directory or entities_dir()))[1]
+
+
+@cache
+def _loaded(directory: str) -> tuple[dict[str, EntitySpec], dict[str, list[str]]]:
+    return load_entities_apart(directory)
 
 
 def upstream_of(spec: EntitySpec, specs: Mapping[str, EntitySpec] | None = None) -> list[str]:
@@ -555,9 +566,38 @@ def servicebus_dags() -> dict[str, DAG]:
 
 
 def entity_dags() -> dict[str, DAG]:
-    """``{dag_id: DAG}`` for every entity file, in dependency order."""
-    specs = load_specs()
-    return {dag_id_for(name): build_entity_dag(specs[name]) for name in entity_order(specs)}
+    """``{dag_id: DAG}`` for every entity file, in dependency order; a file that does not load gets
+    :func:`build_set_aside_dag` in place of its entity's DAG, and the others run on."""
+    specs, apart = load_specs(), specs_set_aside()
+    dags = {dag_id_for(name): build_entity_dag(specs[name]) for name in entity_order(specs)}
+    return dags | {
+        dag_id_for(name): build_set_aside_dag(name, issues) for name, issues in sorted(apart.items())
+    }
+
+
+def build_set_aside_dag(entity: str, issues: list[str]) -> DAG:
+    """``sync_<entity>`` for an entity file that does not load: no schedule, paused, its issues in
+    the DAG docs, and one task that fails with them if someone runs it anyway. It stands in the DAG
+    list where the entity's DAG would be, so the problem is seen, not missed in a log."""
+    text = "\n".join(f"- {issue}" for issue in issues)
+    with DAG(
+        dag_id=dag_id_for(entity),
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        is_paused_upon_creation=True,
+        tags=[*TAGS, "spec-error"],
+        doc_md=f"**{entity}: the entity file does not load**, so this entity does not sync "
+        f"(the other entities do). Fix the file; `d365sync spec check --live {entity}` shows each "
+        f"problem with its fix.\n\n{text}",
+    ) as dag:
+
+        @task(task_id="spec_error")
+        def spec_error() -> None:
+            raise ValueError(f"entity {entity}: the entity file does not load:\n" + text)
+
+        spec_error()
+    return dag
 
 
 def operations_dags() -> dict[str, DAG]:

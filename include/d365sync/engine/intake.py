@@ -112,22 +112,32 @@ class TableMap:
     def __init__(self, directory: Path | None = None) -> None:
         self._directory = directory
         self._map: dict[str, tuple[str, ...]] | None = None
+        self._apart: tuple[str, ...] = ()
         self._lock = threading.Lock()
 
     def entities(self, table: str) -> tuple[str, ...]:
+        """The entities syncing ``table``. While an entity file does not load, a table no loaded
+        entity claims may be that file's: ``LookupError`` (the sender retries), and the files are
+        read again on the next call."""
         if self._map is None:
             with self._lock:
                 if self._map is None:
-                    self._map = self._load()
-        return self._map.get(table.lower(), ())
+                    self._map, self._apart = self._load()
+        found = self._map.get(table.lower(), ())
+        if not found and self._apart:
+            names = ", ".join(self._apart)
+            self._map = None
+            raise LookupError(f"entity files that do not load ({names}) may sync table {table}")
+        return found
 
-    def _load(self) -> dict[str, tuple[str, ...]]:
-        from d365sync.spec import entities_dir, load_entities
+    def _load(self) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+        from d365sync.spec import entities_dir, load_entities_apart
 
+        specs, apart = load_entities_apart(self._directory or entities_dir())
         found: dict[str, list[str]] = {}
-        for name, spec in load_entities(self._directory or entities_dir()).items():
+        for name, spec in specs.items():
             found.setdefault(spec.dynamics.table.lower(), []).append(name)
-        return {table: tuple(sorted(names)) for table, names in found.items()}
+        return {table: tuple(sorted(names)) for table, names in found.items()}, tuple(sorted(apart))
 
 
 # --- the intake -------------------------------------------------------------------------------

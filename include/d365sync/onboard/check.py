@@ -76,9 +76,22 @@ def live_catalog(live: Live) -> Any:
 
     erp = live.erp
     table = TableSpec(
-        name=erp.name, columns=tuple(column(c) for c in erp.columns.values()), key=erp.primary_key
+        name=erp.name,
+        columns=tuple(column(c) for c in erp.columns.values()),
+        key=erp.primary_key,
+        status_column=status_column(erp),
     )
     return Catalog(dynamics, {erp.name: table})
+
+
+def status_column(erp: ErpTable) -> str | None:
+    """The record-status flag a deactivation sets: a one-character column named like one (the
+    catalog cannot say which column means "inactive", so the name decides, STATUS first)."""
+    flags = [c.name for c in erp.columns.values() if c.kind in ("char", "varchar") and c.size == 1]
+    for name in ("STATUS", "REC_STATUS", "RECORD_STATUS", "ACTIVE_FLAG", "STATUS_CODE"):
+        if name in flags:
+            return name
+    return None
 
 
 def check(path: Path, read: Callable[[str, str, tuple[str, ...]], Live]) -> list[Problem]:

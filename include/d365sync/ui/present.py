@@ -47,10 +47,10 @@ def show(field: str, value: Any, reveal: bool, personal: Collection[str] = ()) -
 def personal_fields() -> frozenset[str]:
     """The ``pii: true`` names of the entity files the DAGs use (``D365SYNC_ENTITIES_DIR``, else
     the shipped ones); every e-mail and phone is masked by shape whatever this finds."""
-    from d365sync.spec import entities_dir, load_entities, personal_names
+    from d365sync.spec import entities_dir, load_entities_apart, personal_names
 
-    try:
-        return personal_names(load_entities(entities_dir()))
+    try:  # a file that does not load (being written) must not unmask the others' fields
+        return personal_names(load_entities_apart(entities_dir())[0])
     except Exception as exc:  # the DAGs report a broken spec; the pages still mask by shape
         log.warning("personal fields unknown (%s): names and addresses are not masked for viewers", exc)
         return frozenset()

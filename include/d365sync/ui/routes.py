@@ -112,12 +112,12 @@ def entity_page(request: Request, entity: str, user: User, dag_id: str | None = 
 
 def _spec(entity: str) -> Any:
     """The entity's spec from the entity files the DAGs use (None: no such entity, or unreadable)."""
-    from d365sync.spec import SpecError, entities_dir, load_entities
+    from d365sync.spec import SpecError, entities_dir, load_entities_apart
 
     if not entity:
         return None
     try:
-        return load_entities(entities_dir()).get(entity)
+        return load_entities_apart(entities_dir())[0].get(entity)
     except (SpecError, OSError) as exc:
         log.warning("entity files not readable for the entity page: %s", exc)
         return None
