@@ -228,6 +228,8 @@ start() {
 
 stop() {
     local any=""
+    # the conflict seeder ends by itself once it has edited: its pid file is no sign of a live demo
+    if [[ -f "$PIDS/conflicts.pid" ]] && ! alive conflicts; then rm -f "$PIDS/conflicts.pid"; fi
     for name in conflicts airflow dataverse; do
         [[ -f "$PIDS/$name.pid" ]] && any=1
         stop_one "$name"
