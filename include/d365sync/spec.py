@@ -1008,15 +1008,8 @@ def personal_names(specs: Mapping[str, EntitySpec]) -> frozenset[str]:
 
 def load_entities(directory: Path | str, catalog: Catalog | None = None) -> dict[str, EntitySpec]:
     """Every ``*.yaml`` entity of a directory (``_``-prefixed files are not entities), checked together."""
-    directory = Path(directory)
-    defaults, specs, issues = read_defaults(directory), {}, []
-    for path in sorted(directory.glob("*.yaml")):
-        if path.name.startswith("_"):
-            continue
-        try:
-            specs[path.stem] = load_entity(path, catalog, defaults)
-        except SpecError as exc:
-            issues.extend(exc.issues)
+    specs, apart = _load_files(Path(directory), catalog)
+    issues = [issue for found in apart.values() for issue in found]
     issues.extend(_cross_check(specs))
     if not issues:
         issues.extend(_cycle_issues(specs))
@@ -1032,7 +1025,21 @@ def load_entities_apart(
     written (a scaffold's ``owner: TODO``) or broken by an edit sets aside that entity and the ones
     that look it up, never the others. What a running deployment (DAGs, UI, event intake) reads;
     :func:`load_entities` stays strict for the CLI and the tests."""
-    directory = Path(directory)
+    specs, apart = _load_files(Path(directory), catalog)
+    while failing := {n: i for n, s in specs.items() if (i := list(_cross_issues(s, specs)))}:
+        for name, issues in failing.items():
+            apart[name] = issues
+            del specs[name]
+    if cycle := list(_cycle_issues(specs)):
+        apart |= dict.fromkeys(specs, cycle)
+        specs = {}
+    return specs, apart
+
+
+def _load_files(
+    directory: Path, catalog: Catalog | None
+) -> tuple[dict[str, EntitySpec], dict[str, list[str]]]:
+    """Each entity file on its own: the specs that load, and the issues of each one that does not."""
     defaults, specs, apart = read_defaults(directory), {}, {}
     for path in sorted(directory.glob("*.yaml")):
         if path.name.startswith("_"):
@@ -1041,13 +1048,6 @@ def load_entities_apart(
             specs[path.stem] = load_entity(path, catalog, defaults)
         except SpecError as exc:
             apart[path.stem] = exc.issues
-    while failing := {n: i for n, s in specs.items() if (i := list(_cross_issues(s, specs)))}:
-        for name, issues in failing.items():
-            apart[name] = issues
-            del specs[name]
-    if cycle := list(_cycle_issues(specs)):
-        apart |= dict.fromkeys(specs, cycle)
-        specs = {}
     return specs, apart
 
 
