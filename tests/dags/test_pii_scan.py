@@ -282,7 +282,10 @@ def viewer(
     lenient = scan.spec.model_copy(
         update={"validation": scan.spec.validation.model_copy(update={"invalid_share_threshold": 1.0})}
     )
-    columns = "accountnumber,name,emailaddress1,telephone1,address1_line1,address1_city,address1_country"
+    columns = (
+        "accountnumber,name,emailaddress1,telephone1,address1_line1,address1_line2,address1_city,"
+        "address1_postalcode,address1_country"
+    )
     validate(
         lenient,
         "dynamics",

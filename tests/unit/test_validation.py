@@ -200,7 +200,9 @@ def test_dynamics_side_max_length_regex_and_not_null(customers: EntitySpec) -> N
             "emailaddress1": f"sean.{no}@obrien.example",
             "telephone1": "+353 1 555 0101",
             "address1_line1": "1 Quay",
+            "address1_line2": None,
             "address1_city": "Dublin",
+            "address1_postalcode": "D01 F5P2",
             "address1_country": "IE",
         }
         return {**row, **over}
