@@ -17,12 +17,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 from cryptography.fernet import Fernet
 
 from d365sync.cli import main
 from d365sync.engine.privacy import KEYS_ENV, Privacy, PrivacyError
+from d365sync.engine.staging import read_groups
 from d365sync.engine.state import StateStore
 from tests.integration.pipeline_env import Env, sync_cli_connections
 from tests.sandbox_fixtures import SandboxFactory
@@ -152,7 +152,10 @@ def test_synced_personal_data_is_encrypted_merges_work_and_keys_rotate(
 def staging_hits(root: Path, needles: tuple[str, ...]) -> list[str]:
     hits = []
     for path in root.rglob("*.parquet"):
-        text = json.dumps(pq.read_table(path).to_pylist(), ensure_ascii=False).lower()
+        with path.open("rb") as handle:
+            groups = read_groups(handle)
+        staged = [(g.tags, g.keys, g.rows()) for g in groups]
+        text = json.dumps(staged, ensure_ascii=False, default=str).lower()
         hits += [f"{path.name}: {n}" for n in needles if n.lower() in text]
     return hits
 

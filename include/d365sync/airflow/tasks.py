@@ -140,12 +140,12 @@ def privacy() -> Any:
 def run_context(entity: str) -> Iterator[Any]:
     """The engine's RunContext for this task instance."""
     from d365sync.airflow.dag_factory import load_specs
-    from d365sync.engine.stages.context import RunContext
+    from d365sync.engine.stages.context import RunContext, fewer_collections
 
     context = airflow_context()
     run = context["dag_run"]
     params = context.get("params") or {}
-    with clients() as (dynamics, erp, store):
+    with clients() as (dynamics, erp, store), fewer_collections():
         ctx = RunContext(
             spec=load_specs()[entity],
             dynamics=dynamics,

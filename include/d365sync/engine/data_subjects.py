@@ -22,7 +22,6 @@ Airflow-free by rule.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -238,36 +237,28 @@ def erase_from_staging(roots: Iterable[Any], keys: Iterable[str]) -> dict[str, i
     reads; a run in flight skips the erased record, and the next run reads it again if the
     source still has it.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from d365sync.engine.staging import drop_rows
 
-    wanted = [k for k in keys if k]
-    pattern = re.compile("|".join(r'"\s*' + re.escape(k) + r'\s*"' for k in wanted), re.IGNORECASE)
+    wanted = {k.strip().lower() for k in keys if k and k.strip()}
     files = rows = 0
     for root in _roots(roots):
         if not wanted or not root.exists():
             continue
         for path in list(root.rglob("*.parquet")):
-            with path.open("rb") as handle:
-                table = pq.read_table(handle)
-            if "data" not in table.column_names:
-                continue
-            names = (
-                table.column("key").to_pylist() if "key" in table.column_names else [None] * table.num_rows
-            )
-            data = table.column("data").to_pylist()
-            keep = [
-                i
-                for i, (name, text) in enumerate(zip(names, data, strict=True))
-                if (name or "").strip() not in wanted and not pattern.search(text or "")
-            ]
-            if len(keep) == table.num_rows:
-                continue
-            rows += table.num_rows - len(keep)
-            files += 1
-            with path.open("wb") as handle:
-                pq.write_table(table.take(pa.array(keep, pa.int64())), handle, compression="zstd")
+            dropped = drop_rows(path, lambda row: _names_any(row, wanted))
+            files, rows = files + bool(dropped), rows + dropped
     return {"staging_files": files, "staging_rows": rows}
+
+
+def _names_any(value: Any, wanted: set[str]) -> bool:
+    """Whether a text anywhere in ``value`` (a staged row) is one of ``wanted`` (trimmed, any case)."""
+    if isinstance(value, str):
+        return value.strip().lower() in wanted
+    if isinstance(value, Mapping):
+        return any(_names_any(v, wanted) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_names_any(v, wanted) for v in value)
+    return False
 
 
 # ------------------------------------------------------------------------------- rotate

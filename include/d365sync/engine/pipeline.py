@@ -29,7 +29,7 @@ from d365sync.engine.stages import (
     transform,
     validate,
 )
-from d365sync.engine.stages.context import SIDES, Manifest
+from d365sync.engine.stages.context import SIDES, Manifest, fewer_collections
 from d365sync.engine.staging import PathLike
 from d365sync.engine.state import StateStore
 
@@ -198,7 +198,8 @@ def run_entity(
         store.start_run(ctx.run_id, ctx.entity)
     timings: dict[str, float] = {}
     try:
-        result = _run(ctx, timings)
+        with fewer_collections():
+            result = _run(ctx, timings)
     except BaseException as exc:
         if not dry_run:
             store.discard_watermarks(ctx.entity, ctx.run_id)

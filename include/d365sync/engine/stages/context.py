@@ -8,8 +8,10 @@ before them (plain dicts of file names and counts) and return their own manifest
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -142,9 +144,11 @@ class RunContext:
         report), so whatever a stage or a foreign error message put in it is masked here once
         more (:func:`d365sync.engine.pii.mask_text`); the payload keeps the raw rows for a replay.
         """
+        if self.dry_run:
+            return sum(1 for _ in failures)
         failures = [replace(f, error=mask_text(f.error)) for f in failures]
-        if self.dry_run or not failures:
-            return len(failures)
+        if not failures:
+            return 0
         backoff = {"backoff": timedelta(0)} if retry_now else {}
         return self.store.dead_letter(self.entity, stage, self.run_id, failures, **backoff)
 
@@ -199,6 +203,24 @@ def base_from_dict(data: Mapping[str, Any] | None) -> Base | None:
 def replay_payload(rows: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
     """What a dead letter or parked child keeps so a later run can re-inject the rows as extracted."""
     return {"rows": [{"side": side, "row": dict(row)} for side, row in rows.items() if row is not None]}
+
+
+@contextmanager
+def fewer_collections(young: int = 100_000) -> Iterator[None]:
+    """Run a stage with the cyclic garbage collector's young generation collected every
+    ``young`` allocations instead of Python's 700.
+
+    Why: a stage holds tens of thousands of small dicts (a bucket, a validation batch) and makes
+    millions more; the rows hold no reference cycles, so almost every collection finds nothing,
+    yet they cost 15-25 % of a large run (measured, issue 14). Memory is still freed at once by
+    reference counting; the old setting is restored afterwards.
+    """
+    before = gc.get_threshold()
+    gc.set_threshold(max(young, before[0]), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

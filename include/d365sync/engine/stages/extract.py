@@ -73,7 +73,7 @@ def _write(ctx: RunContext, side: Side, streams: list[Iterable[dict[str, Any]]])
 def _entry(key: Any, row: dict[str, Any], *, deleted: bool = False, id_: str | None = None) -> dict[str, Any]:
     return {
         "key": norm_key(key),
-        "row": row,
+        "row": row if type(row) is dict else dict(row),  # the ERP client's Row: staged as plain data
         "deleted": deleted,
         "id": id_,
         "replay": None,  # markers of the dead letters / parked children this row may finish
