@@ -26,8 +26,7 @@ from d365sync.engine.stages import (
     extract,
     load,
     resolve,
-    transform,
-    validate,
+    validate_and_transform,
 )
 from d365sync.engine.stages.context import SIDES, Manifest, fewer_collections
 from d365sync.engine.staging import PathLike
@@ -228,8 +227,8 @@ def _run(ctx: RunContext, timings: dict[str, float]) -> RunResult:
             timings[name] = round(time.perf_counter() - started, 3)
 
     m: dict[str, Any] = {"extract": {s: timed(f"extract_{s}", lambda s=s: extract(ctx, s)) for s in SIDES}}
-    m["validate"] = timed("validate", lambda: validate(ctx, m["extract"]))
-    m["transform"] = timed("transform", lambda: transform(ctx, m["validate"]))
+    # one pass in one process: the checked rows go straight to the transform (no valid/ files)
+    m["validate"], m["transform"] = validate_and_transform(ctx, m["extract"], timings)
     m["resolve"] = timed("resolve", lambda: resolve(ctx, m["transform"]))
     plan = Plan.of(ctx, m)
     if not ctx.dry_run:

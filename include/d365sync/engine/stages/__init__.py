@@ -11,7 +11,7 @@ from d365sync.engine.stages.commit import commit
 from d365sync.engine.stages.context import RunContext, Window
 from d365sync.engine.stages.extract import extract
 from d365sync.engine.stages.load import load
-from d365sync.engine.stages.prepare import RunValidationFailed, transform, validate
+from d365sync.engine.stages.prepare import RunValidationFailed, transform, validate, validate_and_transform
 from d365sync.engine.stages.resolve import resolve
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "resolve",
     "transform",
     "validate",
+    "validate_and_transform",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,22 +60,72 @@ def validate(ctx: RunContext, extracts: Mapping[str, Manifest]) -> Manifest:
     ``rows`` / ``quarantined`` count fresh rows only: a retried row (re-read for a dead letter)
     is judged like a fresh one but never weighs on the entity's share.
     """
-    out: Manifest = {"files": {}, "rows": {}, "quarantined": {}, "held": [], "samples": [], "alerts": []}
+    checks = _Validation(ctx)
     for side in SIDES:
-        files, rows, bad = [], 0, 0
-        batches = _batched(ctx.staging.iter(extracts[side]["files"]), ctx.validation_batch)
-        for i, entries in enumerate(batches):
-            kept, quarantined = _validate_chunk(ctx, side, entries)
-            files.append(ctx.staging.write(f"valid/{side}/{i:05d}.parquet", kept))
-            rows += sum(1 for e in entries if not e["deleted"] and not e.get("retry"))
-            bad += sum(1 for e, _ in quarantined if not e.get("retry"))
-            _quarantine(ctx, side, quarantined, out)
-        out["files"][side], out["rows"][side], out["quarantined"][side] = files, rows, bad
-    held, out["held"] = out.pop("held"), []
-    if held:  # a file, not the manifest: manifests travel through XCom and must stay small
-        out["held"] = [ctx.staging.write("held/validate.parquet", [{"key": k} for k in held])]
-    _check_threshold(ctx, out, {s: bool(extracts[s].get("full_load")) for s in SIDES})
-    return out
+        kept = checks.side(side, ctx.staging.iter(extracts[side]["files"]))
+        checks.out["files"][side] = [
+            ctx.staging.write(f"valid/{side}/{i:05d}.parquet", chunk) for i, chunk in enumerate(kept)
+        ]
+    return checks.finish(extracts)
+
+
+def validate_and_transform(
+    ctx: RunContext, extracts: Mapping[str, Manifest], timings: dict[str, float] | None = None
+) -> tuple[Manifest, Manifest]:
+    """Both stages in one pass over the extract files, for a run that holds every stage in one
+    process (:func:`~d365sync.engine.pipeline.run_entity`): the checked rows go straight to the
+    transform instead of through ``valid/`` files. Same rows, same buckets, same manifests
+    (``files`` of the validate manifest is empty). ``timings`` gets each stage's seconds.
+
+    One difference of order: the invalid share is judged after the transform, so a run that a
+    full load's share stops has already queued its transform failures as well (dead letters,
+    retried like any other).
+    """
+    started = time.perf_counter()
+    checks = _Validation(ctx)
+    chunks = {s: checks.side(s, ctx.staging.iter(extracts[s]["files"])) for s in SIDES}
+    rows = {s: int(extracts[s]["rows"]) for s in SIDES}  # an upper bound of the valid rows
+    transformed = _transform(ctx, chunks, rows)
+    validated = checks.finish(extracts)
+    transformed["held"] = [*validated["held"], *transformed["held"]]
+    if timings is not None:
+        timings["validate"] = round(checks.seconds, 3)
+        timings["transform"] = round(time.perf_counter() - started - checks.seconds, 3)
+    return validated, transformed
+
+
+class _Validation:
+    """The validate stage over chunk streams: :meth:`side` yields the kept rows of each batch,
+    :meth:`finish` writes the held keys and judges the invalid share."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.out: Manifest = {"files": {s: [] for s in SIDES}, "rows": {s: 0 for s in SIDES}}
+        self.out |= {"quarantined": {s: 0 for s in SIDES}, "held": [], "samples": [], "alerts": []}
+        self.seconds = 0.0  # spent here, reading the chunks included, not in the consumer
+
+    def side(self, side: Side, chunks: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
+        out, batches = self.out, _batched(chunks, self.ctx.validation_batch)
+        while True:
+            started = time.perf_counter()
+            entries = next(batches, None)
+            if entries is None:
+                self.seconds += time.perf_counter() - started
+                return
+            kept, quarantined = _validate_chunk(self.ctx, side, entries)
+            out["rows"][side] += sum(1 for e in entries if not e["deleted"] and not e.get("retry"))
+            out["quarantined"][side] += sum(1 for e, _ in quarantined if not e.get("retry"))
+            _quarantine(self.ctx, side, quarantined, out)
+            self.seconds += time.perf_counter() - started
+            yield kept
+
+    def finish(self, extracts: Mapping[str, Manifest]) -> Manifest:
+        ctx, out = self.ctx, self.out
+        held, out["held"] = out["held"], []
+        if held:  # a file, not the manifest: manifests travel through XCom and must stay small
+            out["held"] = [ctx.staging.write("held/validate.parquet", [{"key": k} for k in held])]
+        _check_threshold(ctx, out, {s: bool(extracts[s].get("full_load")) for s in SIDES})
+        return out
 
 
 def _batched(chunks: Iterable[list[dict[str, Any]]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -189,24 +240,37 @@ def _check_threshold(ctx: RunContext, out: Manifest, full_load: Mapping[str, boo
 # ---------------------------------------------------------------------------- transform
 def transform(ctx: RunContext, validated: Manifest) -> Manifest:
     """Map every valid row to a canonical record; route refused rows by disposition."""
-    buckets = max(1, math.ceil(max(validated["rows"].values(), default=0) / ctx.chunk_size))
+    chunks = {side: ctx.staging.iter(validated["files"][side]) for side in SIDES}
+    transformed = _transform(ctx, chunks, validated["rows"])
+    transformed["held"] = [*validated.get("held", []), *transformed["held"]]
+    return transformed
+
+
+def _transform(
+    ctx: RunContext, chunks: Mapping[Side, Iterable[list[dict[str, Any]]]], rows: Mapping[str, int]
+) -> Manifest:
+    """The transform of each side's chunks into buckets (one per ``chunk_size`` rows of the
+    larger side); ``held`` lists only the transform's own held file."""
+    buckets = max(1, math.ceil(max(rows.values(), default=0) / ctx.chunk_size))
     writer = _BucketWriter(ctx, buckets)
     errors = _Errors(ctx)
     for side in SIDES:
-        for chunk in _side_chunks(ctx, side, validated["files"][side]):
+        for chunk in _side_chunks(ctx, side, chunks[side]):
             for record in _canonical(ctx, side, chunk, errors):
                 writer.add(record)
             errors.flush()  # per chunk: the rows of refused records must not pile up in memory
     writer.flush()
-    held = list(validated.get("held", []))
+    held = []
     if errors.held:
         held.append(ctx.staging.write("held/transform.parquet", [{"key": k} for k in sorted(errors.held)]))
     return {"buckets": writer.files, "records": writer.count, "held": held, **errors.summary()}
 
 
-def _side_chunks(ctx: RunContext, side: Side, files: list[str]) -> Iterator[list[dict[str, Any]]]:
+def _side_chunks(
+    ctx: RunContext, side: Side, chunks: Iterable[list[dict[str, Any]]]
+) -> Iterator[list[dict[str, Any]]]:
     """Chunks of entries; aggregated entities (inventory) are grouped by key across chunk ends."""
-    entries = (e for chunk in ctx.staging.iter(files) for e in chunk)
+    entries = (e for chunk in chunks for e in chunk)
     if side == "erp" and ctx.spec.erp.grouped:
         entries = _grouped(ctx, entries)
     chunk: list[dict[str, Any]] = []

@@ -250,12 +250,13 @@ class _Summary:
     def count(self, key: str, decision: MergeDecision, record: RecordInput) -> None:
         """Decisions of every merged record (writes are counted once their payloads are built)."""
         t = self.totals
-        changed = {s: side.modified for s in SIDES if (side := getattr(record, s)) and side.modified}
-        by = {s: side.by for s in SIDES if (side := getattr(record, s)) and side.by}
         t["records"] += 1
         t["stale"] += len(decision.stale)
         t["reports"] += len(decision.reports)
         t["echoes"] += any(d.reason.startswith("echo") for d in decision.decisions)
+        sides = {s: side for s in SIDES if (side := getattr(record, s))} if decision.conflicts else {}
+        changed = {s: side.modified for s, side in sides.items() if side.modified}
+        by = {s: side.by for s, side in sides.items() if side.by}
         for c in decision.conflicts:
             t["conflicts"] += 1
             item = ReviewItem(
