@@ -273,3 +273,51 @@ def test_long_stages_log_and_store_their_progress(env: Env, caplog: pytest.LogCa
     )
     report = env.store.run_report("progress", "customers")
     assert report is not None and report.progress is not None and report.progress["final"] is True
+
+
+def test_one_process_run_plans_what_the_stage_by_stage_tasks_plan_without_their_files(
+    dataverse_sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """``run_entity`` streams a whole-table ERP read into validation and validation into the
+    transform (no ``extract/erp`` or ``valid/`` files); the Airflow tasks pass files. Both must
+    plan the same records, quarantine the same rows with the same reasons and hold the same keys."""
+    from d365sync.engine.pipeline import Plan
+    from d365sync.engine.stages import RunContext, extract, resolve, transform, validate
+
+    sandbox = dataverse_sandbox_factory(seed=40)
+    rates = {"invalid_email": 0.05, "blank_name": 0.05, "trailing_spaces": 0.1, "unknown_currency": 0.03}
+    env = Env.create(sandbox, tmp_path, rows=300, **rates)
+    try:
+        spec = env.specs["customers"]
+        streamed = env.run("customers", dry_run=True, keep_staging=True, chunk_size=40, run_id="streamed")
+        folders = {
+            p.relative_to(env.staging / "streamed" / "customers").parts[0]
+            for p in (env.staging / "streamed" / "customers").rglob("*.parquet")
+        }
+        assert (
+            "valid" not in folders
+            and not (env.staging / "streamed" / "customers" / "extract" / "erp").exists()
+        )
+
+        ctx = RunContext(
+            spec, env.dynamics, env.erp, env.store, env.staging, run_id="tasks", dry_run=True, chunk_size=40
+        )
+        m: dict[str, Any] = {"extract": {s: extract(ctx, s) for s in ("dynamics", "erp")}}
+        assert m["extract"]["erp"]["files"]  # the task path does write them
+        m["validate"] = validate(ctx, m["extract"])
+        m["transform"] = transform(ctx, m["validate"])
+        m["resolve"] = resolve(ctx, m["transform"])
+        tasks = Plan.of(ctx, m)
+    finally:
+        env.close()
+        sandbox.stop()
+
+    plan = streamed.plan
+    assert plan.totals["quarantined"] > 10 and plan.writes["dynamics"]["create"] > 200
+    assert (plan.extracted, plan.writes, plan.totals) == (tasks.extracted, tasks.writes, tasks.totals)
+    assert _reasons(plan) == _reasons(tasks)
+    assert set(streamed.timings) >= {"extract_erp", "validate", "transform", "resolve"}
+
+
+def _reasons(plan: Any) -> list[tuple[str, str, str]]:
+    return sorted((q["side"], q["key"], q["reason"]) for q in plan.quarantined + plan.transform_errors)

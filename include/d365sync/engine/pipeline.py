@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from d365sync.engine.pii import mask_text
 from d365sync.engine.stages import (
+    Extraction,
     RunContext,
     RunValidationFailed,
     Window,
@@ -226,9 +227,19 @@ def _run(ctx: RunContext, timings: dict[str, float]) -> RunResult:
         finally:
             timings[name] = round(time.perf_counter() - started, 3)
 
-    m: dict[str, Any] = {"extract": {s: timed(f"extract_{s}", lambda s=s: extract(ctx, s)) for s in SIDES}}
-    # one pass in one process: the checked rows go straight to the transform (no valid/ files)
-    m["validate"], m["transform"] = validate_and_transform(ctx, m["extract"], timings)
+    m: dict[str, Any] = {"extract": {"dynamics": timed("extract_dynamics", lambda: extract(ctx, "dynamics"))}}
+    # One pass in one process: the checked rows go straight to the transform (no valid/ files),
+    # and an ERP table read whole goes straight to validation (no extract/erp files).
+    erp = Extraction(ctx, "erp")
+    bound = erp.row_bound()
+    if bound is None:
+        m["extract"]["erp"] = timed("extract_erp", lambda: erp.finish(erp.write()))
+        whole = None
+    else:
+        whole = (erp, bound)
+    m["validate"], m["transform"] = validate_and_transform(ctx, m["extract"], timings, whole)
+    if whole is not None:
+        m["extract"]["erp"] = erp.manifest
     m["resolve"] = timed("resolve", lambda: resolve(ctx, m["transform"]))
     plan = Plan.of(ctx, m)
     if not ctx.dry_run:

@@ -90,6 +90,10 @@ class ErpClient:
         """First column of the first row of a trusted query (tests, checks, the sandbox)."""
         return self._session.run(lambda cur: cur.execute(sql, *params).fetchone()[0])
 
+    def count_rows(self, spec: TableSpec) -> int:
+        """How many rows the table holds (sizes the buckets of a whole-table read)."""
+        return int(self.scalar(f"SELECT COUNT(*) FROM {self.dialect.q(spec.name)}"))
+
     # -- spec checks -------------------------------------------------------------------------
     def check_spec(self, spec: TableSpec) -> None:
         """Fail before any I/O on data if the table or a spec column does not exist."""

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from d365sync.engine.stages.commit import commit
 from d365sync.engine.stages.context import RunContext, Window
-from d365sync.engine.stages.extract import extract
+from d365sync.engine.stages.extract import Extraction, extract
 from d365sync.engine.stages.load import load
 from d365sync.engine.stages.prepare import RunValidationFailed, transform, validate, validate_and_transform
 from d365sync.engine.stages.resolve import resolve
 
 __all__ = [
+    "Extraction",
     "RunContext",
     "RunValidationFailed",
     "Window",

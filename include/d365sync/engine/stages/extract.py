@@ -38,36 +38,66 @@ from d365sync.engine.stages.context import (
 
 def extract(ctx: RunContext, side: Side) -> Manifest:
     """Read one side's changes into ``extract/<side>/NNNNN.parquet`` and stage its watermark."""
-    pending = _Pending.load(ctx, side)
-    full = ctx.window is None and ctx.store.watermark(ctx.entity, side) is None
-    if side == "dynamics":
-        changes, watermark = _dynamics_changes(ctx)
-    else:
-        changes, watermark = _erp_changes(ctx)
-    manifest = _write(ctx, side, [pending.mark(changes), pending.reread()])
-    mark = watermark()
-    manifest["full_load"] = full or bool(mark.get("full_resync"))
-    manifest["watermark"] = {k: _plain(v) for k, v in mark.items()}
-    if not ctx.dry_run:
-        ctx.store.stage_watermark(
-            ctx.entity, side, ctx.run_id, mark["value"], mark["token"], backfill=ctx.backfill
-        )
-    return manifest
+    run = Extraction(ctx, side)
+    return run.finish(run.write())
 
 
-def _write(ctx: RunContext, side: Side, streams: list[Iterable[dict[str, Any]]]) -> Manifest:
-    files: list[str] = []
-    counts = {"rows": 0, "deletes": 0, "replayed": 0}
-    progress = ctx.progress(f"extract_{side}")
-    for stream in streams:
-        for chunk in chunked(stream, ctx.chunk_size):
-            files.append(ctx.staging.write(f"extract/{side}/{len(files):05d}.parquet", chunk))
-            counts["rows"] += len(chunk)
-            counts["deletes"] += sum(1 for e in chunk if e["deleted"])
-            counts["replayed"] += sum(1 for e in chunk if e["retry"])
-            progress.add(len(chunk))
-    progress.finish()
-    return {"side": side, "files": files, **counts}
+class Extraction:
+    """One side's extract as a stream of chunks (:meth:`chunks`); :meth:`finish` stages the
+    watermark once the stream is read. :func:`extract` writes the chunks to files; a run that
+    holds every stage in one process may hand them to validation directly."""
+
+    def __init__(self, ctx: RunContext, side: Side) -> None:
+        self.ctx, self.side = ctx, side
+        self.pending = _Pending.load(ctx, side)
+        self.full = ctx.window is None and ctx.store.watermark(ctx.entity, side) is None
+        changes, self._watermark = _dynamics_changes(ctx) if side == "dynamics" else _erp_changes(ctx)
+        self._streams = [self.pending.mark(changes), self.pending.reread()]
+        self.counts = {"rows": 0, "deletes": 0, "replayed": 0}
+        self.manifest: Manifest | None = None
+
+    def row_bound(self) -> int | None:
+        """About how many entries the ERP side yields when it reads its table whole (a first or
+        snapshot read: the table's rows, plus the due retries); None when it reads changes only,
+        whose number is unknown until they are read."""
+        spec, ctx = self.ctx.spec, self.ctx
+        whole = spec.erp.change_detection.mode == "snapshot" or self.full
+        if self.side != "erp" or not whole or not hasattr(ctx.erp, "count_rows"):
+            return None
+        return int(ctx.erp.count_rows(ctx.erp_table)) + len(self.pending.due)
+
+    def chunks(self) -> Iterator[list[dict[str, Any]]]:
+        ctx, counts = self.ctx, self.counts
+        progress = ctx.progress(f"extract_{self.side}")
+        for stream in self._streams:
+            for chunk in chunked(stream, ctx.chunk_size):
+                counts["rows"] += len(chunk)
+                counts["deletes"] += sum(1 for e in chunk if e["deleted"])
+                counts["replayed"] += sum(1 for e in chunk if e["retry"])
+                progress.add(len(chunk))
+                yield chunk
+        progress.finish()
+
+    def write(self) -> list[str]:
+        """Every chunk into ``extract/<side>/NNNNN.parquet``; the file names in order."""
+        staging, side = self.ctx.staging, self.side
+        return [
+            staging.write(f"extract/{side}/{i:05d}.parquet", chunk) for i, chunk in enumerate(self.chunks())
+        ]
+
+    def finish(self, files: list[str]) -> Manifest:
+        """The manifest, once :meth:`chunks` is read to its end; stages the watermark."""
+        ctx = self.ctx
+        manifest: Manifest = {"side": self.side, "files": files, **self.counts}
+        mark = self._watermark()
+        manifest["full_load"] = self.full or bool(mark.get("full_resync"))
+        manifest["watermark"] = {k: _plain(v) for k, v in mark.items()}
+        if not ctx.dry_run:
+            ctx.store.stage_watermark(
+                ctx.entity, self.side, ctx.run_id, mark["value"], mark["token"], backfill=ctx.backfill
+            )
+        self.manifest = manifest
+        return manifest
 
 
 def _entry(key: Any, row: dict[str, Any], *, deleted: bool = False, id_: str | None = None) -> dict[str, Any]:

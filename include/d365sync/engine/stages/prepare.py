@@ -36,6 +36,7 @@ from d365sync.engine.stages.context import (
     norm_key,
     replay_payload,
 )
+from d365sync.engine.stages.extract import Extraction
 from d365sync.engine.staging import _safe
 from d365sync.engine.state import Failure, ParkedChild, ReviewItem
 from d365sync.engine.transforms import MissingParent, TransformError
@@ -70,28 +71,63 @@ def validate(ctx: RunContext, extracts: Mapping[str, Manifest]) -> Manifest:
 
 
 def validate_and_transform(
-    ctx: RunContext, extracts: Mapping[str, Manifest], timings: dict[str, float] | None = None
+    ctx: RunContext,
+    extracts: Mapping[str, Manifest],
+    timings: dict[str, float] | None = None,
+    erp: tuple[Extraction, int] | None = None,
 ) -> tuple[Manifest, Manifest]:
-    """Both stages in one pass over the extract files, for a run that holds every stage in one
-    process (:func:`~d365sync.engine.pipeline.run_entity`): the checked rows go straight to the
+    """Both stages in one pass, for a run that holds every stage in one process
+    (:func:`~d365sync.engine.pipeline.run_entity`): the checked rows go straight to the
     transform instead of through ``valid/`` files. Same rows, same buckets, same manifests
     (``files`` of the validate manifest is empty). ``timings`` gets each stage's seconds.
+
+    ``erp``: the ERP side's :class:`Extraction` not yet read, and a bound of its rows (it reads
+    its table whole, see :meth:`Extraction.row_bound`): its chunks go from the ERP straight to
+    validation, with no ``extract/erp`` files either, and ``extracts`` gets its manifest.
 
     One difference of order: the invalid share is judged after the transform, so a run that a
     full load's share stops has already queued its transform failures as well (dead letters,
     retried like any other).
     """
-    started = time.perf_counter()
+    started, pulled = time.perf_counter(), _Clock()
     checks = _Validation(ctx)
-    chunks = {s: checks.side(s, ctx.staging.iter(extracts[s]["files"])) for s in SIDES}
-    rows = {s: int(extracts[s]["rows"]) for s in SIDES}  # an upper bound of the valid rows
-    transformed = _transform(ctx, chunks, rows)
+    sources: dict[str, Iterable[list[dict[str, Any]]]] = {
+        s: ctx.staging.iter(m["files"]) for s, m in extracts.items()
+    }
+    rows = {s: int(m["rows"]) for s, m in extracts.items()}  # an upper bound of the valid rows
+    if erp is not None:
+        sources["erp"], rows["erp"] = pulled.iter(erp[0].chunks()), erp[1]
+    transformed = _transform(ctx, {s: checks.side(s, sources[s]) for s in SIDES}, rows)
+    if erp is not None:
+        extracts = {**extracts, "erp": erp[0].finish([])}  # type: ignore[dict-item]
     validated = checks.finish(extracts)
     transformed["held"] = [*validated["held"], *transformed["held"]]
     if timings is not None:
-        timings["validate"] = round(checks.seconds, 3)
+        if erp is not None:
+            timings["extract_erp"] = round(pulled.seconds, 3)
+        timings["validate"] = round(checks.seconds - pulled.seconds, 3)
         timings["transform"] = round(time.perf_counter() - started - checks.seconds, 3)
     return validated, transformed
+
+
+class _Clock:
+    """Seconds spent producing the items of the iterables it wraps."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def iter(self, items: Iterable[Any]) -> Iterator[Any]:
+        source = iter(items)
+        while True:
+            started = time.perf_counter()
+            item = next(source, _END)
+            self.seconds += time.perf_counter() - started
+            if item is _END:
+                return
+            yield item
+
+
+_END = object()
 
 
 class _Validation:
@@ -105,18 +141,17 @@ class _Validation:
         self.seconds = 0.0  # spent here, reading the chunks included, not in the consumer
 
     def side(self, side: Side, chunks: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
-        out, batches = self.out, _batched(chunks, self.ctx.validation_batch)
-        while True:
-            started = time.perf_counter()
-            entries = next(batches, None)
-            if entries is None:
-                self.seconds += time.perf_counter() - started
-                return
+        clock = _Clock()
+        yield from clock.iter(self._side(side, chunks))
+        self.seconds += clock.seconds
+
+    def _side(self, side: Side, chunks: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
+        out = self.out
+        for entries in _batched(chunks, self.ctx.validation_batch):
             kept, quarantined = _validate_chunk(self.ctx, side, entries)
             out["rows"][side] += sum(1 for e in entries if not e["deleted"] and not e.get("retry"))
             out["quarantined"][side] += sum(1 for e, _ in quarantined if not e.get("retry"))
             _quarantine(self.ctx, side, quarantined, out)
-            self.seconds += time.perf_counter() - started
             yield kept
 
     def finish(self, extracts: Mapping[str, Manifest]) -> Manifest:
