@@ -133,7 +133,9 @@ def write_groups(handle: Any, groups: list[Group]) -> None:
             "data": pa.array([g.data for g in groups], pa.binary()),
         }
     )
-    pq.write_table(table, handle, compression="zstd")
+    # No dictionary pages or statistics: each column holds one value per group, so they would
+    # only cost time (a 1M run writes thousands of small bucket files).
+    pq.write_table(table, handle, compression="zstd", use_dictionary=False, write_statistics=False)
 
 
 def read_groups(handle: Any) -> list[Group]:

@@ -352,6 +352,21 @@ class StateStore(InboxQueries):
             out[key] = StoredRecord(row["id"], row["dynamics_id"], key, row["status"], None)
         return out
 
+    def holds_anything(self, entity: str) -> bool:
+        """Whether the store knows any record, open or decided review, or active dead letter of
+        ``entity`` (an entity's first run knows none: its per-key look-ups can be skipped)."""
+        queries = (
+            select(t.record.c.id).where(t.record.c.entity == entity),
+            select(t.review.c.id).where(
+                t.review.c.entity == entity, t.review.c.status.in_(("open", "decided"))
+            ),
+            select(t.dead_letter.c.id).where(
+                t.dead_letter.c.entity == entity, t.dead_letter.c.status.in_(ACTIVE)
+            ),
+        )
+        with self.engine.connect() as conn:
+            return any(conn.execute(query.limit(1)).first() is not None for query in queries)
+
     def iter_base(self, entity: str) -> Iterator[list[StoredRecord]]:
         """Every record of an entity, a chunk at a time in id order (reconciliation, reports)."""
         last = 0

@@ -292,6 +292,26 @@ class Chain:
         return value
 
 
+@dataclass(frozen=True)
+class _OneStep(Chain):
+    """A chain of one step (most are): the same call without the loop (the hot path of a run)."""
+
+    def __post_init__(self) -> None:
+        ((rule, fn, handles_none),) = self.steps
+        object.__setattr__(self, "_step", (rule, fn, handles_none))
+
+    def __call__(self, value: Any, row: Row, ctx: TransformContext) -> Any:
+        rule, fn, handles_none = self._step  # type: ignore[attr-defined]
+        if value is None and not handles_none:
+            return None
+        try:
+            return fn(value, row, ctx)
+        except TransformError as exc:
+            raise exc.located(rule=rule) from None
+        except (ValueError, TypeError, ArithmeticError, KeyError) as exc:
+            raise TransformError(str(exc), value=value, rule=rule) from exc
+
+
 def parse_args(name: str, args: Mapping[str, Any] | None) -> Args:
     """Validate a step's arguments against its transform; unknown names list what exists."""
     tdef = REGISTRY.get(name)
@@ -313,7 +333,9 @@ def compile_chain(steps: Sequence[Step], env: BuildEnv) -> Chain | None:
         args = parse_args(name, raw)
         tdef = REGISTRY[name]
         built.append((name, tdef.build(args, env), tdef.handles_none))
-    return Chain(tuple(built)) if built else None
+    if not built:
+        return None
+    return _OneStep(tuple(built)) if len(built) == 1 else Chain(tuple(built))
 
 
 def invert_chain(steps: Sequence[Step]) -> list[Step]:

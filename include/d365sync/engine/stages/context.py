@@ -72,6 +72,7 @@ class RunContext:
     _select: list[str] | None = None
     _columns: dict[str, dict[str, str | None]] = field(default_factory=dict)
     _plan: Any = None
+    _fresh: bool | None = None
 
     def __post_init__(self) -> None:
         """The store encrypts the spec's ``pii`` fields; with no key for them the run refuses to start."""
@@ -106,6 +107,17 @@ class RunContext:
         if self._plan is None:
             self._plan = self.spec.plan
         return self._plan
+
+    @property
+    def fresh(self) -> bool:
+        """The entity's first run: when first asked, the store held no record, review or active
+        dead letter of it, so per-key look-ups of those (thousands of ``IN`` queries in a 1M
+        initial load) can only find what this run added. What it adds is for keys it holds
+        back (quarantined, parked for review), which later stages skip anyway. Each Airflow
+        task asks anew, after the tasks before it stored theirs."""
+        if self._fresh is None:
+            self._fresh = not self.store.holds_anything(self.entity)
+        return self._fresh
 
     def write_columns(self, side: str) -> dict[str, str | None]:
         """Canonical field → the column it is written to on ``side`` (None: not written there)."""
@@ -216,10 +228,12 @@ def fewer_collections(young: int = 100_000) -> Iterator[None]:
     reference counting; the old setting is restored afterwards.
     """
     before = gc.get_threshold()
-    gc.set_threshold(max(young, before[0]), *before[1:])
+    gc.set_threshold(max(young, before[0]), max(50, before[1]), max(100, before[2]))
+    gc.freeze()  # what was alive before the stage (modules, GX) is never scanned during it
     try:
         yield
     finally:
+        gc.unfreeze()
         gc.set_threshold(*before)
 
 

@@ -168,9 +168,10 @@ class _Pending:
         """Fresh entries of pending keys carry their markers (matched by GUID too: a Dataverse row
         queued before it had a key is the same record once it has one)."""
         for batch in chunked(entries, self.ctx.chunk_size):
-            names = {name for e in batch for name in (e["key"], e["id"]) if name}
-            for letter in self.ctx.store.active_dead_letters(self.ctx.entity, keys=sorted(names)):
-                self.add_letter(letter, due=False)
+            if not self.ctx.fresh:
+                names = {name for e in batch for name in (e["key"], e["id"]) if name}
+                for letter in self.ctx.store.active_dead_letters(self.ctx.entity, keys=sorted(names)):
+                    self.add_letter(letter, due=False)
             by_guid = {guid: key for key, guid in self.ids.items()}
             for entry in batch:
                 key = entry["key"] if entry["key"] in self.markers else by_guid.get(entry["id"] or "")

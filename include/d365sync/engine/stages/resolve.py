@@ -101,8 +101,9 @@ def _resolve_bucket(
     summary: _Summary,
 ) -> list[dict[str, Any]]:
     keys = sorted((set(records) | set(decided)) - held)
-    stored = ctx.store.load_base(ctx.entity, "erp", keys)
-    under = ctx.store.under_review(ctx.entity, keys)
+    fresh = ctx.fresh
+    stored = {} if fresh else ctx.store.load_base(ctx.entity, "erp", keys)
+    under = {} if fresh else ctx.store.under_review(ctx.entity, keys)
     rules, entries = ctx.spec.merge_rules(), []
     for key in keys:
         sides, reviews = records.get(key, {}), decided.get(key, [])
