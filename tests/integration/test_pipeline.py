@@ -290,6 +290,9 @@ def test_one_process_run_plans_what_the_stage_by_stage_tasks_plan_without_their_
     try:
         spec = env.specs["customers"]
         streamed = env.run("customers", dry_run=True, keep_staging=True, chunk_size=40, run_id="streamed")
+        unkept = env.run("customers", dry_run=True, chunk_size=40, run_id="unkept")
+        assert streamed.manifests["resolve"]["files"] and unkept.manifests["resolve"]["files"] == []
+        assert unkept.plan.writes == streamed.plan.writes  # no plan files to read: none written
         folders = {
             p.relative_to(env.staging / "streamed" / "customers").parts[0]
             for p in (env.staging / "streamed" / "customers").rglob("*.parquet")

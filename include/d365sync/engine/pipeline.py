@@ -190,6 +190,7 @@ def run_entity(
         retries_per_run=retries_per_run,
         data_docs_dir=data_docs_dir,
         progress_every=progress_every,
+        plan_files=not dry_run or keep_staging,
     )
     ctx.validator = validator
     if run_id:

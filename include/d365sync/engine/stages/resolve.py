@@ -9,8 +9,9 @@ A plan entry (``plan/bNNNNN.parquet``) holds everything load and commit need: pe
 operation, the changed canonical fields, the payload in the side's column names (built here so
 a missing lookup parent parks the record *before* anything is written) and the expected
 version; the new base; the old values (for the audit log); the raw rows (for a dead letter).
-Manifest: ``{"files", "counts": {side: {op: n}}, "conflicts", "echoes", "stale", "reports",
-"resolved", "samples": {...}}``.
+A dry run of :func:`~d365sync.engine.pipeline.run_entity` writes no plan file (nothing would
+read it) unless its staging is kept. Manifest: ``{"files", "counts": {side: {op: n}},
+"conflicts", "echoes", "stale", "reports", "resolved", "samples": {...}}``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def resolve(ctx: RunContext, transformed: Manifest) -> Manifest:
     for b, names in enumerate(buckets):
         records = _meet(ctx, names)
         entries = _resolve_bucket(ctx, records, decided.get(b, {}), held, summary)
-        if entries:
+        if entries and ctx.plan_files:
             files.append(ctx.staging.write(f"plan/b{b:05d}.parquet", entries, tags=plan_tags))
         summary.store(ctx)  # per bucket, so queued items never pile up in memory
     return {"files": files, **summary.manifest()}
