@@ -6,7 +6,8 @@
    and excluded. Goal ≥ 20,000 records/s.
 2. Peak RSS of a 1,000,000-customer initial sync *plan* (``--plan-rows``): a dry run through
    extract → validate → transform → resolve against a seeded SQLite ERP and an empty sandbox, in
-   a child process, read with ``resource.getrusage``. Goal < 1 GB.
+   a child process, read with ``resource.getrusage``. Goals: < 1 GB, and under 120 s (issue 14).
+   ``--profile N`` runs it under cProfile and prints the N functions with the most own time.
 3. A full initial sync of ``--rows`` customers end to end: SQLite ERP → sandbox (limits raised),
    records/s and Dataverse API requests per 1,000 records.
 
@@ -17,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import json
+import pstats
 import resource
 import subprocess
 import sys
@@ -105,12 +109,15 @@ def stage_throughput(rows: int) -> list[list[Any]]:
     return out
 
 
-def plan_rss(rows: int) -> list[list[Any]]:
-    """Run the dry-run plan in a child so its peak RSS is its own."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--child-plan", str(rows)], check=True, capture_output=True, text=True
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+def plan_rss(rows: int, profile: int = 0) -> list[list[Any]]:
+    """Run the dry-run plan in a child so its peak RSS is its own; with ``profile``, under
+    cProfile, printing the top ``profile`` functions by own time (the times run slower)."""
+    command = [sys.executable, __file__, "--child-plan", str(rows), "--profile", str(profile)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    *report, last = out.stdout.strip().splitlines()
+    if report:
+        print("\n".join(report))
+    result = json.loads(last)
     mb = result["maxrss_kb"] / 1024
     return [
         [
@@ -123,7 +130,7 @@ def plan_rss(rows: int) -> list[list[Any]]:
     ]
 
 
-def _child_plan(rows: int) -> None:
+def _child_plan(rows: int, profile: int = 0) -> None:
     from d365sync.engine.pipeline import run_entity
     from d365sync.engine.state import StateStore
     from d365sync.erp import ErpClient
@@ -138,16 +145,22 @@ def _child_plan(rows: int) -> None:
         spec = load_entity(ROOT / "include" / "entities" / "customers.yaml")
         with client_for(instance) as dyn, StateStore.open(f"sqlite:///{folder}/state.db") as store:
             add_currencies(dyn)
-            result = run_entity(
-                spec,
-                dynamics=dyn,
-                erp=erp,
-                store=store,
-                staging=Path(folder) / "stg",
-                dry_run=True,
-                chunk_size=CHUNK,
-            )
+            profiler = cProfile.Profile() if profile else None
+            with profiler or contextlib.nullcontext():
+                result = run_entity(
+                    spec,
+                    dynamics=dyn,
+                    erp=erp,
+                    store=store,
+                    staging=Path(folder) / "stg",
+                    dry_run=True,
+                    chunk_size=CHUNK,
+                )
         t2 = time.perf_counter()
+        if profiler is not None:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(profile)
+            print("\n".join(line[:160] for line in text.getvalue().splitlines() if line.strip()))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         summary = {"maxrss_kb": rss, "seed_s": t1 - t0, "plan_s": t2 - t1, "writes": result.plan.writes}
         print(json.dumps(summary))
@@ -233,9 +246,12 @@ def main() -> None:
     parser.add_argument("--plan-rows", type=int, default=1_000_000)
     parser.add_argument("--only", choices=("stages", "rss", "sync"), default=None)
     parser.add_argument("--child-plan", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile", type=int, default=0, help="profile the plan run: print the top N functions by own time"
+    )
     args = parser.parse_args()
     if args.child_plan is not None:
-        _child_plan(args.child_plan)
+        _child_plan(args.child_plan, args.profile)
         return
     if args.only in (None, "stages"):
         print_table(
@@ -247,7 +263,7 @@ def main() -> None:
         print_table(
             "Peak RSS of an initial sync plan (dry run, child process)",
             ["customers", "seed s", "plan s", "peak RSS MB", "< 1 GB"],
-            plan_rss(args.plan_rows),
+            plan_rss(args.plan_rows, args.profile),
         )
     if args.only in (None, "sync"):
         print_table(
