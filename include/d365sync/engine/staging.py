@@ -100,7 +100,7 @@ class Group:
 
     @classmethod
     def of(cls, tags: str | None, placed: list[tuple[int, Mapping[str, Any]]]) -> Group:
-        rows = [dict(row) for _, row in placed]
+        rows = [row if type(row) is dict else dict(row) for _, row in placed]
         keys = [_text(row.get("key")) for row in rows]
         return cls(tags, keys, [i for i, _ in placed], pickle.dumps(rows, protocol=5))
 
