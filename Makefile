@@ -24,6 +24,10 @@ PYTEST_WORKERS ?= 2
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON := $(PYTHON)
 export UV_LINK_MODE := copy
+# Installed packages get their bytecode at install time (pip does this by default, uv does not):
+# where PYTHONDONTWRITEBYTECODE is set, as on CI machines, every process would otherwise compile
+# Airflow, GX and pandas from source on each import (GX alone: 7.5 s against 3.3 s).
+export UV_COMPILE_BYTECODE := 1
 
 .PHONY: demo stop sync test lint bench soak system-deps venv venv-airbyte clean
 

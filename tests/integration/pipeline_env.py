@@ -150,3 +150,19 @@ def person_client(env: Env) -> Iterator[DynamicsClient]:
     """A client acting as :data:`PERSON` (their edits are not the sync's own)."""
     with env.sandbox.client(client_id=PERSON["client_id"], client_secret=PERSON["client_secret"]) as client:
         yield client
+
+
+def before_first_write(monkeypatch: pytest.MonkeyPatch, action: Callable[[], Any]) -> list[Any]:
+    """Run ``action`` once, after the next run's extract and resolve of its first bucket, just
+    before the first plan file goes to a load; returns a list that then holds its result."""
+    from d365sync.engine.stages.load import Loading
+
+    real, done = Loading.add, []
+
+    def add(self: Loading, name: str, entries: Any = None) -> None:
+        if not done:
+            done.append(action())
+        real(self, name, entries)
+
+    monkeypatch.setattr(Loading, "add", add)
+    return done

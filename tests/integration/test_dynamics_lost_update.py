@@ -9,16 +9,15 @@ user's edit is arranged, by running it just before the load stage.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from d365sync.engine import pipeline
 from d365sync.engine.stages import Window
-from tests.integration.pipeline_env import Env, env_with_person
+from tests.integration.pipeline_env import Env, before_first_write, env_with_person
 from tests.sandbox_fixtures import SandboxFactory
 
 # GX 1.24.1 imports the deprecated sre_constants/sre_parse modules on Python 3.11 (as in
@@ -56,19 +55,6 @@ def _user_edit(person: Any, **changes: Any) -> None:
     assert outcome[0].ok, outcome
 
 
-def _before_load(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
-    """Run ``action`` once, after resolve and before the first load stage of the next run."""
-    real, done = pipeline.load, []
-
-    def load(ctx: Any, resolved: Any, side: str) -> Any:
-        if not done:
-            done.append(True)
-            action()
-        return real(ctx, resolved, side)
-
-    monkeypatch.setattr(pipeline, "load", load)
-
-
 def _edit_erp(env: Env) -> None:
     env.erp.execute(
         [f"UPDATE CUST_MASTER SET CITY = 'ERP City', CREDIT_LIMIT = 4321.00 WHERE CUST_NO = '{KEY}'"]
@@ -81,7 +67,7 @@ def test_edit_between_extract_and_load_is_deferred_then_merged_with_ours(
     env.run("customers")
     _edit_erp(env)
     phone = "+44 20 7946 0123"
-    _before_load(monkeypatch, lambda: _user_edit(person, address1_city="User City", telephone1=phone))
+    before_first_write(monkeypatch, lambda: _user_edit(person, address1_city="User City", telephone1=phone))
 
     first = env.run("customers")
 
@@ -132,7 +118,7 @@ def test_record_deleted_after_extract_is_not_recreated(
     env.run("customers")
     _edit_erp(env)
     guid = env.dynamics_rows("accounts", ["accountid"], f"accountnumber eq '{KEY}'")[0]["accountid"]
-    _before_load(monkeypatch, lambda: person.delete("accounts", guid))
+    before_first_write(monkeypatch, lambda: person.delete("accounts", guid))
 
     result = env.run("customers")
 
@@ -156,7 +142,7 @@ def test_backfill_defers_what_a_person_changed_and_writes_over_the_syncs_own_wri
         ]
     )
     start = datetime.now(UTC) - timedelta(hours=1)
-    _before_load(monkeypatch, lambda: _user_edit(person, address1_city="User City"))
+    before_first_write(monkeypatch, lambda: _user_edit(person, address1_city="User City"))
 
     result = env.run("customers", window=Window(start, datetime.now(UTC) + timedelta(minutes=1)))
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 
-from d365sync.engine import pipeline
 from d365sync.engine.stages import freshness
-from tests.integration.pipeline_env import Env, env_with_person
+from tests.integration.pipeline_env import Env, before_first_write, env_with_person
 from tests.sandbox_fixtures import SandboxFactory
 
 pytestmark = pytest.mark.filterwarnings(
@@ -104,22 +103,16 @@ def test_a_person_editing_during_the_load_keeps_the_token_so_the_edit_is_synced(
 def test_a_key_created_in_dynamics_after_the_extract_is_deferred_not_overwritten(
     env: Env, person: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real, done, key = pipeline.load, [], _key(env)
-
-    def load_after_a_person_created_the_key(ctx: Any, resolved: Any, side: str) -> Any:
-        if not done:
-            done.append(True)
-            guid = person.create("accounts", {"accountnumber": key, "name": "Made by a person"})
-            done.append(guid)
-        return real(ctx, resolved, side)
-
-    monkeypatch.setattr(pipeline, "load", load_after_a_person_created_the_key)
+    key = _key(env)
+    done = before_first_write(
+        monkeypatch, lambda: person.create("accounts", {"accountnumber": key, "name": "Made by a person"})
+    )
     first = env.run("customers")
     monkeypatch.undo()
 
     accounts = _accounts(env)
     assert accounts[key]["name"] == "Made by a person"  # not overwritten by our create
-    assert accounts[key]["accountid"].lower() == done[1].lower()
+    assert accounts[key]["accountid"].lower() == done[0].lower()
     manifest = first.manifests["load"]["dynamics"]
     assert (manifest["deferred"], manifest["failed"]) == (1, 0)
     assert manifest["counts"]["create"] == len(accounts) - 1  # everyone else went through
@@ -131,7 +124,7 @@ def test_a_key_created_in_dynamics_after_the_extract_is_deferred_not_overwritten
 
     same_key = env.dynamics_rows("accounts", ["accountid"], f"accountnumber eq '{key}'")
     assert [row["accountid"] for row in same_key] == [accounts[key]["accountid"]]
-    assert env.store.load_base("customers", "erp", [key])[key].dynamics_id == done[1].lower()
+    assert env.store.load_base("customers", "erp", [key])[key].dynamics_id == done[0].lower()
     assert env.store.dead_letters("customers") == []
 
 

@@ -324,3 +324,54 @@ def test_one_process_run_plans_what_the_stage_by_stage_tasks_plan_without_their_
 
 def _reasons(plan: Any) -> list[tuple[str, str, str]]:
     return sorted((q["side"], q["key"], q["reason"]) for q in plan.quarantined + plan.transform_errors)
+
+
+def test_loads_take_each_bucket_while_resolve_merges_the_next(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_entity`` hands each merged bucket to both loads at once: the first plan file goes to
+    Dataverse before the last bucket is merged, and the plan files keep only what commit reads
+    back (the loads got their entries in memory). Everything still arrives, once."""
+    from d365sync.engine.stages.load import Loading
+    from d365sync.engine.stages.resolve import plan_tags
+    from d365sync.engine.staging import Staging
+
+    events: list[tuple[str, str]] = []
+    kept: list[dict[str, Any]] = []
+    real_write, real_add = Staging.write, Loading.add
+
+    def write(self: Staging, name: str, rows: Any, tags: Any = None) -> str:
+        if name.startswith("plan/"):
+            rows = list(rows)
+            kept.extend(rows)
+            events.append(("planned", name))
+        return real_write(self, name, rows, tags)
+
+    def add(self: Loading, name: str, entries: Any = None) -> None:
+        assert entries, "a one-process run hands the loads their entries"
+        events.append((f"load_{self.side}", name))
+        real_add(self, name, entries)
+
+    monkeypatch.setattr(Staging, "write", write)
+    monkeypatch.setattr(Loading, "add", add)
+    result = env.run("customers", chunk_size=7)
+    monkeypatch.undo()
+
+    planned = [name for kind, name in events if kind == "planned"]
+    first_load = next(i for i, (kind, _) in enumerate(events) if kind == "load_dynamics")
+    last_plan = max(i for i, (kind, _) in enumerate(events) if kind == "planned")
+    assert len(planned) > 3 and first_load < last_plan  # loading began while resolve went on
+    assert [n for k, n in events if k == "load_dynamics"] == planned  # every bucket, in order
+    assert all("C" in plan_tags(e) for e in kept)  # only what commit reads was written
+
+    _no_failures({"customers": result})
+    created = result.plan.writes["dynamics"]["create"]
+    assert created > 20
+    assert {s: m["counts"] for s, m in result.manifests["load"].items()} == result.plan.writes
+    accounts = env.dynamics_rows("accounts", ["accountnumber"])
+    numbers = [row["accountnumber"] for row in accounts]
+    assert len(numbers) == len(set(numbers)) >= created  # no duplicates
+    stored = env.store.load_base("customers", "erp", numbers)
+    assert sum(1 for s in stored.values() if s.status == "synced" and s.dynamics_id) >= created
+    again = env.run("customers")
+    assert again.plan.writes == {"dynamics": {}, "erp": {}}

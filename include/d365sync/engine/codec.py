@@ -37,9 +37,12 @@ def _hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
+_ENCODER = json.JSONEncoder(default=_default, separators=(",", ":"), sort_keys=True)
+
+
 def encode(value: Any) -> str:
     """JSON that round-trips Decimal (scale kept), datetime and date exactly: bases compare equal."""
-    return json.dumps(value, default=_default, separators=(",", ":"), sort_keys=True)
+    return _ENCODER.encode(value)
 
 
 def decode(text: str | None) -> Any:

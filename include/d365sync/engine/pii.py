@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from functools import lru_cache
 from typing import Any, Final
 
 _EMAIL_FIELD: Final = re.compile(r"e_?mail", re.IGNORECASE)
@@ -68,11 +69,18 @@ def mask_value(field: str, value: Any) -> Any:
     """Mask e-mails (``j***@e***.com``) and phones (``+33 *** *** 12``); pass other values through."""
     if not isinstance(value, str) or not value:
         return value
-    if _EMAIL_FIELD.search(field) or _EMAIL_VALUE.match(value):
+    kind = _field_kind(field)
+    if kind == "email" or ("@" in value and _EMAIL_VALUE.match(value)):
         return mask_email(value)
-    if _PHONE_FIELD.search(field) or _PHONE_VALUE.match(value):
+    if kind == "phone" or (len(value) >= 7 and _PHONE_VALUE.match(value)):
         return mask_phone(value)
     return value
+
+
+@lru_cache(maxsize=4096)
+def _field_kind(field: str) -> str | None:
+    """What a field's name says it holds (asked once per name: the audit masks every value)."""
+    return "email" if _EMAIL_FIELD.search(field) else "phone" if _PHONE_FIELD.search(field) else None
 
 
 def mask_any(field: str, value: Any, *, by_shape: bool = True, personal: Collection[str] = ()) -> Any:
@@ -109,7 +117,7 @@ def mask_personal(value: Any) -> Any:
 
 def personal_field(field: str) -> bool:
     """Whether a field's name says it holds an e-mail or a phone number."""
-    return bool(_EMAIL_FIELD.search(field) or _PHONE_FIELD.search(field))
+    return _field_kind(field) is not None
 
 
 def mask_email(value: str) -> str:

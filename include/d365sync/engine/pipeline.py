@@ -25,11 +25,11 @@ from d365sync.engine.stages import (
     Window,
     commit,
     extract,
-    load,
     resolve,
     validate_and_transform,
 )
 from d365sync.engine.stages.context import SIDES, Manifest, fewer_collections
+from d365sync.engine.stages.load import Loading
 from d365sync.engine.staging import PathLike
 from d365sync.engine.state import StateStore
 
@@ -190,7 +190,7 @@ def run_entity(
         retries_per_run=retries_per_run,
         data_docs_dir=data_docs_dir,
         progress_every=progress_every,
-        plan_files=not dry_run or keep_staging,
+        plan_files="all" if keep_staging else "none" if dry_run else "commit",
     )
     ctx.validator = validator
     if run_id:
@@ -241,11 +241,44 @@ def _run(ctx: RunContext, timings: dict[str, float]) -> RunResult:
     m["validate"], m["transform"] = validate_and_transform(ctx, m["extract"], timings, whole)
     if whole is not None:
         m["extract"]["erp"] = erp.manifest
-    m["resolve"] = timed("resolve", lambda: resolve(ctx, m["transform"]))
-    plan = Plan.of(ctx, m)
-    if not ctx.dry_run:
-        m["load"] = {
-            s: timed(f"load_{s}", lambda s=s: load(ctx, m["resolve"], s)) for s in ("erp", "dynamics")
-        }
+    if ctx.dry_run:
+        m["resolve"] = timed("resolve", lambda: resolve(ctx, m["transform"]))
+    else:
+        m["resolve"], m["load"] = _resolve_and_load(ctx, m["transform"], timings)
         m["commit"] = timed("commit", lambda: commit(ctx, m["resolve"], m["load"]))
-    return RunResult(ctx.run_id, plan, m, timings)
+    return RunResult(ctx.run_id, Plan.of(ctx, m), m, timings)
+
+
+def _resolve_and_load(
+    ctx: RunContext, transformed: Manifest, timings: dict[str, float]
+) -> tuple[Manifest, dict[str, Manifest]]:
+    """Resolve, with both loads taking each plan file as soon as it is written: Dataverse and
+    the ERP write bucket N while this process merges bucket N+1.
+
+    The timings stay per stage: ``resolve`` is the merging itself, ``load_<side>`` the time this
+    process spent handing that side its files and booking what came back (bases, audit rows,
+    dead letters), waiting included. Together they are the wall time of the two stages.
+    """
+    loads = {side: Loading(ctx, side) for side in ("erp", "dynamics")}
+    spent = dict.fromkeys(loads, 0.0)
+
+    def planned(name: str, entries: list[dict[str, Any]]) -> None:
+        for side, loading in loads.items():
+            started = time.perf_counter()
+            loading.add(name, entries)
+            spent[side] += time.perf_counter() - started
+
+    try:
+        started = time.perf_counter()
+        resolved = resolve(ctx, transformed, planned)
+        timings["resolve"] = round(time.perf_counter() - started - sum(spent.values()), 3)
+        manifests = {}
+        for side, loading in loads.items():
+            loading.progress.total = sum(resolved["counts"][side].values())  # known now
+            started = time.perf_counter()
+            manifests[side] = loading.finish()
+            timings[f"load_{side}"] = round(spent[side] + time.perf_counter() - started, 3)
+        return resolved, manifests
+    finally:
+        for loading in loads.values():
+            loading.close()

@@ -289,14 +289,19 @@ class StateStore(InboxQueries):
 
     # --- key map and merge base ---------------------------------------------------------------
 
-    def reserve_keys(self, entity: str, pairs: Iterable[KeyPair], run_id: str) -> int:
-        """Commit the pairing of records about to be created, before the load (crash safety, 1)."""
+    def reserve_keys(
+        self, entity: str, pairs: Iterable[KeyPair], run_id: str, *, unseen: bool = False
+    ) -> int:
+        """Commit the pairing of records about to be created, before the load (crash safety, 1).
+
+        ``unseen``: the caller knows that the store holds none of these keys (an entity's first
+        run, whose store held nothing of it), so they are inserted without looking them up.
+        """
         count = 0
         for chunk in chunks(pairs, self.chunk_size):
             with self.engine.begin() as conn:
-                count += self._store_rows(
-                    conn, entity, run_id, [(p.dynamics_id, p.erp_key, None) for p in chunk]
-                )
+                rows = [(p.dynamics_id, p.erp_key, None) for p in chunk]
+                count += self._store_rows(conn, entity, run_id, rows, unseen=unseen)
         return count
 
     def reserved_keys(self, entity: str, erp_keys: Iterable[str]) -> set[str]:
@@ -395,10 +400,12 @@ class StateStore(InboxQueries):
         entity: str,
         run_id: str,
         rows: list[tuple[str | None, str | None, Base | None]],
+        *,
+        unseen: bool = False,
     ) -> int:
         """Insert or update key map rows in bulk; a pairing that contradicts another is refused."""
         rows = list({(_guid(d), e): (_guid(d), e, b) for d, e, b in rows}.values())
-        existing = self._existing(conn, entity, rows)
+        existing = {} if unseen else self._existing(conn, entity, rows)
         now = _now()
         seen: datetime | None = None
         inserts, updates = [], []

@@ -66,9 +66,10 @@ class RunContext:
     data_docs_dir: str | None = None
     progress_every: float = 30.0  # seconds between progress lines of a long extract or load
     actor: str = "d365sync"
-    # Plan files are read by load and commit only; a dry run (which has neither) skips them
-    # unless its staging is kept for a look (run_entity's keep_staging).
-    plan_files: bool = True
+    # Plan files are read by load and commit only. "all": every entry (the Airflow tasks, or a
+    # kept staging to look at); "commit": only what commit reads back (run_entity hands the
+    # loads their entries in memory); "none": a dry run, which has neither.
+    plan_files: Literal["all", "commit", "none"] = "all"
     validator: Any = None  # validate(spec, side, rows, key_column=...); default: GX (engine.validation)
     _tctx: Any = None
     _erp_table: Any = None

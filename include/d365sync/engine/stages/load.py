@@ -38,7 +38,10 @@ parts (``part`` of ``parts``) gives one manifest per part; :func:`merge_loads` j
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,41 +66,90 @@ def load(ctx: RunContext, resolved: Manifest, side: Side, part: int = 0, parts: 
     ``part``/``parts`` split one large load between workers: part ``i`` takes every ``parts``-th
     plan file (each a bucket of key hashes) from the ``i``-th, so no two workers ever write the
     same record; :func:`merge_loads` gives commit one manifest per side again.
-
-    Writes and book-keeping overlap: while the state store takes chunk N's bases and audit rows
-    (here), a worker thread already sends chunk N+1, so neither system waits for the other. The
-    state store is written from this thread only (key reservations before a chunk is handed
-    over, bases after it came back), so SQLite never makes the two wait on each other's locks.
-    Each chunk is still written after its keys were reserved and before its base is saved,
-    which is all the crash contract asks.
     """
-    if ctx.dry_run:
-        raise RuntimeError("load must not run in a dry run")
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    fresh = Freshness.start(ctx) if side == "dynamics" else None
-    tally = _Tally(side)
+    if not 0 <= part < parts:
+        raise ValueError(f"load part {part} of {parts} does not exist")
     total = sum((resolved.get("counts") or {}).get(side, {}).values())
-    progress = ctx.progress(f"load_{side}" + (f"[{part}]" if parts > 1 else ""), -(-total // parts) or None)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"load-{side}")
+    label = f"load_{side}" + (f"[{part}]" if parts > 1 else "")
+    loading = Loading(ctx, side, total=-(-total // parts) or None, label=label)
     try:
-        written: Future[_Written] | None = None
-        if not 0 <= part < parts:
-            raise ValueError(f"load part {part} of {parts} does not exist")
         for name in resolved["files"][part::parts]:
-            following = pool.submit(_write_file, ctx, side, fresh, _prepare_file(ctx, side, name))
-            if written is not None:
-                progress.add(tally.book(ctx, written.result()))
-            written = following
-        if written is not None:
-            progress.add(tally.book(ctx, written.result()))
+            loading.add(name)
+        return loading.finish()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    progress.finish()
-    manifest = {"side": side, "results": tally.results, "counts": tally.counts, "failed": tally.failed}
-    if fresh is not None:
-        manifest |= {"deferred": tally.deferred, "freshness_checks": fresh.checks}
-    return manifest
+        loading.close()
+
+
+class Loading:
+    """One side's load, fed one plan file at a time (by :func:`load`, or by resolve as it writes
+    each file, so that a one-process run writes bucket N while it merges bucket N+1).
+
+    Writes and book-keeping overlap: while the state store takes file N's bases, audit rows and
+    dead letters (here, on the caller's thread), worker threads already send the next files, so
+    neither system waits for the other. The state store is written from the caller's thread only
+    (key reservations before a file is handed over, everything else after it came back), so
+    SQLite never makes the two wait on each other's locks. Each file is still written after its
+    keys were reserved and before its bases are saved, which is all the crash contract asks.
+
+    Dataverse takes ``workers`` files at once (two by default): each file's creates or upserts
+    go out as requests of up to 1,000 records through the client's limiter (four at a time by
+    default), and a second file keeps those slots busy while the first one's last request is
+    still out. Files hold disjoint keys (buckets), and the freshness check of a file runs under a
+    lock, one file at a time, as before. The ERP side takes one file at a time (an ODBC
+    connection is not shared between threads).
+    """
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        side: Side,
+        *,
+        total: int | None = None,
+        label: str | None = None,
+        workers: int | None = None,
+    ) -> None:
+        if ctx.dry_run:
+            raise RuntimeError("load must not run in a dry run")
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ctx, self.side = ctx, side
+        self.workers = workers or (2 if side == "dynamics" else 1)
+        self.fresh = Freshness.start(ctx) if side == "dynamics" else None
+        self.tally = _Tally(side)
+        self.progress = ctx.progress(label or f"load_{side}", total)
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"load-{side}")
+        self._pending: deque[Future[_Written]] = deque()
+        self._checking = threading.Lock()
+
+    def add(self, name: str, entries: list[dict[str, Any]] | None = None) -> None:
+        """Hand over one plan file (``entries``: its entries, when the caller holds them already);
+        books the files written so far, waiting while ``workers`` are still out."""
+        todo = _prepare_file(self.ctx, self.side, name, entries)
+        if not todo.entries:
+            return
+        sent = self._pool.submit(_write_file, self.ctx, self.side, self.fresh, todo, self._checking)
+        self._pending.append(sent)
+        while self._pending and (len(self._pending) > self.workers or self._pending[0].done()):
+            self._book()
+
+    def finish(self) -> Manifest:
+        """Book every file still out; the side's manifest."""
+        while self._pending:
+            self._book()
+        self.close()
+        self.progress.finish()
+        t = self.tally
+        manifest = {"side": self.side, "results": t.results, "counts": t.counts, "failed": t.failed}
+        if self.fresh is not None:
+            manifest |= {"deferred": t.deferred, "freshness_checks": self.fresh.checks}
+        return manifest
+
+    def close(self) -> None:
+        """Stop the workers (files not yet sent are dropped: the run fails, its rerun sends them)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _book(self) -> None:
+        self.progress.add(self.tally.book(self.ctx, self._pending.popleft().result()))
 
 
 def merge_loads(manifests: list[Manifest]) -> Manifest:
@@ -144,29 +196,43 @@ class _Written:
     outcome: dict[str, tuple[bool, str | None]]
     deferred: int
     known: set[str]
+    letters: list[tuple[list[Failure], bool]] = field(default_factory=list)  # (failures, retry now)
 
 
-def _prepare_file(ctx: RunContext, side: Side, name: str) -> _Written:
+def _prepare_file(
+    ctx: RunContext, side: Side, name: str, entries: list[dict[str, Any]] | None = None
+) -> _Written:
     """This side's entries of one plan file, with the keys of its creates reserved."""
-    mine = [e for e in ctx.staging.read(name, tag=side[0].upper()) if side in e["writes"]]
+    if entries is None:
+        entries = ctx.staging.read(name, tag=side[0].upper())
+    mine = [e for e in entries if side in e["writes"]]
     known = _known_creates(ctx, side, mine)
     creates = [e for e in mine if e["writes"][side]["op"] == "create"]
     if creates:
         pairs = [KeyPair(None if side == "dynamics" else e["dynamics_id"], e["key"]) for e in creates]
-        ctx.store.reserve_keys(ctx.entity, pairs, ctx.run_id)
+        # in an entity's first run, no key of this file can be in the store (files hold
+        # disjoint keys): nothing to look up
+        ctx.store.reserve_keys(ctx.entity, pairs, ctx.run_id, unseen=ctx.fresh)
     return _Written(name, mine, {}, 0, known)
 
 
-def _write_file(ctx: RunContext, side: Side, fresh: Freshness | None, todo: _Written) -> _Written:
+def _write_file(
+    ctx: RunContext, side: Side, fresh: Freshness | None, todo: _Written, checking: threading.Lock
+) -> _Written:
+    """One plan file's writes (on a worker thread): the store is not touched here."""
     mine, known = todo.entries, todo.known
-    if not mine:
-        return todo
     assert isinstance(known, _Known)
-    waiting = _defer_moved(ctx, fresh, mine, known) if fresh is not None else set()
-    outcome = _load_chunk(ctx, side, [e for e in mine if e["key"] not in waiting], known)
+    letters: list[tuple[list[Failure], bool]] = []
+    waiting: set[str] = set()
+    if fresh is not None:
+        with checking:  # the feed's token is carried from one check to the next
+            deferred = _defer_moved(ctx, fresh, mine, known)
+        letters.append((deferred, True))
+        waiting = {f.record_key for f in deferred}
+    outcome = _load_chunk(ctx, side, [e for e in mine if e["key"] not in waiting], known, letters)
     moved = {k for k in outcome if k in known.moved}
     outcome |= {key: (False, None) for key in waiting}
-    return _Written(todo.name, mine, outcome, len(waiting) + len(moved), known)
+    return _Written(todo.name, mine, outcome, len(waiting) + len(moved), known, letters)
 
 
 @dataclass
@@ -181,6 +247,8 @@ class _Tally:
         """Bases, audit rows and the results file of one written plan file; its entry count."""
         if not done.entries:
             return 0
+        for failures, retry_now in done.letters:
+            ctx.dead_letter("load", failures, retry_now=retry_now)
         self.deferred += done.deferred
         self.failed += sum(1 for ok, _ in done.outcome.values() if not ok) - done.deferred
         _after_chunk(ctx, self.side, done.entries, done.outcome, self.counts)
@@ -206,12 +274,12 @@ def _known_creates(ctx: RunContext, side: Side, entries: list[dict[str, Any]]) -
     creates = [e for e in entries if e["writes"]["dynamics"]["op"] == "create"]
     known = {e["key"] for e in creates if e["dynamics_id"]}
     rest = [e["key"] for e in creates if not e["dynamics_id"]]
-    return _Known(known | (ctx.store.reserved_keys(ctx.entity, rest) if rest else set()))
+    return _Known(known | (ctx.store.reserved_keys(ctx.entity, rest) if rest and not ctx.fresh else set()))
 
 
 def _defer_moved(
     ctx: RunContext, fresh: Freshness, entries: list[dict[str, Any]], known: set[str]
-) -> set[str]:
+) -> list[Failure]:
     """Dynamics writes whose record changed there since the extract: dead-lettered, due at once,
     with both sides' rows, so the next run merges the newer edit instead of overwriting it.
 
@@ -224,7 +292,7 @@ def _defer_moved(
         return op == "update" or (op == "create" and entry["key"] in known)
 
     if not any(checked(e) for e in entries):
-        return set()
+        return []
     fresh.refresh()
     failures = []
     for entry in entries:
@@ -233,13 +301,17 @@ def _defer_moved(
         if (reason := fresh.moved(entry)) is not None:
             rows = {**entry["raw"], "dynamics": fresh.current_row(entry)}
             failures.append(Failure(entry["key"], f"load dynamics deferred: {reason}", replay_payload(rows)))
-    ctx.dead_letter("load", failures, retry_now=True)
-    return {f.record_key for f in failures}
+    return failures
 
 
 def _load_chunk(
-    ctx: RunContext, side: Side, entries: list[dict[str, Any]], known: _Known
+    ctx: RunContext,
+    side: Side,
+    entries: list[dict[str, Any]],
+    known: _Known,
+    letters: list[tuple[list[Failure], bool]],
 ) -> dict[str, tuple[bool, str | None]]:
+    """Write ``entries``; their failures go to ``letters`` (queued when the file is booked)."""
     if not entries:
         return {}
     errors: dict[str, str] = {}
@@ -248,8 +320,8 @@ def _load_chunk(
         _load_dynamics(ctx, entries, errors, ids, known)
     else:
         _load_erp(ctx, entries, errors)
-    _dead_letter(ctx, side, [e for e in entries if e["key"] not in known.moved], errors)
-    _dead_letter(ctx, side, [e for e in entries if e["key"] in known.moved], errors, retry_now=True)
+    letters.append((_failures(side, [e for e in entries if e["key"] not in known.moved], errors), False))
+    letters.append((_failures(side, [e for e in entries if e["key"] in known.moved], errors), True))
     return {e["key"]: (e["key"] not in errors, ids.get(e["key"])) for e in entries}
 
 
@@ -283,22 +355,14 @@ def _audit(side: Side, entry: Mapping[str, Any]) -> AuditEntry:
     return AuditEntry(entry["key"], side, write["op"], fields, before, {f: after.get(f) for f in fields})
 
 
-def _dead_letter(
-    ctx: RunContext,
-    side: Side,
-    entries: list[dict[str, Any]],
-    errors: Mapping[str, str],
-    *,
-    retry_now: bool = False,
-) -> None:
-    failures = [
+def _failures(side: Side, entries: list[dict[str, Any]], errors: Mapping[str, str]) -> list[Failure]:
+    return [
         Failure(
             e["key"], f"load {side} {e['writes'][side]['op']}: {errors[e['key']]}", replay_payload(e["raw"])
         )
         for e in entries
         if e["key"] in errors
     ]
-    ctx.dead_letter("load", failures, retry_now=retry_now)
 
 
 # ---------------------------------------------------------------------------- Dynamics

@@ -16,7 +16,7 @@ read it) unless its staging is kept. Manifest: ``{"files", "counts": {side: {op:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from d365sync.engine.merge import MergeDecision, RecordInput, SideRecord, Write, merge_record
@@ -35,9 +35,17 @@ from d365sync.spec import EntityLookup
 
 MAX_SAMPLES = 200
 
+#: called with each plan file's name and entries as soon as it is written
+Planned = Callable[[str, list[dict[str, Any]]], None]
 
-def resolve(ctx: RunContext, transformed: Manifest) -> Manifest:
-    """Merge every bucket; write the plan files; queue conflicts for review."""
+
+def resolve(ctx: RunContext, transformed: Manifest, planned: Planned | None = None) -> Manifest:
+    """Merge every bucket; write the plan files; queue conflicts for review.
+
+    ``planned(name, entries)`` is called with each bucket's entries once its plan file is
+    written (with ``ctx.plan_files == "commit"``: only the entries commit reads back) and its
+    reviews, parked children and failures are queued: a one-process run starts loading it there.
+    """
     buckets: list[list[str]] = transformed["buckets"]
     decided = _decided(ctx, len(buckets))
     summary = _Summary()
@@ -46,9 +54,13 @@ def resolve(ctx: RunContext, transformed: Manifest) -> Manifest:
     for b, names in enumerate(buckets):
         records = _meet(ctx, names)
         entries = _resolve_bucket(ctx, records, decided.get(b, {}), held, summary)
-        if entries and ctx.plan_files:
-            files.append(ctx.staging.write(f"plan/b{b:05d}.parquet", entries, tags=plan_tags))
+        name = f"plan/b{b:05d}.parquet"
+        kept = entries if ctx.plan_files == "all" else [e for e in entries if "C" in plan_tags(e)]
+        if entries and ctx.plan_files != "none":
+            files.append(ctx.staging.write(name, kept, tags=plan_tags))
         summary.store(ctx)  # per bucket, so queued items never pile up in memory
+        if entries and planned is not None:
+            planned(files[-1], entries)
     return {"files": files, **summary.manifest()}
 
 
