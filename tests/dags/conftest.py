@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+MIGRATED = "airflow.db.migrated"  # the session's metadata DB as `airflow db migrate` left it
 DAGS_FOLDER = REPO / "dags"
 BIN = Path(sys.executable).parent
 # The tasks of every entity DAG, in the order they run.
@@ -139,6 +141,14 @@ class AirflowEnv:
     def with_env(self, **extra: str) -> AirflowEnv:
         return AirflowEnv(self.home, {**self.env, **extra})
 
+    def own_home(self, home: Path) -> AirflowEnv:
+        """This session's settings on a home of its own, holding a copy of the metadata DB as it
+        was just migrated: no DAG version, run or stack of another module writes there. For a
+        test that reads back what one command wrote (a copy costs nothing; a migration does)."""
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.home / MIGRATED, home / "airflow.db")
+        return AirflowEnv(home, {**self.env, **airflow_base_env(home)})
+
     def cli(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``airflow <args>`` against this home."""
         return subprocess.run(
@@ -211,6 +221,7 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> AirflowEnv:
         [str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    shutil.copyfile(home / "airflow.db", home / MIGRATED)  # for AirflowEnv.own_home
     return AirflowEnv(home, env)
 
 

@@ -27,8 +27,11 @@ def env(
     dataverse_sandbox_factory: SandboxFactory,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SyncEnv]:
+    # a home of its own: the test reads the DAG version its run used, and a stack or run of
+    # another module in the session's home may serialize sync_customers without the alert
+    own = airflow_env.own_home(tmp_path_factory.mktemp("airflow-home-dags-test"))
     with sqlite_sync_env(
-        airflow_env,
+        own,
         dataverse_sandbox_factory,
         tmp_path_factory,
         "dags-test-cli",
