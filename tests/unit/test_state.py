@@ -213,6 +213,29 @@ def test_reserved_pairing_is_returned_without_base_until_saved(store: StateStore
         store.reserve_keys("customers", [KeyPair(GUID, "C10")], "r2")
 
 
+def test_unseen_keys_are_reserved_without_a_look_up_and_saved_like_checked_ones(store: StateStore) -> None:
+    """An entity's first run reserves keys it knows the store lacks without querying them; the
+    rows are the same pending pairings, and saving their bases later finds them as usual."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2].split()[0]))
+    assert store.reserve_keys("customers", [KeyPair(None, f"N{i}") for i in range(7)], "r1", unseen=True) == 7
+    unseen, statements[:] = statements.count("SELECT"), []
+    assert store.reserve_keys("customers", [KeyPair(None, f"M{i}") for i in range(7)], "r1") == 7
+    assert statements.count("SELECT") - unseen == 3  # the key look-up of each chunk of 3, skipped
+    pending = store.load_base("customers", "erp", ["N0", "N6", "M1"])
+    assert {k: (r.status, r.base) for k, r in pending.items()} == {
+        "N0": ("pending", None),
+        "N6": ("pending", None),
+        "M1": ("pending", None),
+    }
+    store.save_base("customers", [BaseRow(GUID, "N6", base(v=1))], "r1")
+    saved = store.load_base("customers", "erp", ["N6"])["N6"]
+    assert (saved.dynamics_id, saved.status, saved.base.values) == (GUID, "synced", {"v": 1})
+    assert len(store.load_base("customers", "dynamics", [GUID])) == 1  # one row: the reserved one
+
+
 # --- watermarks ---------------------------------------------------------------------------------
 
 
