@@ -236,6 +236,54 @@ def test_unseen_keys_are_reserved_without_a_look_up_and_saved_like_checked_ones(
     assert len(store.load_base("customers", "dynamics", [GUID])) == 1  # one row: the reserved one
 
 
+def _guid(n: int) -> str:
+    return f"00000000-0000-4000-8000-{n:012d}"
+
+
+def _key_map(store: StateStore) -> list[tuple[object, ...]]:
+    """Every key-map row as stored, without the ids and times that differ between stores."""
+    c = schema.record.c
+    columns = [c.entity, c.dynamics_id, c.erp_key, c.status, c.dynamics_version, c.erp_version]
+    columns += [c.dynamics_modified, c.erp_modified, c.deleted_on, c.run_id]
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(*columns, c.base_json).order_by(c.erp_key)).all()
+    return [(*row[:-1], store.privacy.reveal(decode(row[-1])) if row[-1] else None) for row in rows]
+
+
+def test_reserved_creates_fill_their_reservations_without_a_look_up_and_store_what_checked_saves_do(
+    tmp_path: Path,
+) -> None:
+    """A first run's creates update their own pending reservations by key (no look-up query);
+    the rows end up exactly as the checked path leaves them, and a chunk with a row that has no
+    reservation of this run falls back to the checked path without losing or doubling a row."""
+    from sqlalchemy import event
+
+    stored = []
+    for reserved in (True, False):
+        with StateStore.open(f"sqlite:///{tmp_path / f'{reserved}.db'}", chunk_size=3) as store:
+            statements: list[str] = []
+            event.listen(store.engine, "before_cursor_execute", lambda *a, s=statements: s.append(a[2]))
+            store.reserve_keys("customers", [KeyPair(None, f"N{i}") for i in range(5)], "r1", unseen=True)
+            statements.clear()
+            rows = [BaseRow(_guid(i).upper(), f"N{i}", base(v=i)) for i in range(5)]
+            assert store.save_base("customers", rows, "r1", reserved=reserved) == 5
+            looked_up = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+            assert (looked_up == []) is reserved
+            # the second chunk holds N5, never reserved, and N3, reserved by another run
+            store.reserve_keys("customers", [KeyPair(None, "N3x")], "r0")
+            more = [BaseRow(_guid(6), "N5", base(v=5)), BaseRow(_guid(7), "N3x", base(v=3))]
+            assert store.save_base("customers", more, "r1", reserved=reserved) == 2
+            stored.append(_key_map(store))
+    assert stored[0] == stored[1]
+    assert [(row[2], row[1], row[3], row[-1]) for row in stored[0]] == [
+        *[(f"N{i}", _guid(i), "synced", {"v": i}) for i in range(3)],
+        ("N3", _guid(3), "synced", {"v": 3}),
+        ("N3x", _guid(7), "synced", {"v": 3}),
+        ("N4", _guid(4), "synced", {"v": 4}),
+        ("N5", _guid(6), "synced", {"v": 5}),
+    ]
+
+
 # --- watermarks ---------------------------------------------------------------------------------
 
 

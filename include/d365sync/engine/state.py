@@ -47,6 +47,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from d365sync.engine import migrations
+from d365sync.engine.bulk import execute_many
 from d365sync.engine.codec import decode, encode
 from d365sync.engine.inbox import InboxQueries
 from d365sync.engine.merge import SIDES, Base
@@ -316,15 +317,48 @@ class StateStore(InboxQueries):
                 found.update(conn.execute(query).scalars())
         return found
 
-    def save_base(self, entity: str, rows: Iterable[BaseRow], run_id: str) -> int:
-        """Store the new base of records whose loads succeeded, key map included, per chunk."""
+    def save_base(self, entity: str, rows: Iterable[BaseRow], run_id: str, *, reserved: bool = False) -> int:
+        """Store the new base of records whose loads succeeded, key map included, per chunk.
+
+        ``reserved``: the caller knows that each row is a record this run created after
+        reserving its key, in an entity's first run (the store held nothing else of it). Its
+        pending key-map row is then updated by key, without looking the keys up first. A chunk
+        in which any row finds no such row is stored the checked way instead (the same values,
+        so the rows the first attempt did update are simply written again).
+        """
         count = 0
         for chunk in chunks(rows, self.chunk_size):
+            pairs = [(r.dynamics_id, r.erp_key, r.base) for r in chunk]
             with self.engine.begin() as conn:
-                count += self._store_rows(
-                    conn, entity, run_id, [(r.dynamics_id, r.erp_key, r.base) for r in chunk]
-                )
+                if not (reserved and self._claim_reserved(conn, entity, run_id, pairs)):
+                    self._store_rows(conn, entity, run_id, pairs)
+                count += len(pairs)
         return count
+
+    def _claim_reserved(
+        self, conn: Connection, entity: str, run_id: str, rows: list[tuple[str | None, str | None, Base]]
+    ) -> bool:
+        """Fill this run's pending reservations with their bases; False if any row found none."""
+        if not conn.dialect.supports_sane_multi_rowcount or any(e is None for _, e, _ in rows):
+            return False
+        now = _now()
+        params = [
+            _record_values(entity, _guid(d), e, b, run_id, now, self.privacy) | {"_key": e, "_dyn": _guid(d)}
+            for d, e, b in rows
+        ]
+        c = t.record.c
+        claim = (
+            update(t.record)
+            .where(
+                c.entity == entity,
+                c.erp_key == bindparam("_key"),
+                c.status == "pending",
+                c.run_id == run_id,
+                or_(c.dynamics_id.is_(None), c.dynamics_id == bindparam("_dyn")),
+            )
+            .values({name: bindparam(name) for name in params[0] if not name.startswith("_")})
+        )
+        return execute_many(conn, claim, params) == len(params)
 
     def load_base(self, entity: str, side: str, keys: Iterable[str]) -> dict[str, StoredRecord]:
         """Key map rows (with their base) for the given keys of one side, fetched per chunk.
@@ -418,10 +452,12 @@ class StateStore(InboxQueries):
             elif base is not None or match["status"] in ("pending", "erased"):
                 updates.append({**_fill_keys(values, match), "_id": match["id"]})
         if inserts:
-            conn.execute(t.record.insert(), inserts)
+            execute_many(conn, t.record.insert(), inserts)
         if updates:
             cols = {c: bindparam(c) for c in updates[0] if c != "_id"}
-            conn.execute(update(t.record).where(t.record.c.id == bindparam("_id")).values(cols), updates)
+            execute_many(
+                conn, update(t.record).where(t.record.c.id == bindparam("_id")).values(cols), updates
+            )
         return len(inserts) + len(updates)
 
     @staticmethod
@@ -869,7 +905,7 @@ class StateStore(InboxQueries):
             now = _now()
             rows = [_audit_row(run_id, entity, entry, actor, now, self.privacy) for entry in chunk]
             with self.engine.begin() as conn:
-                conn.execute(t.audit.insert(), rows)
+                execute_many(conn, t.audit.insert(), rows)
             count += len(rows)
         return count
 

@@ -335,12 +335,14 @@ def _after_chunk(
     """Base for one-sided records, audit for every successful write."""
     done = [e for e in entries if outcome[e["key"]][0]]
     solo = [e for e in done if len(e["writes"]) == 1]
-    rows = [
-        BaseRow(outcome[e["key"]][1] or e["dynamics_id"], e["key"], base_from_dict(e["base"]))
-        for e in solo
-        if e["base"]
-    ]
-    ctx.store.save_base(ctx.entity, rows, ctx.run_id)  # type: ignore[arg-type]
+    # an entity's first run reserved the key of each create, and nothing else is in the store
+    rows: dict[bool, list[BaseRow]] = {True: [], False: []}
+    for e in solo:
+        if e["base"]:
+            row = BaseRow(outcome[e["key"]][1] or e["dynamics_id"], e["key"], base_from_dict(e["base"]))
+            rows[ctx.fresh and e["writes"][side]["op"] == "create"].append(row)
+    for reserved, some in rows.items():
+        ctx.store.save_base(ctx.entity, some, ctx.run_id, reserved=reserved)
     ctx.store.audit(ctx.run_id, ctx.entity, (_audit(side, e) for e in done), ctx.actor)
     for e in done:
         op = e["writes"][side]["op"]
