@@ -54,6 +54,28 @@ def test_multifernet_decrypts_with_any_key_and_encrypts_with_the_first() -> None
         Cipher([new]).open(token)
 
 
+def test_tokens_are_aes_gcm_and_fernet_tokens_written_before_still_open() -> None:
+    """New tokens: version byte 0x91, a 12-byte nonce, ciphertext and tag (AES-256-GCM under a
+    key derived from the configured one); the same value seals differently each time; a changed
+    byte is refused, not decrypted to something else; Fernet tokens of earlier versions open."""
+    import base64
+
+    key = _key()
+    cipher = Cipher([key])
+    token = cipher.seal({"email": "anna@example.com"})["$pii"]
+    raw = base64.urlsafe_b64decode(token)
+    assert raw[0] == 0x91 and len(raw) == 1 + 12 + len('{"email":"anna@example.com"}') + 16
+    assert b"anna" not in raw and cipher.seal({"email": "anna@example.com"})["$pii"] != token
+    assert cipher.open(token) == {"email": "anna@example.com"}
+    tampered = base64.urlsafe_b64encode(raw[:-1] + bytes([raw[-1] ^ 1])).decode()
+    with pytest.raises(PrivacyError, match="none of the 1 key"):
+        cipher.open(tampered)
+    legacy = Fernet(key).encrypt(b'{"email":"anna@example.com"}').decode()
+    assert Cipher([_key(), key]).open(legacy) == {"email": "anna@example.com"}
+    with pytest.raises(PrivacyError, match="none of the 1 key"):
+        Cipher([_key()]).open(legacy)
+
+
 def test_keys_come_from_the_connection_then_the_variable_and_bad_keys_say_so() -> None:
     key = _key()
     conn = f'{{"conn_type": "generic", "password": "{key}"}}'

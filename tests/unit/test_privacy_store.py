@@ -145,6 +145,22 @@ def test_rotation_old_key_then_new_key_then_old_key_dropped(store: StateStore, k
     assert raw_hits(store.engine, (NAME, EMAIL, PHONE)) == []
 
 
+def test_rotation_rewrites_fernet_tokens_of_earlier_versions_as_aes_gcm(store: StateStore, key: str) -> None:
+    import base64
+    import json
+
+    legacy = Fernet(key).encrypt(json.dumps({"email": EMAIL}).encode()).decode()
+    store.save_base("customers", [BaseRow(GUID, KEY, Base({"number": KEY}))], "r0")
+    with store.engine.begin() as conn:
+        conn.execute(update(t.record).values(base_json=json.dumps({"number": KEY, "$pii": legacy})))
+    assert store.load_base("customers", "erp", [KEY])[KEY].base.values == {"number": KEY, "email": EMAIL}  # type: ignore[union-attr]
+    assert data_subjects.rotate_keys(store)["sync_record"] == 1
+    with store.engine.connect() as conn:
+        token = json.loads(conn.execute(select(t.record.c.base_json)).scalar_one())["$pii"]
+    assert token != legacy and base64.urlsafe_b64decode(token)[0] == 0x91
+    assert store.load_base("customers", "erp", [KEY])[KEY].base.values == {"number": KEY, "email": EMAIL}  # type: ignore[union-attr]
+
+
 def test_rotation_encrypts_values_stored_before_the_field_was_marked(store: StateStore, key: str) -> None:
     clear = StateStore(store.engine, upgrade=False, privacy=Privacy(insecure=True))
     clear.privacy.register("customers", PII)
