@@ -7,6 +7,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +42,38 @@ def api_requests(instance: DataverseSandbox) -> int:
     """Requests the sandbox served outside the identity endpoints."""
     counters = instance.counters()
     return int(counters["requests"])
+
+
+@dataclass
+class Cpu:
+    """CPU seconds spent during a timed step: this process (all threads), its calling thread,
+    and the sandbox server process (read from ``/proc``, so Linux only)."""
+
+    process: float = 0.0
+    thread: float = 0.0
+    sandbox: float = 0.0
+
+
+@contextmanager
+def cpu_spent(instance: DataverseSandbox) -> Iterator[Cpu]:
+    """Measure the CPU a step costs on each side: the engine (or client) and the sandbox."""
+    spent = Cpu()
+    started = (time.process_time(), time.thread_time(), _process_cpu(instance.pid))
+    try:
+        yield spent
+    finally:
+        spent.process = time.process_time() - started[0]
+        spent.thread = time.thread_time() - started[1]
+        spent.sandbox = _process_cpu(instance.pid) - started[2]
+
+
+def _process_cpu(pid: int | None) -> float:
+    """User plus system CPU seconds of a process so far (0 when unknown)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def append_ratio(rows: list[list[Any]], column: int, *, speed_up: bool = False) -> None:
