@@ -11,8 +11,8 @@ What is encrypted, per entity with ``pii`` fields (see ``docs/security.md``):
 Keys (``erp_key``, ``dynamics_id``, ``record_key``) stay clear: every lookup needs them, and a
 spec refuses ``pii: true`` on its key field.
 
-Keys: one or more Fernet keys, comma-separated, newest first. :class:`cryptography.fernet.MultiFernet`
-decrypts with any of them and encrypts with the first, so rotation is "put a new key first,
+Keys: one or more keys in Fernet's format, comma-separated, newest first. :class:`Cipher`
+decrypts with any of them and encrypts with the first (AES-256-GCM), so rotation is "put a new key first,
 run ``d365sync privacy rotate-keys``, then drop the old key". Where they come from is the
 caller's business (the engine imports no Airflow): the DAGs read the ``d365sync_pii``
 connection's password through any secrets backend, the CLI reads ``AIRFLOW_CONN_D365SYNC_PII``
