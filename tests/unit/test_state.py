@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -240,44 +240,79 @@ def _guid(n: int) -> str:
     return f"00000000-0000-4000-8000-{n:012d}"
 
 
-def _key_map(store: StateStore) -> list[tuple[object, ...]]:
-    """Every key-map row as stored, without the ids and times that differ between stores."""
+def _key_map(store: StateStore, entity: str) -> list[tuple[object, ...]]:
+    """An entity's key-map rows as stored, without the ids and times that differ between runs."""
     c = schema.record.c
-    columns = [c.entity, c.dynamics_id, c.erp_key, c.status, c.dynamics_version, c.erp_version]
+    columns = [c.dynamics_id, c.erp_key, c.status, c.dynamics_version, c.erp_version]
     columns += [c.dynamics_modified, c.erp_modified, c.deleted_on, c.run_id]
+    query = select(*columns, c.base_json).where(c.entity == entity).order_by(c.erp_key)
     with store.engine.connect() as conn:
-        rows = conn.execute(select(*columns, c.base_json).order_by(c.erp_key)).all()
+        rows = conn.execute(query).all()
     return [(*row[:-1], store.privacy.reveal(decode(row[-1])) if row[-1] else None) for row in rows]
 
 
+def test_bulk_rows_are_stored_as_sqlalchemy_stores_them(store: StateStore) -> None:
+    """``execute_many`` (SQLite: compiled once, the rows handed to the driver as tuples) stores
+    exactly what SQLAlchemy's ``executemany`` stores, aware datetimes and NULLs included."""
+    from d365sync.engine.bulk import execute_many
+
+    aware = datetime(2024, 5, 1, 14, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    rows = [
+        {"run_id": "r", "entity": "bulk", "record_key": f"K{i}", "side": "erp", "operation": "create"}
+        | {"fields_json": "[]", "before_json": None, "after_json": f'{{"v": {i}}}', "actor": "a", "at": aware}
+        for i in range(3)
+    ]
+    a = schema.audit.c
+    with store.engine.begin() as conn:
+        assert execute_many(conn, schema.audit.insert(), rows) in (3, -1)
+        conn.execute(schema.audit.insert(), [r | {"entity": "plain"} for r in rows])
+    with store.engine.connect() as conn:
+        stored = {
+            entity: conn.execute(
+                select(a.record_key, a.before_json, a.after_json, a.at)
+                .where(a.entity == entity)
+                .order_by(a.id)
+            ).all()
+            for entity in ("bulk", "plain")
+        }
+    assert stored["bulk"] == stored["plain"]
+    assert stored["bulk"][2] == (
+        "K2",
+        None,
+        '{"v": 2}',
+        T0 + timedelta(microseconds=123456),
+    )  # 14:00+02 is 12:00 UTC
+    with store.engine.connect() as conn:
+        assert execute_many(conn, schema.audit.insert(), []) == 0
+
+
 def test_reserved_creates_fill_their_reservations_without_a_look_up_and_store_what_checked_saves_do(
-    tmp_path: Path,
+    store: StateStore,
 ) -> None:
-    """A first run's creates update their own pending reservations by key (no look-up query);
-    the rows end up exactly as the checked path leaves them, and a chunk with a row that has no
-    reservation of this run falls back to the checked path without losing or doubling a row."""
+    """A first run's creates update their own pending reservations by key, without a look-up
+    query where the driver counts the rows an ``executemany`` matched. The rows end up
+    exactly as the checked path leaves them (entity ``vendors`` here), and a chunk with a row
+    that has no reservation of this run falls back to the checked path, losing or doubling none."""
     from sqlalchemy import event
 
-    stored = []
-    for reserved in (True, False):
-        with StateStore.open(f"sqlite:///{tmp_path / f'{reserved}.db'}", chunk_size=3) as store:
-            statements: list[str] = []
-            event.listen(store.engine, "before_cursor_execute", lambda *a, s=statements: s.append(a[2]))
-            store.reserve_keys("customers", [KeyPair(None, f"N{i}") for i in range(5)], "r1", unseen=True)
-            statements.clear()
-            rows = [BaseRow(_guid(i).upper(), f"N{i}", base(v=i)) for i in range(5)]
-            assert store.save_base("customers", rows, "r1", reserved=reserved) == 5
-            looked_up = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-            assert (looked_up == []) is reserved
-            # the second chunk holds N5, never reserved, and N3, reserved by another run
-            store.reserve_keys("customers", [KeyPair(None, "N3x")], "r0")
-            more = [BaseRow(_guid(6), "N5", base(v=5)), BaseRow(_guid(7), "N3x", base(v=3))]
-            assert store.save_base("customers", more, "r1", reserved=reserved) == 2
-            stored.append(_key_map(store))
-    assert stored[0] == stored[1]
-    assert [(row[2], row[1], row[3], row[-1]) for row in stored[0]] == [
-        *[(f"N{i}", _guid(i), "synced", {"v": i}) for i in range(3)],
-        ("N3", _guid(3), "synced", {"v": 3}),
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    counts_rows = store.engine.dialect.supports_sane_multi_rowcount  # SQLite and psycopg2 do
+    for entity, reserved in (("customers", True), ("vendors", False)):
+        store.reserve_keys(entity, [KeyPair(None, f"N{i}") for i in range(5)], "r1", unseen=True)
+        statements.clear()
+        rows = [BaseRow(_guid(i).upper(), f"N{i}", base(v=i)) for i in range(5)]
+        assert store.save_base(entity, rows, "r1", reserved=reserved) == 5
+        looked_up = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        assert (looked_up == []) is (reserved and counts_rows)
+        # the second chunk holds N5, never reserved, and N3x, reserved by another run
+        store.reserve_keys(entity, [KeyPair(None, "N3x")], "r0")
+        more = [BaseRow(_guid(6), "N5", base(v=5)), BaseRow(_guid(7), "N3x", base(v=3))]
+        assert store.save_base(entity, more, "r1", reserved=reserved) == 2
+    customers = _key_map(store, "customers")
+    assert customers == _key_map(store, "vendors")
+    assert [(row[1], row[0], row[2], row[-1]) for row in customers] == [
+        *[(f"N{i}", _guid(i), "synced", {"v": i}) for i in range(4)],
         ("N3x", _guid(7), "synced", {"v": 3}),
         ("N4", _guid(4), "synced", {"v": 4}),
         ("N5", _guid(6), "synced", {"v": 5}),
