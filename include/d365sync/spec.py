@@ -936,6 +936,11 @@ class Retention(Model):
         30, ge=0, description="Resolved, skipped and superseded dead letters; released parked children."
     )
     run_days: int = Field(90, ge=0, description="Run reports (the health report's history).")
+    review_days: int = Field(
+        90,
+        ge=0,
+        description="Review items applied, or closed because both sides agreed again (their values).",
+    )
     staging_days: int = Field(14, ge=0, description="Staging files, committed or not (and health reports).")
     inbox_days: int = Field(
         7, ge=0, description="Event inbox rows done or ignored (notifications: ids and attribute names)."

@@ -137,7 +137,7 @@ def test_the_spec_marks_customers_personal_fields_and_refuses_a_pii_key(tmp_path
 def test_retention_settings_have_defaults_and_are_checked(tmp_path: Path) -> None:
     shipped = load_privacy_settings(ENTITIES).retention
     periods = (shipped.audit_days, shipped.dead_letter_days, shipped.run_days, shipped.staging_days)
-    assert (*periods, shipped.inbox_days) == (90, 30, 90, 14, 7)
+    assert (*periods, shipped.inbox_days, shipped.review_days) == (90, 30, 90, 14, 7, 90)
     assert load_privacy_settings(tmp_path).retention == shipped  # no _defaults.yaml: the defaults
     (tmp_path / "_defaults.yaml").write_text("privacy: {retention: {audit_days: -1}}\n")
     with pytest.raises(SpecError, match=r"privacy: retention\.audit_days"):

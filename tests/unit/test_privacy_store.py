@@ -263,16 +263,24 @@ def test_purge_deletes_what_is_past_retention_and_keeps_the_rest(store: StateSto
     store.inbox_add(events[2:])  # recent, and still waiting for a run
     store.inbox_claim("customers", "r0", limit=1, now=T0)
     store.inbox_done("customers", "r0", now=T0)  # C1 done a year ago; C2 still new: kept
+    fields = ("limit", "city", "street")
+    store.open_reviews("customers", "r0", [ReviewItem("C6", f, 1, 2, 3) for f in fields])
+    applied, closed, _ = store.reviews("customers")[-3:]  # the third stays open
+    store.decide_review(applied.id, 4, by="op")
+    store.mark_reviews_applied([applied.id], "r0")
+    store.close_reviews([closed.id], "r0")
     with store.engine.begin() as conn:  # the controlled clock: these rows are a year old
         conn.execute(update(t.audit).where(t.audit.c.record_key != KEY).values(at=T0))
         conn.execute(update(t.dead_letter).where(t.dead_letter.c.status != "pending").values(resolved_at=T0))
         conn.execute(update(t.parked).where(t.parked.c.status == "released").values(released_at=T0))
+        conn.execute(update(t.review).values(applied_at=T0, updated_at=T0))
     young = now - timedelta(days=1)
     assert data_subjects.purge(store, Retention(), now=young - timedelta(days=400)) == {
         "audit": 0,
         "dead_letters": 0,
         "parked": 0,
         "runs": 0,
+        "reviews": 0,
         "inbox": 0,
     }
     assert data_subjects.purge(store, Retention(), now=now) == {
@@ -280,15 +288,19 @@ def test_purge_deletes_what_is_past_retention_and_keeps_the_rest(store: StateSto
         "dead_letters": 2,  # skipped and resolved; the pending letter stays
         "parked": 1,
         "runs": 1,  # the finished one; "stuck" is still running
+        "reviews": 2,  # applied and closed; the open items stay, however old
         "inbox": 2,  # C1 done and C4 ignored a year ago; C2 and C3 wait for a run
     }
     assert [e.record_id for e in store.inbox_events("customers")] == ["C2", "C3"]
+    assert [(r.record_key, r.field) for r in store.reviews("customers")] == [(KEY, "name"), ("C6", "street")]
     assert [a["operation"] for a in store.audit_log("customers")] == ["erase", "update"]
     assert [d.record_key for d in store.active_dead_letters("customers")] == [KEY]
     assert store.run_report("stuck", "customers") is not None and store.run_report("old", "customers") is None
     assert (
         data_subjects.purge(
-            store, Retention(audit_days=0, dead_letter_days=0, run_days=0, inbox_days=0), now=now
+            store,
+            Retention(audit_days=0, dead_letter_days=0, run_days=0, review_days=0, inbox_days=0),
+            now=now,
         )
         == {}
     )

@@ -12,8 +12,8 @@ there (their owners do, see ``docs/security.md``).
   staging rows that mention the key or the Dataverse id are dropped from their files. One audit
   row records the erasure with no personal data: entity, key hash, actor, counts.
 * :func:`purge` / :func:`purge_staging` — retention: old audit rows (never erasure records),
-  closed dead letters, released parked children, run reports, done or ignored inbox events,
-  staging files.
+  closed dead letters, released parked children, run reports, applied or closed review items,
+  done or ignored inbox events, staging files.
 * :func:`rotate_keys` — every encrypted value re-encrypted with the newest key (and every
   ``pii`` value still clear encrypted), so older keys can be dropped.
 
@@ -45,6 +45,7 @@ class RetentionPeriods(Protocol):
     audit_days: int
     dead_letter_days: int
     run_days: int
+    review_days: int
     staging_days: int
     inbox_days: int
 
@@ -53,7 +54,7 @@ class RetentionPeriods(Protocol):
 def purge(store: StateStore, retention: RetentionPeriods, now: datetime | None = None) -> dict[str, int]:
     """Delete state rows past their retention period; returns how many of each kind went."""
     now = now or datetime.now(UTC)
-    a, d, p, r = t.audit, t.dead_letter, t.parked, t.run
+    a, d, p, r, v = t.audit, t.dead_letter, t.parked, t.run, t.review
     counts: dict[str, int] = {}
     with store.engine.begin() as conn:
         if retention.audit_days:
@@ -71,6 +72,11 @@ def purge(store: StateStore, retention: RetentionPeriods, now: datetime | None =
             cutoff = now - timedelta(days=retention.run_days)
             stmt = delete(r).where(r.c.started_at < cutoff, r.c.status != "running")
             counts["runs"] = conn.execute(stmt).rowcount
+        if retention.review_days:
+            cutoff = now - timedelta(days=retention.review_days)
+            finished = func.coalesce(v.c.applied_at, v.c.updated_at)
+            stmt = delete(v).where(v.c.status.in_(("applied", "closed")), finished < cutoff)
+            counts["reviews"] = conn.execute(stmt).rowcount
     if retention.inbox_days:
         counts["inbox"] = store.purge_inbox(now - timedelta(days=retention.inbox_days))
     return counts

@@ -324,7 +324,9 @@ class StateStore(InboxQueries):
         reserving its key, in an entity's first run (the store held nothing else of it). Its
         pending key-map row is then updated by key, without looking the keys up first. A chunk
         in which any row finds no such row is stored the checked way instead (the same values,
-        so the rows the first attempt did update are simply written again).
+        so the rows the first attempt did update are simply written again). That needs the
+        driver to count the rows an ``executemany`` matched (SQLite and psycopg2 do); without
+        it every chunk takes the checked way.
         """
         count = 0
         for chunk in chunks(rows, self.chunk_size):
