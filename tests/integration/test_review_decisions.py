@@ -113,3 +113,42 @@ def test_the_demo_conflict_seeder_fills_the_review_queue_after_the_first_sync(
         assert set(review.changed) == {"dynamics", "erp"}
         # who: Dataverse names the person's user; a legacy ERP keeps no user on the row
         assert review.changed_by == {"dynamics": f"# {PERSON_USER['name']}"}  # an application user
+
+
+def test_the_demo_conflict_seeder_looks_again_until_invoices_reach_dataverse(
+    demo_env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's first successful invoices run can come before the customers run: its invoices
+    wait, parked, and none is in Dataverse yet. The seeder then looks again until enough are
+    there, instead of giving up with an empty review queue."""
+    import threading
+
+    from d365sync.sandbox import conflicts
+
+    env = demo_env
+    sync_cli_connections(env.sandbox, tmp_path, monkeypatch)
+    monkeypatch.setattr(conflicts, "RETRY_SECONDS", 0.2)
+    first_pass, real_edit = threading.Event(), conflicts._edit
+
+    def edit(*args: object) -> int:
+        found = real_edit(*args)  # type: ignore[arg-type]
+        first_pass.set()
+        return found
+
+    monkeypatch.setattr(conflicts, "_edit", edit)
+    _no_failures({"invoices": env.run("invoices")})  # before its customers: every invoice parked
+    assert env.store.parked_children("invoices")
+    outcome: dict[str, int] = {}
+    seeder = threading.Thread(
+        target=lambda: outcome.update(rc=main(["sandbox", "conflicts", "--invoices", "2", "--wait", "300"]))
+    )
+    seeder.start()
+    assert first_pass.wait(60)  # it has looked once, and found none
+    _no_failures(env.run_all())
+    seeder.join(120)
+    assert outcome == {"rc": 0}
+    out = capsys.readouterr().out
+    assert "0 invoice(s) in Dataverse to edit so far; looking again" in out
+    assert "2 invoice(s) edited on both sides" in out
+    _no_failures({"invoices": env.run("invoices")})
+    assert len(env.store.reviews("invoices")) >= 2

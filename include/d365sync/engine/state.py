@@ -229,15 +229,10 @@ def _now(now: datetime | None = None) -> datetime:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
-    """WAL lets the UI read while a run writes; busy_timeout rides over short write locks.
-
-    A checkpoint (copying the WAL into the database, with its fsyncs) every 10,000 pages
-    (about 40 MB) instead of SQLite's 1,000: an initial sync writes some 150 MB of key map and
-    audit rows per 100,000 records, and each checkpoint stalls the commit that triggers it."""
+    """WAL lets the UI read while a run writes; busy_timeout rides over short write locks."""
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA wal_autocheckpoint=10000")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 

@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 ENTITY = "invoices"
+RETRY_SECONDS = 10.0
 
 
 def add_parser(sandbox_kinds: Any) -> None:
@@ -40,11 +41,39 @@ def _first_success(store: Any, deadline: float) -> bool:
     return False
 
 
+def _edit(person: Any, erp: Any, wanted: int, edited: set[str]) -> int:
+    """Edit invoices found in Dataverse on both sides, up to ``wanted`` in all; returns how many."""
+    from d365sync.sandbox.erp.tables import INV_HEADER
+
+    q = erp.dialect.q
+    for chunk in erp.iter_rows(INV_HEADER):
+        for row in chunk:
+            number = str(row["INV_NO"]).strip()
+            if len(edited) >= wanted:
+                return len(edited)
+            if number in edited or row["GROSS_AMOUNT"] is None:
+                continue
+            found = person.get("invoices", {"invoicenumber": number}, ["invoicenumber", "totalamount"])
+            if found is None or found.get("totalamount") is None:
+                continue
+            total = Decimal(str(found["totalamount"]))
+            person.update("invoices", {"invoicenumber": number}, {"totalamount": float(total + 1)})
+            erp.execute(
+                [
+                    f"UPDATE {q('INV_HEADER')} SET {q('GROSS_AMOUNT')} = {q('GROSS_AMOUNT')} + 2 "
+                    f"WHERE {q('INV_NO')} = ?"
+                ],
+                (row["INV_NO"],),
+            )
+            print(f"invoice {number}: Dynamics total {total} → {total + 1}, ERP gross +2.00", flush=True)
+            edited.add(number)
+    return len(edited)
+
+
 def run(args: argparse.Namespace) -> int:
     from d365sync.engine import connections as c
     from d365sync.engine.state import StateStore
     from d365sync.sandbox.dataverse.config import PERSON_USER
-    from d365sync.sandbox.erp.tables import INV_HEADER
     from d365sync.sync_cli import open_systems
 
     dynamics, erp = open_systems(c.from_env(c.DYNAMICS_CONN), c.from_env(c.ERP_CONN))
@@ -52,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     store = StateStore.open(url, schema=schema)
     person = None
     try:
-        if not _first_success(store, time.monotonic() + args.wait):
+        deadline = time.monotonic() + args.wait
+        if not _first_success(store, deadline):
             print(f"no successful {ENTITY} run within {args.wait:.0f} s: nothing edited", file=sys.stderr)
             return 1
         person_config = dataclasses.replace(
@@ -61,30 +91,13 @@ def run(args: argparse.Namespace) -> int:
         from d365sync.dynamics import DynamicsClient
 
         person = DynamicsClient(person_config)
-        q = erp.dialect.q
-        edited = 0
-        for chunk in erp.iter_rows(INV_HEADER):
-            for row in chunk:
-                if edited >= args.invoices:
-                    break
-                number = str(row["INV_NO"]).strip()
-                found = person.get("invoices", {"invoicenumber": number}, ["invoicenumber", "totalamount"])
-                if found is None or found.get("totalamount") is None or row["GROSS_AMOUNT"] is None:
-                    continue
-                total = Decimal(str(found["totalamount"]))
-                person.update("invoices", {"invoicenumber": number}, {"totalamount": float(total + 1)})
-                erp.execute(
-                    [
-                        f"UPDATE {q('INV_HEADER')} SET {q('GROSS_AMOUNT')} = {q('GROSS_AMOUNT')} + 2 "
-                        f"WHERE {q('INV_NO')} = ?"
-                    ],
-                    (row["INV_NO"],),
-                )
-                print(f"invoice {number}: Dynamics total {total} → {total + 1}, ERP gross +2.00")
-                edited += 1
-            if edited >= args.invoices:
-                break
-        print(f"{edited} invoice(s) edited on both sides; the next {ENTITY} run parks them for review")
+        edited: set[str] = set()
+        # a successful run may have synced no invoice yet (each waits, parked, until its customer
+        # is in Dataverse): look again until enough are there, or the wait is over
+        while _edit(person, erp, args.invoices, edited) < args.invoices and time.monotonic() < deadline:
+            print(f"{len(edited)} invoice(s) in Dataverse to edit so far; looking again", flush=True)
+            time.sleep(RETRY_SECONDS)
+        print(f"{len(edited)} invoice(s) edited on both sides; the next {ENTITY} run parks them for review")
         return 0 if edited else 1
     finally:
         if person is not None:
