@@ -22,6 +22,8 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import Executable
 
+from d365sync.engine.migrations.types import UtcDateTime
+
 
 def execute_many(conn: Connection, statement: Executable, rows: Sequence[Mapping[str, Any]]) -> int:
     """Run ``statement`` once per row; rows carry the keys of the first one. Returns the rows
@@ -47,6 +49,8 @@ def execute_many(conn: Connection, statement: Executable, rows: Sequence[Mapping
         bind = compiled.binds[name]
         convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if name in rows[0]:
+            if convert is not None and isinstance(bind.type, UtcDateTime):
+                convert = _remembered(convert)
             fields.append((name, convert, _PER_ROW))
         else:
             value = bind.effective_value
@@ -64,3 +68,23 @@ def execute_many(conn: Connection, statement: Executable, rows: Sequence[Mapping
 
 
 _PER_ROW: Any = object()
+
+
+def _remembered(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``convert`` with its results kept for the rows of one statement.
+
+    Timestamps repeat within a chunk (every row's ``updated_at`` is the same instant), and
+    formatting one for SQLite costs about as much as inserting the row. Only for
+    ``UtcDateTime`` columns: equal instants in different zones are equal keys, and that type
+    stores them alike (in UTC).
+    """
+    seen: dict[Any, Any] = {}
+
+    def once(value: Any) -> Any:
+        try:
+            return seen[value]
+        except KeyError:
+            seen[value] = out = convert(value)
+            return out
+
+    return once

@@ -358,7 +358,7 @@ class StateStore(InboxQueries):
                 c.run_id == run_id,
                 or_(c.dynamics_id.is_(None), c.dynamics_id == bindparam("_dyn")),
             )
-            .values({name: bindparam(name) for name in params[0] if not name.startswith("_")})
+            .values({name: bindparam(name) for name in params[0] if name not in _CLAIM_FIXED})
         )
         return execute_many(conn, claim, params) == len(params)
 
@@ -1019,6 +1019,11 @@ def _match(
             if key is not None and match[column] is not None and match[column] != key:
                 raise KeyMapConflict(f"{column} {match[column]} is already paired; refused {key}")
     return match
+
+
+#: columns a claimed reservation already holds (its ``WHERE`` matched them): setting them
+#: again would make SQLite rewrite the ``(entity, erp_key)`` index entry of every row
+_CLAIM_FIXED = frozenset({"entity", "erp_key", "run_id", "_key", "_dyn"})
 
 
 def _record_values(
