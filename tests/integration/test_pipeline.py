@@ -322,6 +322,46 @@ def test_one_process_run_plans_what_the_stage_by_stage_tasks_plan_without_their_
     assert set(streamed.timings) >= {"extract_erp", "validate", "transform", "resolve"}
 
 
+def test_resolve_goes_on_while_dataverse_is_slow_on_one_file(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Dynamics load holds plan files beyond the two it writes: while the first file's
+    writes hang, resolve hands over two more than the writers take before it waits for the
+    first (issue 14). Everything still arrives, once."""
+    import importlib
+    import threading
+
+    load = importlib.import_module("d365sync.engine.stages.load")  # the package exports load()
+    handed: list[str] = []
+    waited: list[bool] = []
+    released_by_resolve = threading.Event()
+    real_write, real_add = load._write_file, load.Loading.add
+
+    def write(ctx: Any, side: Any, fresh: Any, todo: Any, checking: Any) -> Any:
+        if side == "dynamics" and todo.name == handed[0]:
+            # the first file's requests are slow: until resolve handed over four files, or
+            # for 10 s if resolve waits for this file first
+            waited.append(released_by_resolve.wait(timeout=10))
+        return real_write(ctx, side, fresh, todo, checking)
+
+    def add(self: Any, name: str, entries: Any = None) -> None:
+        if self.side == "dynamics":
+            handed.append(name)
+            if len(handed) == 4:  # two being written, two waiting, and resolve went on
+                released_by_resolve.set()
+        real_add(self, name, entries)
+
+    monkeypatch.setattr(load, "_write_file", write)
+    monkeypatch.setattr(load.Loading, "add", add)
+    result = env.run("customers", chunk_size=5)
+    monkeypatch.undo()
+
+    assert len(handed) >= 4 and waited == [True]  # resolve went on, and did not wait it out
+    _no_failures({"customers": result})
+    numbers = [row["accountnumber"] for row in env.dynamics_rows("accounts", ["accountnumber"])]
+    assert len(numbers) == len(set(numbers)) >= result.plan.writes["dynamics"]["create"] > 20
+
+
 def _reasons(plan: Any) -> list[tuple[str, str, str]]:
     return sorted((q["side"], q["key"], q["reason"]) for q in plan.quarantined + plan.transform_errors)
 
