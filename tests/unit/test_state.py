@@ -253,18 +253,21 @@ def _key_map(store: StateStore, entity: str) -> list[tuple[object, ...]]:
 
 def test_bulk_rows_are_stored_as_sqlalchemy_stores_them(store: StateStore) -> None:
     """``execute_many`` (SQLite: compiled once, the rows handed to the driver as tuples) stores
-    exactly what SQLAlchemy's ``executemany`` stores, aware datetimes and NULLs included."""
+    exactly what SQLAlchemy's ``executemany`` stores, aware datetimes and NULLs included. A
+    timestamp is formatted once per statement: the same instant in another zone (an equal key)
+    is stored alike, another instant differently."""
     from d365sync.engine.bulk import execute_many
 
     aware = datetime(2024, 5, 1, 14, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    at = [aware, aware.astimezone(UTC), aware, aware + timedelta(seconds=1)]
     rows = [
         {"run_id": "r", "entity": "bulk", "record_key": f"K{i}", "side": "erp", "operation": "create"}
-        | {"fields_json": "[]", "before_json": None, "after_json": f'{{"v": {i}}}', "actor": "a", "at": aware}
-        for i in range(3)
+        | {"fields_json": "[]", "before_json": None, "after_json": f'{{"v": {i}}}', "actor": "a", "at": at[i]}
+        for i in range(4)
     ]
     a = schema.audit.c
     with store.engine.begin() as conn:
-        assert execute_many(conn, schema.audit.insert(), rows) in (3, -1)
+        assert execute_many(conn, schema.audit.insert(), rows) in (4, -1)
         conn.execute(schema.audit.insert(), [r | {"entity": "plain"} for r in rows])
     with store.engine.connect() as conn:
         stored = {
@@ -282,6 +285,9 @@ def test_bulk_rows_are_stored_as_sqlalchemy_stores_them(store: StateStore) -> No
         '{"v": 2}',
         T0 + timedelta(microseconds=123456),
     )  # 14:00+02 is 12:00 UTC
+    assert [r.at for r in stored["bulk"]] == [T0 + timedelta(microseconds=123456)] * 3 + [
+        T0 + timedelta(seconds=1, microseconds=123456)
+    ]
     with store.engine.connect() as conn:
         assert execute_many(conn, schema.audit.insert(), []) == 0
 
