@@ -80,7 +80,7 @@ def run(count: int, chunk: int) -> dict[str, float]:
                 t2 = time.perf_counter()
                 fields = sorted(part[0].base.values)
                 entries = [
-                    AuditEntry(r.erp_key, "dynamics", "create", fields, None, dict(r.base.values)) for r in part
+                    AuditEntry(r.erp_key, "dynamics", "create", fields, after=r.base.values) for r in part
                 ]
                 store.audit("bench", ENTITY, entries, "bench")
                 t3 = time.perf_counter()
