@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -32,30 +31,17 @@ ENTITY = "customers"
 
 
 def records(count: int) -> list[Any]:
-    """``count`` merge bases as an initial ERP → Dynamics load stores them."""
-    from d365sync.engine.merge import Base
+    """``count`` merge bases as an initial ERP → Dynamics load stores them: ``bench_privacy``'s
+    customers, with both sides' modified timestamps."""
+    from bench_privacy import rows
     from d365sync.engine.state import BaseRow
 
     now = datetime.now(UTC)
-    rows = []
-    for i in range(count):
-        values = {
-            "number": f"C{i:09d}",
-            "name": f"Customer {i} Ltd",
-            "email": f"buyer.{i}@example.com",
-            "phone": f"+44 20 7946 {i % 10000:04d}",
-            "address_line1": f"{i % 300} High Street",
-            "address_line2": None,
-            "city": "London",
-            "postcode": "EC1A 1BB",
-            "country": "GB",
-            "credit_limit": Decimal("1000.00") + i % 500,
-            "payment_terms": "N30",
-            "currency": "GBP",
-        }
-        base = Base(values, f'W/"{1000 + i}"', None, now, now - timedelta(minutes=i % 600))
-        rows.append(BaseRow(str(uuid.uuid4()), values["number"], base))
-    return rows
+    out = []
+    for i, row in enumerate(rows(count)):
+        base = replace(row.base, dynamics_modified=now, erp_modified=now - timedelta(minutes=i % 600))
+        out.append(BaseRow(row.dynamics_id, row.erp_key, base))
+    return out
 
 
 def run(count: int, chunk: int) -> dict[str, float]:
